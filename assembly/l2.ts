@@ -1,0 +1,219 @@
+// L2 table scanning and reference accounting (contract: src/kernels/api.ts).
+// Entries are big-endian u64 words; run records and stats are little-endian outputs.
+
+// RunKind / InvalidReason / L2Stat values, mirrored from api.ts.
+const UNALLOCATED: u32 = 0;
+const DATA: u32 = 1;
+const ZERO_PLAIN: u32 = 2;
+const ZERO_ALLOC: u32 = 3;
+const COMPRESSED: u32 = 4;
+const INVALID: u32 = 5;
+
+const R_RESERVED: u32 = 1;
+const R_UNALIGNED: u32 = 2;
+const R_TOO_LARGE: u32 = 3;
+const R_ALLOC_AND_ZERO: u32 = 4;
+const R_NO_HOST: u32 = 5;
+const R_COMPRESSED_BITMAP: u32 = 6;
+
+const COMPRESSED_BIT: u64 = 0x4000000000000000;
+const HOST_MASK: u64 = 0x00FFFFFFFFFFFE00;
+const RESERVED_STD: u64 = 0x3F000000000001FE;
+const MAX_OFFSET: u64 = 0x20000000000000; // 2^53: offsets must survive the trip through f64
+const SUBCLUSTERS: u32 = 32;
+
+// Side outputs of classify() (globals instead of objects: the runtime is "stub").
+let cHost: u64 = 0; // host offset; compressed: byte offset of the stream
+let cExtra: u64 = 0; // compressed: byte length
+let cReason: u32 = 0;
+
+function invalid(reason: u32): u32 {
+  cReason = reason;
+  return INVALID;
+}
+
+/**
+ * Entry-level kind of one L2 entry. With extended L2 a valid standard entry yields DATA when it
+ * has a host cluster and UNALLOCATED otherwise; the subcluster bitmap refines it later.
+ */
+function classify(word: u64, bitmap: u64, extended: bool, clusterBits: u32): u32 {
+  cReason = 0;
+  cExtra = 0;
+  if (word & COMPRESSED_BIT) {
+    const x = <u64>(62 - (clusterBits - 8));
+    const off = word & ((<u64>1 << x) - 1);
+    const sectors = (word >> x) & ((<u64>1 << <u64>(clusterBits - 8)) - 1);
+    cHost = off;
+    cExtra = (sectors + 1) * 512 - (off & 511);
+    if (extended && bitmap != 0) return invalid(R_COMPRESSED_BITMAP);
+    if (off >= MAX_OFFSET) return invalid(R_TOO_LARGE);
+    return COMPRESSED;
+  }
+  const host = word & HOST_MASK;
+  cHost = host;
+  // With extended L2, bit 0 is reserved instead of being the zero flag.
+  if (word & (extended ? RESERVED_STD | 1 : RESERVED_STD)) return invalid(R_RESERVED);
+  if (host != 0) {
+    if (host & ((<u64>1 << <u64>clusterBits) - 1)) return invalid(R_UNALIGNED);
+    if (host >= MAX_OFFSET) return invalid(R_TOO_LARGE);
+  }
+  if (extended) {
+    const alloc = bitmap & 0xFFFFFFFF;
+    if (alloc & (bitmap >> 32)) return invalid(R_ALLOC_AND_ZERO);
+    if (alloc != 0 && host == 0) return invalid(R_NO_HOST);
+  } else if (word & 1) {
+    return host ? ZERO_ALLOC : ZERO_PLAIN;
+  }
+  return host ? DATA : UNALLOCATED;
+}
+
+/** Kind of subcluster i of a valid extended entry whose host offset is `host`. */
+@inline
+function subKind(bitmap: u64, i: u32, host: u64): u32 {
+  if ((bitmap >> <u64>i) & 1) return DATA;
+  if ((bitmap >> <u64>(i + 32)) & 1) return host ? ZERO_ALLOC : ZERO_PLAIN;
+  return UNALLOCATED;
+}
+
+// --- run writer ----------------------------------------------------------------------------------
+
+let runOut: usize = 0;
+let runMax: u32 = 0;
+let runN: u32 = 0;
+let consumed: u32 = 0;
+
+@inline
+function record(i: u32): usize {
+  return runOut + (<usize>i << 5);
+}
+
+/** Appends units to the last run when mergeable, else opens a run; false when `out` is full. */
+function emit(unit: u32, count: u32, kind: u32, host: u64, unitSize: u64, extra: u64): bool {
+  if (kind < COMPRESSED && runN > 0) {
+    const last = record(runN - 1);
+    if (load<u32>(last, 8) == kind) {
+      const lastCount = load<u32>(last, 4);
+      const lastHost = <u64>load<f64>(last, 16);
+      const contiguous = host == 0 ? lastHost == 0 : lastHost != 0 && host == lastHost + <u64>lastCount * unitSize;
+      if (contiguous) {
+        store<u32>(last, lastCount + count, 4);
+        return true;
+      }
+    }
+  }
+  if (runN >= runMax) return false;
+  const r = record(runN++);
+  store<u32>(r, unit);
+  store<u32>(r, count, 4);
+  store<u32>(r, kind, 8);
+  store<u32>(r, kind == INVALID ? cReason : 0, 12);
+  store<f64>(r, <f64>host, 16);
+  store<f64>(r, <f64>extra, 24);
+  return true;
+}
+
+/** Emits the runs of one entry; false when `out` filled up part-way. */
+function scanEntry(index: u32, word: u64, bitmap: u64, extended: bool, clusterBits: u32): bool {
+  const kind = classify(word, bitmap, extended, clusterBits);
+  if (!extended) return emit(index, 1, kind, cHost, <u64>1 << <u64>clusterBits, cExtra);
+  const first = index * SUBCLUSTERS;
+  if (kind >= COMPRESSED) return emit(first, SUBCLUSTERS, kind, cHost, 0, cExtra);
+  const host = cHost;
+  const sub = <u64>1 << <u64>(clusterBits - 5);
+  let i: u32 = 0;
+  while (i < SUBCLUSTERS) {
+    // Group equal neighbours: they are contiguous by construction.
+    const k = subKind(bitmap, i, host);
+    let j = i + 1;
+    while (j < SUBCLUSTERS && subKind(bitmap, j, host) == k) j++;
+    if (!emit(first + i, j - i, k, host ? host + <u64>i * sub : 0, sub, 0)) return false;
+    i = j;
+  }
+  return true;
+}
+
+@inline
+function entryPtr(table: usize, index: u32, extended: bool): usize {
+  return table + (<usize>index << (extended ? 4 : 3));
+}
+
+@inline
+function bitmapWord(p: usize, extended: bool): u64 {
+  return extended ? bswap<u64>(load<u64>(p, 8)) : 0;
+}
+
+export function l2Scan(table: usize, firstEntry: u32, entryCount: u32, extended: bool, clusterBits: u32, out: usize, maxRuns: u32): u32 {
+  runOut = out;
+  runMax = maxRuns;
+  runN = 0;
+  let i: u32 = 0;
+  for (; i < entryCount; i++) {
+    const index = firstEntry + i;
+    const p = entryPtr(table, index, extended);
+    // Roll back a partially emitted entry so `consumed` stays exact.
+    const savedN = runN;
+    const savedCount = savedN ? load<u32>(record(savedN - 1), 4) : 0;
+    if (!scanEntry(index, bswap<u64>(load<u64>(p)), bitmapWord(p, extended), extended, clusterBits)) {
+      runN = savedN;
+      if (savedN) store<u32>(record(savedN - 1), savedCount, 4);
+      break;
+    }
+  }
+  consumed = i;
+  return runN;
+}
+
+export function scanConsumed(): u32 {
+  return consumed;
+}
+
+// --- reference accounting ------------------------------------------------------------------------
+
+let outOfRange: u32 = 0;
+
+@inline
+function bump(refs: usize, nClusters: u32, cluster: u64): void {
+  if (cluster >= <u64>nClusters) {
+    outOfRange++;
+    return;
+  }
+  const p = refs + (<usize>cluster << 2);
+  const v = load<u32>(p);
+  if (v != u32.MAX_VALUE) store<u32>(p, v + 1);
+}
+
+export function l2AccountRefs(table: usize, entryCount: u32, extended: bool, clusterBits: u32, refs: usize, nClusters: u32, stats: usize): void {
+  const cs = <u64>1 << <u64>clusterBits;
+  let allocated: u32 = 0;
+  let compressed: u32 = 0;
+  let fragmented: u32 = 0;
+  let invalidCount: u32 = 0;
+  let next: u64 = 0; // QEMU's next_contiguous_offset
+  outOfRange = 0;
+  for (let i: u32 = 0; i < entryCount; i++) {
+    const p = entryPtr(table, i, extended);
+    const kind = classify(bswap<u64>(load<u64>(p)), bitmapWord(p, extended), extended, clusterBits);
+    if (kind == INVALID) {
+      invalidCount++;
+    } else if (kind == COMPRESSED) {
+      allocated++;
+      compressed++;
+      fragmented++; // compressed clusters are fragmented by nature (QEMU)
+      const last = (cHost + cExtra - 1) >> <u64>clusterBits;
+      for (let c = cHost >> <u64>clusterBits; c <= last; c++) bump(refs, nClusters, c);
+    } else if (kind == DATA || kind == ZERO_ALLOC) {
+      allocated++;
+      if (next != 0 && cHost != next) fragmented++;
+      next = cHost + cs;
+      bump(refs, nClusters, cHost >> <u64>clusterBits);
+    }
+  }
+  store<f64>(stats, <f64>allocated);
+  store<f64>(stats, <f64>compressed, 8);
+  store<f64>(stats, <f64>fragmented, 16);
+  store<f64>(stats, <f64>invalidCount, 24);
+  store<f64>(stats, <f64>outOfRange, 32);
+  store<f64>(stats, 0, 40);
+  store<f64>(stats, 0, 48);
+  store<f64>(stats, 0, 56);
+}

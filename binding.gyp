@@ -1,0 +1,9 @@
+{
+  "targets": [
+    {
+      "target_name": "qcowkit_extents",
+      "sources": ["native/extents.c"],
+      "cflags": ["-O2"]
+    }
+  ]
+}

@@ -1,0 +1,203 @@
+/**
+ * BackingChain: the top image and its backing files, opened read-only (the write path will open
+ * chosen layers writable). Resolves backing names relative to the image that stores them,
+ * refuses protocol names, loops and over-deep chains, reads guest data through the layers and
+ * reports block status by depth exactly as qemu-img map does.
+ */
+import { realpath } from 'node:fs/promises';
+import { isAbsolute } from 'node:path';
+import { QcowError, throwIfAborted } from '../errors.js';
+import { openImageFile, inParallel } from '../io/file.js';
+import { Qcow2Image } from '../qcow2/image.js';
+import { RawLayer } from './raw.js';
+import type { BlockLayer, LayerExtent, LayerFormat } from './layer.js';
+import { QCOW2_MAGIC } from '../format/constants.js';
+
+export const MAX_CHAIN_DEPTH = 1000;
+
+export interface OpenChainOptions {
+  /** Format of the top image (-f); probed when absent. */
+  format?: LayerFormat | undefined;
+  /** Open the backing files too (default true). `info` without --backing-chain doesn't. */
+  openBacking?: boolean;
+  /** Allow images whose data qcowkit can't read (encryption, data file): metadata only. */
+  metadataOnly?: boolean;
+  maxDepth?: number;
+  onWarning?: (message: string) => void;
+  signal?: AbortSignal | undefined;
+}
+
+/** One entry of `map`, with qemu-img's semantics (depth = layer index that answered). */
+export interface MapEntry {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number | undefined;
+  /** Path of the layer the offset refers to. */
+  filename: string;
+}
+
+/** `proto:...` names (json:, nbd:, file:, http: ...) would make qcowkit reach beyond files. */
+export function hasProtocolPrefix(name: string): boolean {
+  const colon = name.indexOf(':');
+  if (colon <= 0) return false;
+  const slash = name.indexOf('/');
+  return slash < 0 || colon < slash;
+}
+
+/**
+ * Where a backing file name stored in `imagePath` points: relative names are joined to the
+ * image's directory without normalising (as QEMU's path_combine, so paths print the same).
+ */
+export function resolveBackingPath(imagePath: string, name: string): string {
+  if (isAbsolute(name)) return name;
+  const slash = imagePath.lastIndexOf('/');
+  return slash < 0 ? name : imagePath.slice(0, slash + 1) + name;
+}
+
+export async function probeFormat(path: string): Promise<LayerFormat> {
+  const f = await openImageFile(path);
+  try {
+    const b = new Uint8Array(4);
+    await f.readAt(b, 0);
+    return new DataView(b.buffer).getUint32(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
+  } finally {
+    await f.close();
+  }
+}
+
+export async function openLayer(path: string, format: LayerFormat, opts: { metadataOnly?: boolean | undefined } = {}): Promise<BlockLayer> {
+  if (format === 'raw') return RawLayer.open(path);
+  return Qcow2Image.open(path, { metadataOnly: opts.metadataOnly ?? false });
+}
+
+export class BackingChain {
+  private constructor(readonly layers: BlockLayer[]) {}
+
+  get top(): BlockLayer {
+    return this.layers[0]!;
+  }
+  get virtualSize(): number {
+    return this.top.virtualSize;
+  }
+
+  static async open(path: string, opts: OpenChainOptions = {}): Promise<BackingChain> {
+    const layers: BlockLayer[] = [];
+    try {
+      const format = opts.format ?? (await probeFormat(path));
+      layers.push(await openLayer(path, format, opts));
+      if (opts.openBacking !== false) await BackingChain.#openBacking(layers, opts);
+    } catch (e) {
+      await Promise.all(layers.map((l) => l.close().catch(() => {})));
+      throw e;
+    }
+    return new BackingChain(layers);
+  }
+
+  static async #openBacking(layers: BlockLayer[], opts: OpenChainOptions): Promise<void> {
+    const maxDepth = opts.maxDepth ?? MAX_CHAIN_DEPTH;
+    const seen = new Map<string, string>([[await realpath(layers[0]!.path), layers[0]!.path]]);
+    for (let layer = layers[0]!; layer.backingName !== undefined; layer = layers[layers.length - 1]!) {
+      throwIfAborted(opts.signal, layer.path);
+      const name = layer.backingName;
+      if (name === '') break;
+      if (hasProtocolPrefix(name))
+        throw new QcowError('BACKING', `backing file name '${name}' uses a protocol prefix; only plain files are supported`, layer.path);
+      if (layers.length > maxDepth) throw new QcowError('BACKING', `backing chain is deeper than ${maxDepth} images`, layers[0]!.path);
+      const path = resolveBackingPath(layer.path, name);
+      let real: string;
+      try {
+        real = await realpath(path);
+      } catch {
+        throw new QcowError('BACKING', `Could not open backing file '${path}': No such file or directory`, layer.path);
+      }
+      if (seen.has(real)) {
+        const names = [...layers.map((l) => l.path), path].join(' -> ');
+        throw new QcowError('BACKING_LOOP', `backing chain contains a loop: ${names}`, layers[0]!.path);
+      }
+      seen.set(real, path);
+      let format = layer.backingFormat as LayerFormat | undefined;
+      if (format === undefined) {
+        format = await probeFormat(path);
+        opts.onWarning?.(`backing format of '${layer.path}' is not recorded; probed '${path}' as ${format} (read-only use only)`);
+      } else if (format !== 'qcow2' && format !== 'raw') {
+        throw new QcowError('UNSUPPORTED', `backing file format '${format}' is not supported (qcow2 and raw are)`, layer.path);
+      }
+      layers.push(await openLayer(path, format, opts));
+    }
+  }
+
+  /** Reads guest bytes [offset, offset + dst.length) as the top image's guest sees them. */
+  async read(offset: number, dst: Uint8Array, depth = 0): Promise<void> {
+    const layer = this.layers[depth]!;
+    const inside = Math.max(0, Math.min(dst.length, layer.virtualSize - offset));
+    if (inside < dst.length) dst.fill(0, inside);
+    if (inside === 0) return;
+    const extents = await layer.status(offset, inside);
+    await inParallel(extents, 4, async (e: LayerExtent) => {
+      const sub = dst.subarray(e.start - offset, e.start - offset + e.length);
+      if (e.allocated) await layer.readExtent(e, 0, sub);
+      else if (depth + 1 < this.layers.length) await this.read(e.start, sub, depth + 1);
+      else sub.fill(0);
+    });
+  }
+
+  /**
+   * Block status of [start, start+length) by depth, streamed to `emit` in order and merged the
+   * way qemu-img map merges (same attributes, contiguous offsets in the same file).
+   */
+  async map(start: number, length: number, emit: (e: MapEntry) => void, opts: { signal?: AbortSignal | undefined; onProgress?: ((done: number, total: number) => void) | undefined } = {}): Promise<void> {
+    const end = Math.min(start + length, this.virtualSize);
+    const WINDOW = 4 * 1024 ** 3;
+    let pending: MapEntry | undefined;
+    const push = (e: MapEntry) => {
+      if (
+        pending &&
+        pending.depth === e.depth &&
+        pending.present === e.present &&
+        pending.zero === e.zero &&
+        pending.data === e.data &&
+        pending.filename === e.filename &&
+        (pending.offset === undefined ? e.offset === undefined : e.offset === pending.offset + pending.length)
+      ) {
+        pending.length += e.length;
+        return;
+      }
+      if (pending) emit(pending);
+      pending = { ...e };
+    };
+    for (let pos = start; pos < end; pos += WINDOW) {
+      throwIfAborted(opts.signal, this.top.path);
+      await this.#status(pos, Math.min(WINDOW, end - pos), 0, push);
+      opts.onProgress?.(Math.min(pos + WINDOW, end) - start, end - start);
+    }
+    if (pending) emit(pending);
+  }
+
+  async #status(start: number, length: number, depth: number, push: (e: MapEntry) => void): Promise<void> {
+    const layer = this.layers[depth]!;
+    const backing = this.layers[depth + 1];
+    for (const e of await layer.status(start, length, { probeHost: true })) {
+      const base = { depth, filename: layer.path, offset: e.offset };
+      if (e.allocated) {
+        push({ ...base, start: e.start, length: e.length, present: true, zero: e.zero, data: e.data });
+        continue;
+      }
+      const eEnd = e.start + e.length;
+      const below = backing ? Math.max(e.start, Math.min(eEnd, backing.virtualSize)) : e.start;
+      if (below > e.start) await this.#status(e.start, below - e.start, depth + 1, push);
+      if (eEnd > below) {
+        // Nothing below: reads as zeros, reported at this depth (QEMU: past the backing file's end).
+        const cut = below - e.start;
+        push({ ...base, start: below, length: eEnd - below, present: false, zero: true, data: false, offset: e.offset === undefined ? undefined : e.offset + cut });
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.layers.map((l) => l.close()));
+  }
+}

@@ -1,0 +1,51 @@
+/** A raw file as a block layer: guest offset == host offset, holes read as zeros. */
+import { openImageFile, type ImageFile } from '../io/file.js';
+import { pushExtent, type BlockLayer, type LayerExtent } from './layer.js';
+
+export class RawLayer implements BlockLayer {
+  readonly format = 'raw' as const;
+  readonly backingName = undefined;
+  readonly backingFormat = undefined;
+
+  private constructor(
+    readonly path: string,
+    readonly file: ImageFile,
+    readonly virtualSize: number,
+  ) {}
+
+  static async open(path: string, opts: { writable?: boolean; file?: ImageFile } = {}): Promise<RawLayer> {
+    const file = opts.file ?? (await openImageFile(path, { writable: opts.writable ?? false }));
+    // QEMU sees a raw file as whole 512-byte sectors: the partial last one reads as zeros.
+    return new RawLayer(path, file, Math.ceil((await file.size()) / 512) * 512);
+  }
+
+  async status(start: number, length: number, opts: { probeHost?: boolean } = {}): Promise<LayerExtent[]> {
+    const end = Math.min(start + length, this.virtualSize);
+    const out: LayerExtent[] = [];
+    if (start >= end) return out;
+    const ext = opts.probeHost ? this.file.dataExtents(start, end) : null;
+    const piece = (from: number, to: number, data: boolean) => {
+      if (to > from) pushExtent(out, { start: from, length: to - from, allocated: true, data, zero: !data, offset: from });
+    };
+    if (!ext) {
+      piece(start, end, true);
+      return out;
+    }
+    let pos = start;
+    for (let i = 0; i < ext.length; i += 2) {
+      piece(pos, ext[i]!, false);
+      piece(ext[i]!, ext[i + 1]!, true);
+      pos = ext[i + 1]!;
+    }
+    piece(pos, end, false);
+    return out;
+  }
+
+  async readExtent(extent: LayerExtent, offsetInExtent: number, dst: Uint8Array): Promise<void> {
+    await this.file.readAt(dst, extent.start + offsetInExtent);
+  }
+
+  async close(): Promise<void> {
+    await this.file.close();
+  }
+}

@@ -1,0 +1,51 @@
+import { Option } from 'commander';
+import { QcowError } from '../../errors.js';
+import { mapImage, type MapEntry } from '../../ops/map.js';
+import { formatOption, newCommand, outputOption, parseSize, warn } from '../util.js';
+
+// printf("%#x"): 0 prints as "0".
+const hex = (n: number): string => (n === 0 ? "0" : `0x${n.toString(16)}`);
+
+export function command() {
+  return newCommand('map', 'Show the allocation map of FILENAME through its backing chain (as qemu-img map).', [
+    'qcowkit map disk.qcow2',
+    'qcowkit map --output json overlay.qcow2',
+    'qcowkit map --start-offset 1G --max-length 64M disk.qcow2',
+  ])
+    .addOption(formatOption())
+    .addOption(outputOption())
+    .addOption(new Option('--start-offset <offset>', 'first guest byte to map').default('0'))
+    .addOption(new Option('--max-length <len>', 'map at most this many bytes'))
+    .option('-U, --force-share', 'open the image even if another process uses it')
+    .argument('<filename>')
+    .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; output: string; startOffset: string; maxLength?: string }) => {
+      const json = o.output === 'json';
+      const start = parseSize(o.startOffset, 'start offset');
+      const length = o.maxLength !== undefined ? parseSize(o.maxLength, 'max length') : undefined;
+      const out: string[] = [];
+      let first = true;
+      const flush = () => {
+        if (out.length) process.stdout.write(out.join(''));
+        out.length = 0;
+      };
+      if (!json) out.push(`${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`);
+      const emit = (e: MapEntry) => {
+        if (json) {
+          out.push(`${first ? '[' : ',\n'}${jsonEntry(e)}`);
+          first = false;
+        } else if (e.data) {
+          if (e.offset === undefined) throw new QcowError('UNSUPPORTED', 'File contains external, encrypted or compressed clusters.', filename);
+          out.push(`${hex(e.start).padEnd(16)}${hex(e.length).padEnd(16)}${hex(e.offset).padEnd(16)}${e.filename}\n`);
+        }
+        if (out.length > 4096) flush();
+      };
+      await mapImage(filename, emit, { format: o.format, start, ...(length !== undefined ? { length } : {}), onWarning: warn });
+      if (json) out.push(first ? '[]\n' : ']\n');
+      flush();
+    });
+}
+
+function jsonEntry(e: MapEntry): string {
+  const off = e.offset !== undefined ? `, "offset": ${e.offset}` : '';
+  return `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${off}}`;
+}

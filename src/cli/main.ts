@@ -1,0 +1,53 @@
+/**
+ * Entry point of the `qcowkit` command. Only the module of the command that runs is loaded
+ * (start-up time is most of a short command's cost).
+ */
+import { fail } from './util.js';
+
+const COMMANDS: Record<string, string> = {
+  create: 'create a new image (qcow2 or raw), optionally over a backing file',
+  info: 'show information about an image (and its backing chain)',
+  map: 'show how guest ranges map to the files of the backing chain',
+  check: 'check an image for consistency, optionally repairing leaks and errors',
+  compare: 'compare the guest-visible contents of two images',
+};
+
+const HELP = `Usage: qcowkit <command> [options]
+
+qcowkit - qcow2 disk-image toolkit (options mirror qemu-img)
+
+Commands:
+${Object.entries(COMMANDS)
+  .map(([n, d]) => `  ${n.padEnd(10)} ${d}`)
+  .join('\n')}
+
+Run 'qcowkit <command> --help' for a command's options and examples.
+
+Exit codes: 0 success; 1 error (a one-line 'qcowkit: FILE: message' on stderr);
+check: 2 corruptions, 3 leaks only; compare: 1 images differ, 2 error.
+`;
+
+export async function main(argv: string[]): Promise<void> {
+  const name = argv[0];
+  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+    process.stdout.write(HELP);
+    if (name === undefined) process.exitCode = 1;
+    return;
+  }
+  if (name === '--version' || name === '-V') {
+    const { readFileSync } = await import('node:fs');
+    const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+    process.stdout.write(`qcowkit ${pkg.version}\n`);
+    return;
+  }
+  if (!Object.hasOwn(COMMANDS, name)) {
+    fail(new Error(`unknown command '${name}' (try 'qcowkit --help')`));
+    return;
+  }
+  try {
+    const mod = (await import(`./commands/${name}.js`)) as { command: () => import('commander').Command };
+    await mod.command().parseAsync(argv.slice(1), { from: 'user' });
+  } catch (e) {
+    fail(e);
+  }
+}

@@ -1,0 +1,79 @@
+/** Shared CLI plumbing: errors and exit codes, sizes, output format, progress. */
+import { Command, CommanderError, Option } from 'commander';
+import { EXIT_CODES, QcowError } from '../errors.js';
+
+/** Prints `qcowkit: FILE: message` (no stack unless QCOWKIT_DEBUG=1) and sets the exit code. */
+export function fail(e: unknown, exitCode?: number): void {
+  if (e instanceof CommanderError) {
+    process.exitCode = e.exitCode === 0 ? 0 : (exitCode ?? 1);
+    return;
+  }
+  if (process.env.QCOWKIT_DEBUG === '1' && e instanceof Error) process.stderr.write(`${e.stack}\n`);
+  if (e instanceof QcowError) {
+    const where = e.file !== undefined ? `${e.file}: ` : '';
+    process.stderr.write(`qcowkit: ${where}${oneLine(e.message)}\n`);
+    process.exitCode = exitCode ?? EXIT_CODES[e.code];
+    return;
+  }
+  const msg = e instanceof Error ? e.message : String(e);
+  process.stderr.write(`qcowkit: ${oneLine(msg)}\n`);
+  process.exitCode = exitCode ?? 1;
+}
+
+const oneLine = (s: string): string => s.replace(/\s*\n\s*/g, '; ');
+
+/** A subcommand with qcowkit's conventions: errors via `fail`, examples in --help. */
+export function newCommand(name: string, description: string, examples: string[]): Command {
+  const cmd = new Command(`qcowkit ${name}`)
+    .description(description)
+    .exitOverride()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s.replace(/^error: /, 'qcowkit: ')) })
+    .showHelpAfterError("(run with --help for usage)")
+    .allowExcessArguments(false);
+  if (examples.length) cmd.addHelpText('after', `\nExamples:\n${examples.map((e) => `  $ ${e}`).join('\n')}\n`);
+  return cmd;
+}
+
+export const formatOption = (flags = '-f, --format <fmt>', what = 'image format (qcow2 or raw); probed when omitted'): Option =>
+  new Option(flags, what).choices(['qcow2', 'raw']);
+
+export const outputOption = (): Option => new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human');
+
+const SUFFIX: Record<string, number> = { '': 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4, p: 1024 ** 5, e: 1024 ** 6 };
+
+/** Parses qemu-img sizes: plain bytes or k/M/G/T/P/E suffixes (powers of 1024), decimals allowed. */
+export function parseSize(text: string, what = 'size'): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*$/i.exec(text);
+  if (!m) throw new QcowError('INVALID_ARGUMENT', `Invalid ${what} specified: '${text}' (use bytes or a k, M, G, T suffix)`);
+  const v = Number(m[1]) * SUFFIX[m[2]!.toLowerCase()]!;
+  if (!Number.isFinite(v) || v > Number.MAX_SAFE_INTEGER) throw new QcowError('INVALID_ARGUMENT', `${what} '${text}' is too large`);
+  return Math.round(v);
+}
+
+/** QEMU's size_to_str: 3 significant digits with a binary unit, e.g. "216 KiB", "1.5 GiB". */
+export function humanSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
+  let i = 0;
+  while (i < units.length - 1 && bytes / 1024 ** i >= 1000) i++;
+  const v = bytes / 1024 ** i;
+  return `${Number(v.toPrecision(3))} ${units[i]}`;
+}
+
+/** `-p`: a progress line on stderr like qemu-img's "(12.34/100%)". */
+export function progressPrinter(enabled: boolean): ((done: number, total: number) => void) | undefined {
+  if (!enabled) return undefined;
+  let last = -1;
+  return (done, total) => {
+    const pct = total ? (done / total) * 100 : 100;
+    if (Math.floor(pct * 100) === last) return;
+    last = Math.floor(pct * 100);
+    process.stderr.write(`    (${pct.toFixed(2)}/100%)\r`);
+    if (done >= total) process.stderr.write('\n');
+  };
+}
+
+export function printJson(value: unknown): void {
+  process.stdout.write(JSON.stringify(value, null, 4) + '\n');
+}
+
+export const warn = (msg: string): void => void process.stderr.write(`qcowkit: warning: ${msg}\n`);

@@ -1,0 +1,384 @@
+/**
+ * Pure decode/encode of the qcow2 header, its extensions and the backing file name, with every
+ * field validated against the spec, QEMU 7.2's limits and the file size.
+ */
+import { QcowError } from '../errors.js';
+import { dataView, decodeUtf8, isAligned, setU64, u64 } from './bytes.js';
+import {
+  AUTOCLEAR_BITMAPS,
+  ExtensionType,
+  FEATURE_NAMES,
+  INCOMPAT_COMPRESSION,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_EXTL2,
+  INCOMPAT_KNOWN,
+  MAX_BACKING_NAME,
+  MAX_CLUSTER_BITS,
+  MAX_HOST_OFFSET,
+  MAX_L1_BYTES,
+  MAX_REFCOUNT_ORDER,
+  MAX_REFTABLE_BYTES,
+  MAX_SNAPSHOTS,
+  MIN_CLUSTER_BITS,
+  QCOW2_MAGIC,
+  V2_HEADER_LENGTH,
+  V3_HEADER_LENGTH,
+  V3_MIN_HEADER_LENGTH,
+} from './constants.js';
+
+export interface HeaderExtension {
+  type: number;
+  data: Uint8Array;
+}
+
+export interface FeatureName {
+  kind: number;
+  bit: number;
+  name: string;
+}
+
+export interface BitmapsExtension {
+  nbBitmaps: number;
+  directorySize: number;
+  directoryOffset: number;
+}
+
+export interface Qcow2Header {
+  version: 2 | 3;
+  backingFileOffset: number;
+  backingFileSize: number;
+  clusterBits: number;
+  size: number;
+  cryptMethod: number;
+  l1Size: number;
+  l1TableOffset: number;
+  refcountTableOffset: number;
+  refcountTableClusters: number;
+  nbSnapshots: number;
+  snapshotsOffset: number;
+  incompatibleFeatures: bigint;
+  compatibleFeatures: bigint;
+  autoclearFeatures: bigint;
+  refcountOrder: number;
+  headerLength: number;
+  compressionType: number;
+  /** Bytes between the fields qcowkit knows and header_length, kept verbatim. */
+  unknownHeaderBytes: Uint8Array;
+  /** All extensions in file order except the terminator (known ones too). */
+  extensions: HeaderExtension[];
+  backingFile: string | undefined;
+  backingFormat: string | undefined;
+  dataFile: string | undefined;
+  featureNames: FeatureName[];
+  bitmaps: BitmapsExtension | undefined;
+  encryption: { offset: number; length: number } | undefined;
+}
+
+const corrupt = (file: string, msg: string): QcowError => new QcowError('CORRUPT', msg, file);
+
+/** Minimum number of L1 entries for a disk of `size` bytes. */
+export function minL1Size(size: number, clusterBits: number, extendedL2: boolean): number {
+  const l2Bits = clusterBits - (extendedL2 ? 4 : 3);
+  return Math.ceil(size / 2 ** (clusterBits + l2Bits));
+}
+
+function describeFeatures(mask: bigint, names: FeatureName[]): string {
+  const parts: string[] = [];
+  let unnamed = 0n;
+  for (let bit = 0; bit < 64; bit++) {
+    if (!(mask & (1n << BigInt(bit)))) continue;
+    const n = names.find((f) => f.kind === 0 && f.bit === bit);
+    if (n) parts.push(n.name);
+    else unnamed |= 1n << BigInt(bit);
+  }
+  if (unnamed) parts.push(`Unknown incompatible feature: ${unnamed.toString(16)}`);
+  return parts.join(', ');
+}
+
+/**
+ * Decodes the header from the first bytes of the file (at least min(fileSize, cluster size);
+ * pass cluster 0 when available). `fileSize` bounds every table offset.
+ */
+export function decodeHeader(buf: Uint8Array, fileSize: number, file: string): Qcow2Header {
+  if (buf.length < V2_HEADER_LENGTH || fileSize < V2_HEADER_LENGTH) {
+    if (buf.length >= 4 && dataView(buf).getUint32(0) === QCOW2_MAGIC)
+      throw corrupt(file, `truncated qcow2 header (file is ${fileSize} bytes)`);
+    throw new QcowError('NOT_QCOW2', 'Image is not in qcow2 format', file);
+  }
+  const v = dataView(buf);
+  if (v.getUint32(0) !== QCOW2_MAGIC) throw new QcowError('NOT_QCOW2', 'Image is not in qcow2 format', file);
+  const version = v.getUint32(4);
+  if (version !== 2 && version !== 3) throw new QcowError('UNSUPPORTED', `Unsupported qcow2 version ${version}`, file);
+
+  const clusterBits = v.getUint32(20);
+  if (clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS)
+    throw new QcowError('UNSUPPORTED', `Unsupported cluster size: 2^${clusterBits}`, file);
+  const cs = 2 ** clusterBits;
+
+  const h: Qcow2Header = {
+    version,
+    backingFileOffset: u64(v, 8),
+    backingFileSize: v.getUint32(16),
+    clusterBits,
+    size: u64(v, 24),
+    cryptMethod: v.getUint32(32),
+    l1Size: v.getUint32(36),
+    l1TableOffset: u64(v, 40),
+    refcountTableOffset: u64(v, 48),
+    refcountTableClusters: v.getUint32(56),
+    nbSnapshots: v.getUint32(60),
+    snapshotsOffset: u64(v, 64),
+    incompatibleFeatures: 0n,
+    compatibleFeatures: 0n,
+    autoclearFeatures: 0n,
+    refcountOrder: 4,
+    headerLength: V2_HEADER_LENGTH,
+    compressionType: 0,
+    unknownHeaderBytes: new Uint8Array(0),
+    extensions: [],
+    backingFile: undefined,
+    backingFormat: undefined,
+    dataFile: undefined,
+    featureNames: [],
+    bitmaps: undefined,
+    encryption: undefined,
+  };
+
+  if (version === 3) {
+    if (buf.length < V3_MIN_HEADER_LENGTH || fileSize < V3_MIN_HEADER_LENGTH) throw corrupt(file, 'truncated qcow2 v3 header');
+    h.incompatibleFeatures = v.getBigUint64(72);
+    h.compatibleFeatures = v.getBigUint64(80);
+    h.autoclearFeatures = v.getBigUint64(88);
+    h.refcountOrder = v.getUint32(96);
+    h.headerLength = v.getUint32(100);
+    if (h.headerLength < V3_MIN_HEADER_LENGTH) throw corrupt(file, 'qcow2 header too short');
+    if (h.headerLength > cs) throw corrupt(file, 'qcow2 header exceeds cluster size');
+    if (h.headerLength > buf.length || h.headerLength > fileSize) throw corrupt(file, 'qcow2 header extends past the end of the file');
+    if (h.headerLength > 104) h.compressionType = buf[104]!;
+    if (h.headerLength > V3_HEADER_LENGTH) h.unknownHeaderBytes = buf.slice(V3_HEADER_LENGTH, h.headerLength);
+  }
+
+  if (h.backingFileOffset > cs) throw corrupt(file, 'Invalid backing file offset');
+  if (h.backingFileOffset) {
+    if (h.backingFileSize > MAX_BACKING_NAME || h.backingFileOffset + h.backingFileSize > cs)
+      throw corrupt(file, 'Backing file name too long');
+    if (h.backingFileOffset + h.backingFileSize > Math.min(buf.length, fileSize))
+      throw corrupt(file, 'backing file name extends past the end of the file');
+  }
+
+  // Extensions come first so the feature-name table can name unknown features.
+  decodeExtensions(buf, h, cs, fileSize, file);
+
+  const unknownIncompat = h.incompatibleFeatures & ~INCOMPAT_KNOWN;
+  if (unknownIncompat)
+    throw new QcowError('UNSUPPORTED', `Unsupported qcow2 feature(s): ${describeFeatures(unknownIncompat, h.featureNames)}`, file);
+
+  if (h.refcountOrder > MAX_REFCOUNT_ORDER)
+    throw new QcowError('UNSUPPORTED', 'Reference count entry width too large; may not exceed 64 bits', file);
+  if (h.cryptMethod > 2) throw new QcowError('UNSUPPORTED', `Unsupported encryption method: ${h.cryptMethod}`, file);
+
+  const compressionBit = (h.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n;
+  if (h.compressionType > 1) throw new QcowError('UNSUPPORTED', `Unknown compression type ${h.compressionType}`, file);
+  if (h.compressionType !== 0 && !compressionBit)
+    throw corrupt(file, 'Invalid compression type: the compression type incompatible bit is not set');
+  if (h.compressionType === 0 && compressionBit)
+    throw corrupt(file, 'Corrupted compression type: the compression type incompatible bit is set for zlib');
+
+  const extendedL2 = isExtendedL2(h);
+  if (extendedL2 && clusterBits < 14) throw corrupt(file, 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+
+  if (h.size > MAX_HOST_OFFSET) throw new QcowError('UNSUPPORTED', `Image size too large: ${h.size}`, file);
+  checkTable(file, 'L1 table', h.l1TableOffset, h.l1Size * 8, cs, fileSize, MAX_L1_BYTES, 'Active L1 table too large');
+  if (h.l1Size < minL1Size(h.size, clusterBits, extendedL2)) throw corrupt(file, 'L1 table is too small');
+
+  if (h.refcountTableClusters === 0) throw corrupt(file, 'Image does not contain a reference count table');
+  checkTable(file, 'Reference count table', h.refcountTableOffset, h.refcountTableClusters * cs, cs, fileSize, MAX_REFTABLE_BYTES, 'Reference count table too large');
+
+  if (h.nbSnapshots > MAX_SNAPSHOTS) throw corrupt(file, 'Too many snapshots');
+  if (h.nbSnapshots) {
+    if (!isAligned(h.snapshotsOffset, cs) || h.snapshotsOffset === 0) throw corrupt(file, 'Invalid snapshot table offset');
+    if (h.snapshotsOffset >= fileSize) throw corrupt(file, 'Snapshot table lies past the end of the file');
+  }
+  return h;
+}
+
+function checkTable(file: string, name: string, offset: number, bytes: number, cs: number, fileSize: number, max: number, tooLarge: string): void {
+  if (bytes > max) throw corrupt(file, tooLarge);
+  if (bytes === 0) return;
+  if (offset === 0 || !isAligned(offset, cs)) throw corrupt(file, `Invalid ${name} offset`);
+  if (offset + bytes > fileSize) throw corrupt(file, `${name} lies past the end of the file (offset ${offset}, ${bytes} bytes, file is ${fileSize} bytes)`);
+}
+
+export function isExtendedL2(h: Qcow2Header): boolean {
+  return (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
+}
+
+export function hasDataFile(h: Qcow2Header): boolean {
+  return (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+}
+
+function decodeExtensions(buf: Uint8Array, h: Qcow2Header, cs: number, fileSize: number, file: string): void {
+  const v = dataView(buf);
+  const limit = Math.min(h.backingFileOffset || cs, cs, buf.length, fileSize);
+  let off = h.headerLength;
+  const seen = new Set<number>();
+  for (;;) {
+    if (off + 8 > limit) {
+      // QEMU tolerates a missing terminator at the very end of the area.
+      if (off >= limit) break;
+      throw corrupt(file, 'Header extension too large');
+    }
+    const type = v.getUint32(off);
+    const len = v.getUint32(off + 4);
+    if (type === ExtensionType.End) break;
+    if (off + 8 + len > limit) throw corrupt(file, `Header extension 0x${type.toString(16)} too large`);
+    if (seen.has(type)) throw corrupt(file, `Duplicate header extension 0x${type.toString(16)}`);
+    seen.add(type);
+    const data = buf.slice(off + 8, off + 8 + len);
+    h.extensions.push({ type, data });
+    decodeKnownExtension(type, data, h, cs, fileSize, file);
+    off += 8 + Math.ceil(len / 8) * 8;
+  }
+  if (h.backingFileOffset) {
+    const name = buf.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize);
+    h.backingFile = decodeUtf8(name);
+  }
+}
+
+function decodeKnownExtension(type: number, data: Uint8Array, h: Qcow2Header, cs: number, fileSize: number, file: string): void {
+  const v = dataView(data);
+  switch (type) {
+    case ExtensionType.BackingFormat:
+      if (data.length > 15) throw corrupt(file, 'Backing file format name too long');
+      h.backingFormat = decodeUtf8(data);
+      break;
+    case ExtensionType.FeatureTable:
+      for (let i = 0; i + 48 <= data.length; i += 48) {
+        const raw = data.subarray(i + 2, i + 48);
+        const end = raw.indexOf(0);
+        h.featureNames.push({ kind: data[i]!, bit: data[i + 1]!, name: decodeUtf8(end < 0 ? raw : raw.subarray(0, end)) });
+      }
+      break;
+    case ExtensionType.Bitmaps: {
+      if (data.length !== 24) throw corrupt(file, 'Invalid bitmaps extension length');
+      // Trusted only while the autoclear bit says a bitmap-aware program wrote the file last.
+      if (!(h.autoclearFeatures & AUTOCLEAR_BITMAPS)) break;
+      const ext = { nbBitmaps: v.getUint32(0), directorySize: u64(v, 8), directoryOffset: u64(v, 16) };
+      if (v.getUint32(4) !== 0) throw corrupt(file, 'Reserved field of the bitmaps extension is not zero');
+      if (ext.nbBitmaps === 0) throw corrupt(file, 'Bitmaps extension declares no bitmaps');
+      if (ext.nbBitmaps > 65535) throw corrupt(file, 'Too many persistent bitmaps');
+      if (ext.directorySize > 1024 * 65535) throw corrupt(file, 'Bitmap directory too large');
+      if (!ext.directoryOffset || !isAligned(ext.directoryOffset, cs)) throw corrupt(file, 'Invalid bitmap directory offset');
+      if (ext.directoryOffset + ext.directorySize > fileSize) throw corrupt(file, 'Bitmap directory lies past the end of the file');
+      h.bitmaps = ext;
+      break;
+    }
+    case ExtensionType.FullDiskEncryption:
+      if (data.length !== 16) throw corrupt(file, 'Invalid encryption header extension length');
+      h.encryption = { offset: u64(v, 0), length: u64(v, 8) };
+      break;
+    case ExtensionType.DataFile:
+      h.dataFile = decodeUtf8(data);
+      break;
+    default:
+      break; // unknown: kept in h.extensions, preserved on rewrite
+  }
+}
+
+/** Options for building a new header (create). */
+export interface NewHeaderSpec {
+  version: 2 | 3;
+  clusterBits: number;
+  size: number;
+  l1Size: number;
+  l1TableOffset: number;
+  refcountTableOffset: number;
+  refcountTableClusters: number;
+  refcountOrder: number;
+  incompatibleFeatures: bigint;
+  compatibleFeatures: bigint;
+  autoclearFeatures: bigint;
+  compressionType: number;
+  backingFile?: string | undefined;
+  backingFormat?: string | undefined;
+  /** Extensions to keep after the ones qcowkit writes (e.g. unknown ones from an old header). */
+  extraExtensions?: HeaderExtension[];
+  bitmaps?: BitmapsExtension | undefined;
+  nbSnapshots?: number;
+  snapshotsOffset?: number;
+  unknownHeaderBytes?: Uint8Array;
+}
+
+/** Encodes the header in QEMU's layout (§3 "What QEMU writes"); fails when cluster 0 is too small. */
+export function encodeHeader(spec: NewHeaderSpec, file: string): Uint8Array {
+  const cs = 2 ** spec.clusterBits;
+  const headerLength = spec.version === 3 ? V3_HEADER_LENGTH + (spec.unknownHeaderBytes?.length ?? 0) : V2_HEADER_LENGTH;
+  const exts: HeaderExtension[] = [];
+  const enc = new TextEncoder();
+  if (spec.backingFormat !== undefined) exts.push({ type: ExtensionType.BackingFormat, data: enc.encode(spec.backingFormat) });
+  if (spec.version === 3 && cs > 4096) exts.push({ type: ExtensionType.FeatureTable, data: featureTable() });
+  if (spec.bitmaps) {
+    const b = new Uint8Array(24);
+    const v = dataView(b);
+    v.setUint32(0, spec.bitmaps.nbBitmaps);
+    setU64(v, 8, spec.bitmaps.directorySize);
+    setU64(v, 16, spec.bitmaps.directoryOffset);
+    exts.push({ type: ExtensionType.Bitmaps, data: b });
+  }
+  for (const e of spec.extraExtensions ?? []) exts.push(e);
+
+  let extBytes = 0;
+  for (const e of exts) extBytes += 8 + Math.ceil(e.data.length / 8) * 8;
+  extBytes += 8; // terminator
+  const name = spec.backingFile !== undefined ? enc.encode(spec.backingFile) : undefined;
+  const total = headerLength + extBytes + (name?.length ?? 0);
+  if (total > cs) throw new QcowError('INVALID_ARGUMENT', 'No space left in the file header (backing file name or extensions too large)', file);
+  if (name && name.length > MAX_BACKING_NAME) throw new QcowError('INVALID_ARGUMENT', 'Backing file name too long', file);
+
+  const buf = new Uint8Array(total);
+  const v = dataView(buf);
+  v.setUint32(0, QCOW2_MAGIC);
+  v.setUint32(4, spec.version);
+  if (name) {
+    setU64(v, 8, headerLength + extBytes);
+    v.setUint32(16, name.length);
+  }
+  v.setUint32(20, spec.clusterBits);
+  setU64(v, 24, spec.size);
+  v.setUint32(36, spec.l1Size);
+  setU64(v, 40, spec.l1TableOffset);
+  setU64(v, 48, spec.refcountTableOffset);
+  v.setUint32(56, spec.refcountTableClusters);
+  v.setUint32(60, spec.nbSnapshots ?? 0);
+  setU64(v, 64, spec.snapshotsOffset ?? 0);
+  if (spec.version === 3) {
+    v.setBigUint64(72, spec.incompatibleFeatures);
+    v.setBigUint64(80, spec.compatibleFeatures);
+    v.setBigUint64(88, spec.autoclearFeatures);
+    v.setUint32(96, spec.refcountOrder);
+    v.setUint32(100, headerLength);
+    buf[104] = spec.compressionType;
+    if (spec.unknownHeaderBytes) buf.set(spec.unknownHeaderBytes, V3_HEADER_LENGTH);
+  }
+  let off = headerLength;
+  for (const e of exts) {
+    v.setUint32(off, e.type);
+    v.setUint32(off + 4, e.data.length);
+    buf.set(e.data, off + 8);
+    off += 8 + Math.ceil(e.data.length / 8) * 8;
+  }
+  off += 8; // terminator (zeros)
+  if (name) buf.set(name, off);
+  return buf;
+}
+
+function featureTable(): Uint8Array {
+  const t = new Uint8Array(FEATURE_NAMES.length * 48);
+  const enc = new TextEncoder();
+  FEATURE_NAMES.forEach(([kind, bit, name], i) => {
+    t[i * 48] = kind;
+    t[i * 48 + 1] = bit;
+    t.set(enc.encode(name), i * 48 + 2);
+  });
+  return t;
+}

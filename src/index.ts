@@ -1,0 +1,24 @@
+/** qcowkit's public library API. */
+export { QcowError, type QcowErrorCode, EXIT_CODES } from './errors.js';
+export type { OperationOptions } from './ops/options.js';
+export { openImageFile, type ImageFile } from './io/file.js';
+export { Qcow2Image, type OpenQcow2Options } from './qcow2/image.js';
+export { BackingChain, type OpenChainOptions, type MapEntry, resolveBackingPath, probeFormat } from './chain/chain.js';
+export type { BlockLayer, LayerExtent, LayerFormat } from './chain/layer.js';
+export { RawLayer } from './chain/raw.js';
+export { info, type ImageInfo, type InfoOptions } from './ops/info.js';
+export { mapImage, type MapOptions } from './ops/map.js';
+export { compare, type CompareOptions, type CompareResult } from './ops/compare.js';
+
+import { BackingChain, type OpenChainOptions } from './chain/chain.js';
+import { Qcow2Image, type OpenQcow2Options } from './qcow2/image.js';
+
+/** Opens one qcow2 image (no backing files). */
+export function openImage(path: string, opts?: OpenQcow2Options): Promise<Qcow2Image> {
+  return Qcow2Image.open(path, opts);
+}
+
+/** Opens an image with its whole backing chain, read-only. */
+export function openChain(path: string, opts?: OpenChainOptions): Promise<BackingChain> {
+  return BackingChain.open(path, opts);
+}

@@ -1,0 +1,166 @@
+/**
+ * Every byte qcowkit reads or writes goes through `ImageFile`: positional I/O, flush, punch,
+ * truncate, and host-file allocation probing. Nothing here knows about qcow2. Tests substitute
+ * implementations (fault injection) through the same interface.
+ */
+import { open, type FileHandle } from 'node:fs/promises';
+import { fromSystemError, QcowError } from '../errors.js';
+import { dataExtentsNative } from './native.js';
+
+export interface ImageFile {
+  readonly path: string;
+  readonly writable: boolean;
+  readonly fd: number;
+  /** Current file length in bytes. */
+  size(): Promise<number>;
+  /** Bytes the filesystem really allocated (st_blocks * 512). */
+  allocatedBytes(): Promise<number>;
+  /** Fills `buf` from `offset`; bytes past EOF read as zeros (qcow2 files are not padded). */
+  readAt(buf: Uint8Array, offset: number): Promise<void>;
+  writeAt(buf: Uint8Array, offset: number): Promise<void>;
+  flush(): Promise<void>;
+  truncate(length: number): Promise<void>;
+  /** Deallocates [offset, offset+length) keeping the file size (FALLOC_FL_PUNCH_HOLE). */
+  punchHole(offset: number, length: number): Promise<void>;
+  /**
+   * Data extents of the host file inside [start, end) as pairs [s0, e0, s1, e1, ...] (SEEK_DATA /
+   * SEEK_HOLE); null when the platform can't tell (then everything counts as data).
+   */
+  dataExtents(start: number, end: number): Float64Array | null;
+  close(): Promise<void>;
+}
+
+export interface OpenFileOptions {
+  writable?: boolean;
+}
+
+class NodeImageFile implements ImageFile {
+  #closed = false;
+  constructor(
+    readonly path: string,
+    readonly writable: boolean,
+    private readonly handle: FileHandle,
+  ) {}
+
+  get fd(): number {
+    return this.handle.fd;
+  }
+
+  async size(): Promise<number> {
+    try {
+      return (await this.handle.stat()).size;
+    } catch (e) {
+      throw fromSystemError(e, this.path, 'stat failed');
+    }
+  }
+
+  async allocatedBytes(): Promise<number> {
+    try {
+      return (await this.handle.stat()).blocks * 512;
+    } catch (e) {
+      throw fromSystemError(e, this.path, 'stat failed');
+    }
+  }
+
+  async readAt(buf: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const { bytesRead } = await this.handle.read(buf, done, buf.length - done, offset + done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+    } catch (e) {
+      throw fromSystemError(e, this.path, `read error at offset ${offset + done}`);
+    }
+    if (done < buf.length) buf.fill(0, done);
+  }
+
+  async writeAt(buf: Uint8Array, offset: number): Promise<void> {
+    if (!this.writable) throw new QcowError('IO', 'internal error: write to a file opened read-only', this.path);
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const { bytesWritten } = await this.handle.write(buf, done, buf.length - done, offset + done);
+        done += bytesWritten;
+      }
+    } catch (e) {
+      throw fromSystemError(e, this.path, `write error at offset ${offset + done}`);
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (!this.writable) return;
+    try {
+      await this.handle.datasync();
+    } catch (e) {
+      throw fromSystemError(e, this.path, 'flush failed');
+    }
+  }
+
+  async truncate(length: number): Promise<void> {
+    try {
+      await this.handle.truncate(length);
+    } catch (e) {
+      throw fromSystemError(e, this.path, 'truncate failed');
+    }
+  }
+
+  async punchHole(offset: number, length: number): Promise<void> {
+    const fsx = await import('fs-native-extensions');
+    try {
+      await fsx.trim(this.handle.fd, offset, length);
+    } catch (e) {
+      throw fromSystemError(e, this.path, `punching a hole at ${offset} failed`);
+    }
+  }
+
+  dataExtents(start: number, end: number): Float64Array | null {
+    return dataExtentsNative(this.handle.fd, start, end);
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.handle.close();
+  }
+}
+
+export async function openImageFile(path: string, opts: OpenFileOptions = {}): Promise<ImageFile> {
+  const writable = opts.writable ?? false;
+  let handle: FileHandle;
+  try {
+    handle = await open(path, writable ? 'r+' : 'r');
+  } catch (e) {
+    throw fromSystemError(e, path, 'Could not open');
+  }
+  try {
+    const st = await handle.stat();
+    if (st.isDirectory()) throw new QcowError('NOT_QCOW2', 'Could not open: Is a directory', path);
+  } catch (e) {
+    await handle.close();
+    throw fromSystemError(e, path, 'Could not open');
+  }
+  return new NodeImageFile(path, writable, handle);
+}
+
+/** Runs `worker` over `items` with at most `concurrency` promises in flight, in order of start. */
+export async function inParallel<T>(items: Iterable<T>, concurrency: number, worker: (item: T) => Promise<void>): Promise<void> {
+  const it = items[Symbol.iterator]();
+  let failed: unknown;
+  const lane = async (): Promise<void> => {
+    for (;;) {
+      if (failed !== undefined) return;
+      const n = it.next();
+      if (n.done) return;
+      try {
+        await worker(n.value);
+      } catch (e) {
+        failed ??= e;
+        return;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.max(1, concurrency) }, lane));
+  if (failed !== undefined) throw failed;
+}

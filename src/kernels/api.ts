@@ -1,0 +1,110 @@
+/**
+ * Contract of the WebAssembly kernels (assembly/) as seen from TypeScript.
+ * Every pointer is a byte offset into the kernels' wasm memory; buffers come from `Kernels.alloc`.
+ * All multi-byte qcow2 data inside buffers is big-endian as on disk; kernel *outputs* are
+ * little-endian records meant to be read through Uint32Array / Float64Array views.
+ */
+
+/** Kinds of guest units (clusters, or subclusters with extended L2) as the L2 scan reports them. */
+export const enum RunKind {
+  Unallocated = 0, // reads from backing (host offset may be non-zero: unallocated subcluster in an allocated cluster)
+  Data = 1, // host data at hostOffset
+  ZeroPlain = 2, // reads as zero, no host cluster
+  ZeroAlloc = 3, // reads as zero, host cluster reserved at hostOffset
+  Compressed = 4, // compressed cluster: hostOffset = byte offset of compressed stream, extra = byte length
+  Invalid = 5, // entry violates the spec: reason in the record's `reason` field
+}
+
+/** Why an L2 entry was reported Invalid. */
+export const enum InvalidReason {
+  ReservedBits = 1, // reserved bits set (standard entry mask 0x3F000000000001FE, or bit 0 with extended L2)
+  Unaligned = 2, // host offset not cluster aligned (data / zero-alloc)
+  OffsetTooLarge = 3, // host offset >= 2^53 (cannot be addressed here)
+  SubclusterAllocAndZero = 4, // extended L2: a subcluster both allocated and zero
+  SubclusterNoHost = 5, // extended L2: allocation bits set but host offset 0
+  CompressedBitmap = 6, // extended L2: compressed entry with non-zero bitmap word
+}
+
+/**
+ * One L2 run record = 32 bytes: u32[0] firstUnit, u32[1] unitCount, u32[2] kind (RunKind),
+ * u32[3] reason (InvalidReason, 0 otherwise), f64[2] hostOffset, f64[3] extra.
+ * A unit is a cluster (standard L2) or a subcluster (extended L2, cs/32 bytes).
+ * Consecutive units merge into one run when kind matches and host offsets are contiguous
+ * (or both 0). Compressed and Invalid records are never merged (one per entry).
+ */
+export const L2_RUN_BYTES = 32;
+
+/** Stats block written by `l2AccountRefs` = 8 f64 values, in this order. */
+export const enum L2Stat {
+  Allocated = 0, // data + zero-alloc + compressed entries (QEMU's allocated_clusters)
+  Compressed = 1,
+  Fragmented = 2, // QEMU rule: data/zero-alloc entry whose offset != previous one + cs (within this table), plus every compressed entry
+  Invalid = 3, // entries the scan would report Invalid (not counted as references)
+  OutOfRange = 4, // references to clusters >= nClusters (not counted)
+}
+
+export interface Kernels {
+  readonly memory: WebAssembly.Memory;
+  /** Allocates `size` bytes (16-byte aligned) in wasm memory; contents unspecified. */
+  alloc(size: number): number;
+  /** Allocates and zero-fills. */
+  allocZeroed(size: number): number;
+  free(ptr: number): void;
+  /** Grows memory ahead of a batch so no view is detached mid-batch. */
+  reserve(bytes: number): void;
+  /** A fresh view (views are invalidated when memory grows: never keep one across an alloc). */
+  u8(ptr: number, length: number): Uint8Array;
+
+  // --- L2 tables -------------------------------------------------------------------------------
+  /**
+   * Scans entries [firstEntry, firstEntry+entryCount) of the L2 table at `table` into run records
+   * at `out` (at most maxRuns). Returns the number of runs written; `scanConsumed()` then tells how
+   * many entries were fully consumed (less than entryCount only when `out` filled up).
+   */
+  l2Scan(table: number, firstEntry: number, entryCount: number, extended: boolean, clusterBits: number, out: number, maxRuns: number): number;
+  scanConsumed(): number;
+  /**
+   * Adds +1 to refs[hostCluster] (u32 array of nClusters, saturating) for every host cluster the
+   * table's entries reference (data, zero-alloc: its cluster; compressed: every cluster its byte
+   * range touches) and writes L2Stat values to `stats` (8 f64, overwritten).
+   */
+  l2AccountRefs(table: number, entryCount: number, extended: boolean, clusterBits: number, refs: number, nClusters: number, stats: number): void;
+
+  // --- refcounts ------------------------------------------------------------------------------
+  /** refs[c] += 1 for c in [firstCluster, firstCluster+count) (saturating); returns how many were >= nClusters. */
+  refsAddRange(refs: number, nClusters: number, firstCluster: number, count: number): number;
+  /**
+   * Compares computed refs[firstCluster + i] (u32) with entry i of the refcount block at `block`
+   * (width 1 << refcountOrder bits, packing as qcow2) for i < count. Writes the indices i (u32) of
+   * the first maxOut mismatches to `out`; returns the total number of mismatches.
+   */
+  refcountCompare(refs: number, firstCluster: number, count: number, block: number, refcountOrder: number, out: number, maxOut: number): number;
+  /** Entry `index` of a refcount block of the given order (as a double; exact below 2^53). */
+  refcountGet(block: number, index: number, refcountOrder: number): number;
+  /** Sets entry `index` of a refcount block (value must fit the width). */
+  refcountSet(block: number, index: number, refcountOrder: number, value: number): void;
+
+  // --- bitmaps (qcow2 bit order: bit n in byte n>>3 at position n&7, LSB first) -------------------
+  bitmapOr(dst: number, src: number, nBytes: number): void;
+  bitmapAnd(dst: number, src: number, nBytes: number): void;
+  bitmapAndNot(dst: number, src: number, nBytes: number): void; // dst &= ~src
+  popcount(ptr: number, nBytes: number): number;
+  setBits(ptr: number, startBit: number, nBits: number): void;
+  clearBits(ptr: number, startBit: number, nBits: number): void;
+  /**
+   * Extents of set bits in [startBit, endBit): writes f64 pairs (start, length) to `out`, at most
+   * maxOut pairs; returns the count. When full, `extentsNext()` is the bit to resume from
+   * (endBit when done).
+   */
+  extents(ptr: number, startBit: number, endBit: number, out: number, maxOut: number): number;
+  extentsNext(): number;
+
+  // --- zero detection and comparison -----------------------------------------------------------
+  isZero(ptr: number, nBytes: number): boolean;
+  /** Index of the first non-zero byte, or -1. */
+  firstNonZero(ptr: number, nBytes: number): number;
+  /** Index of the first byte where a and b differ, or -1. */
+  firstDifference(a: number, b: number, nBytes: number): number;
+  /** Sets bit i of `outBitmap` (cleared first) when block i (1 << blockBits bytes) of ptr is all zero; nBytes is a multiple of the block. */
+  zeroBlocks(ptr: number, nBytes: number, blockBits: number, outBitmap: number): void;
+}

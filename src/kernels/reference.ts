@@ -1,0 +1,288 @@
+/**
+ * Plain-TypeScript reference implementation of every kernel, operating on the same wasm memory
+ * (and heap) as a real `Kernels` instance. Written for obviousness, not speed: unit-by-unit L2
+ * decoding with BigInt, bit-by-bit bitmaps. Tests compare the wasm kernels against it.
+ */
+import { InvalidReason, L2_RUN_BYTES, RunKind, type Kernels } from './api.js';
+
+const MAX_OFFSET = 2n ** 53n;
+const HOST_MASK = 0x00ff_ffff_ffff_fe00n;
+const RESERVED_STANDARD = 0x3f00_0000_0000_01fen;
+
+/** A piece of an entry's mapping: `count` units of one kind. */
+interface Piece {
+  count: number;
+  kind: RunKind;
+  reason: number;
+  host: number;
+  extra: number;
+}
+
+interface Run extends Piece {
+  firstUnit: number;
+}
+
+function piece(count: number, kind: RunKind, host: bigint, extra = 0n, reason = 0): Piece {
+  return { count, kind, reason, host: Number(host), extra: Number(extra) };
+}
+
+/** Pieces of one L2 entry, one per unit except for Compressed / Invalid (one for the whole entry). */
+function decodeEntry(word: bigint, bitmap: bigint, extended: boolean, clusterBits: number): Piece[] {
+  const units = extended ? 32 : 1;
+  const bad = (reason: InvalidReason, host: bigint, extra = 0n) => [piece(units, RunKind.Invalid, host, extra, reason)];
+  if ((word >> 62n) & 1n) {
+    const x = BigInt(62 - (clusterBits - 8));
+    const offset = word & ((1n << x) - 1n);
+    const sectors = (word >> x) & ((1n << BigInt(clusterBits - 8)) - 1n);
+    const length = (sectors + 1n) * 512n - (offset & 511n);
+    if (extended && bitmap !== 0n) return bad(InvalidReason.CompressedBitmap, offset, length);
+    if (offset >= MAX_OFFSET) return bad(InvalidReason.OffsetTooLarge, offset, length);
+    return [piece(units, RunKind.Compressed, offset, length)];
+  }
+  const host = word & HOST_MASK;
+  const reserved = extended ? RESERVED_STANDARD | 1n : RESERVED_STANDARD;
+  if ((word & reserved) !== 0n) return bad(InvalidReason.ReservedBits, host);
+  if (host !== 0n && host % (1n << BigInt(clusterBits)) !== 0n) return bad(InvalidReason.Unaligned, host);
+  if (host >= MAX_OFFSET) return bad(InvalidReason.OffsetTooLarge, host);
+  if (!extended) {
+    const zero = (word & 1n) === 1n;
+    const kind = host !== 0n ? (zero ? RunKind.ZeroAlloc : RunKind.Data) : zero ? RunKind.ZeroPlain : RunKind.Unallocated;
+    return [piece(1, kind, host)];
+  }
+  const alloc = bitmap & 0xffff_ffffn;
+  const zeros = bitmap >> 32n;
+  if ((alloc & zeros) !== 0n) return bad(InvalidReason.SubclusterAllocAndZero, host);
+  if (alloc !== 0n && host === 0n) return bad(InvalidReason.SubclusterNoHost, host);
+  const sub = 1n << BigInt(clusterBits - 5);
+  const pieces: Piece[] = [];
+  for (let i = 0n; i < 32n; i++) {
+    const at = host === 0n ? 0n : host + i * sub;
+    if ((alloc >> i) & 1n) pieces.push(piece(1, RunKind.Data, at));
+    else if ((zeros >> i) & 1n) pieces.push(piece(1, host === 0n ? RunKind.ZeroPlain : RunKind.ZeroAlloc, at));
+    else pieces.push(piece(1, RunKind.Unallocated, at));
+  }
+  return pieces;
+}
+
+function canMerge(last: Run, p: Piece, unitSize: number): boolean {
+  if (p.kind >= RunKind.Compressed || last.kind !== p.kind) return false;
+  if (p.host === 0) return last.host === 0;
+  return last.host !== 0 && p.host === last.host + last.count * unitSize;
+}
+
+function readEntry(dv: DataView, table: number, index: number, extended: boolean): [bigint, bigint] {
+  const at = table + index * (extended ? 16 : 8);
+  return [dv.getBigUint64(at), extended ? dv.getBigUint64(at + 8) : 0n];
+}
+
+function refcountEntry(bytes: Uint8Array, block: number, index: number, order: number): bigint {
+  const width = 1 << order;
+  if (width < 8) {
+    const bit = index * width;
+    return BigInt((bytes[block + (bit >> 3)]! >> (bit & 7)) & ((1 << width) - 1));
+  }
+  let value = 0n;
+  const size = width / 8;
+  for (let i = 0; i < size; i++) value = (value << 8n) | BigInt(bytes[block + index * size + i]!);
+  return value;
+}
+
+function getBit(bytes: Uint8Array, ptr: number, bit: number): boolean {
+  return ((bytes[ptr + Math.floor(bit / 8)]! >> bit % 8) & 1) === 1;
+}
+
+function putBit(bytes: Uint8Array, ptr: number, bit: number, on: boolean): void {
+  const at = ptr + Math.floor(bit / 8);
+  const mask = 1 << bit % 8;
+  bytes[at] = on ? bytes[at]! | mask : bytes[at]! & ~mask;
+}
+
+/** Reference kernels sharing `base`'s memory and heap. */
+export function referenceKernels(base: Kernels): Kernels {
+  const bytes = () => new Uint8Array(base.memory.buffer);
+  const view = () => new DataView(base.memory.buffer);
+  let consumed = 0;
+  let nextBit = 0;
+
+  const bumpRef = (refs: number, nClusters: number, cluster: number): boolean => {
+    if (cluster >= nClusters) return false;
+    const dv = view();
+    const v = dv.getUint32(refs + cluster * 4, true);
+    if (v !== 0xffff_ffff) dv.setUint32(refs + cluster * 4, v + 1, true);
+    return true;
+  };
+
+  const combine = (dst: number, src: number, n: number, op: (a: number, b: number) => number) => {
+    const b = bytes();
+    for (let i = 0; i < n; i++) b[dst + i] = op(b[dst + i]!, b[src + i]!);
+  };
+
+  const fill = (ptr: number, start: number, n: number, on: boolean) => {
+    const b = bytes();
+    for (let i = start; i < start + n; i++) putBit(b, ptr, i, on);
+  };
+
+  const firstDifferent = (a: number, b: number | null, n: number) => {
+    const m = bytes();
+    for (let i = 0; i < n; i++) if (m[a + i] !== (b === null ? 0 : m[b + i])) return i;
+    return -1;
+  };
+
+  return {
+    memory: base.memory,
+    alloc: (size) => base.alloc(size),
+    allocZeroed: (size) => base.allocZeroed(size),
+    free: (ptr) => base.free(ptr),
+    reserve: (n) => base.reserve(n),
+    u8: (ptr, length) => base.u8(ptr, length),
+
+    l2Scan(table, firstEntry, entryCount, extended, clusterBits, out, maxRuns) {
+      const dv = view();
+      const unitSize = 2 ** (extended ? clusterBits - 5 : clusterBits);
+      const runs: Run[] = [];
+      consumed = 0;
+      for (let e = firstEntry; e < firstEntry + entryCount; e++) {
+        const [word, bitmap] = readEntry(dv, table, e, extended);
+        const saved = runs.map((r) => ({ ...r }));
+        let unit = e * (extended ? 32 : 1);
+        for (const p of decodeEntry(word, bitmap, extended, clusterBits)) {
+          const last = runs[runs.length - 1];
+          if (last && canMerge(last, p, unitSize)) last.count += p.count;
+          else runs.push({ ...p, firstUnit: unit });
+          unit += p.count;
+        }
+        if (runs.length > maxRuns) {
+          runs.splice(0, runs.length, ...saved);
+          break;
+        }
+        consumed++;
+      }
+      runs.forEach((r, i) => {
+        const at = out + i * L2_RUN_BYTES;
+        dv.setUint32(at, r.firstUnit, true);
+        dv.setUint32(at + 4, r.count, true);
+        dv.setUint32(at + 8, r.kind, true);
+        dv.setUint32(at + 12, r.reason, true);
+        dv.setFloat64(at + 16, r.host, true);
+        dv.setFloat64(at + 24, r.extra, true);
+      });
+      return runs.length;
+    },
+    scanConsumed: () => consumed,
+
+    l2AccountRefs(table, entryCount, extended, clusterBits, refs, nClusters, stats) {
+      const dv = view();
+      const cs = 2 ** clusterBits;
+      const s = [0, 0, 0, 0, 0, 0, 0, 0];
+      let next = 0;
+      for (let e = 0; e < entryCount; e++) {
+        const [word, bitmap] = readEntry(dv, table, e, extended);
+        const pieces = decodeEntry(word, bitmap, extended, clusterBits);
+        const first = pieces[0]!;
+        // An entry references its host cluster when it has one: any unit with a non-zero host.
+        const host = pieces.find((p) => p.host !== 0)?.host ?? 0;
+        if (first.kind === RunKind.Invalid) {
+          s[3]++;
+        } else if (first.kind === RunKind.Compressed) {
+          s[0]++;
+          s[1]++;
+          s[2]++;
+          const lastCluster = Math.floor((first.host + first.extra - 1) / cs);
+          for (let c = Math.floor(first.host / cs); c <= lastCluster; c++) if (!bumpRef(refs, nClusters, c)) s[4]++;
+        } else if (host !== 0) {
+          s[0]++;
+          if (next !== 0 && host !== next) s[2]++;
+          next = host + cs;
+          if (!bumpRef(refs, nClusters, host / cs)) s[4]++;
+        }
+      }
+      s.forEach((v, i) => view().setFloat64(stats + i * 8, v, true));
+    },
+
+    refsAddRange(refs, nClusters, firstCluster, count) {
+      let outside = 0;
+      for (let c = firstCluster; c < firstCluster + count; c++) {
+        if (c >= nClusters) {
+          outside += firstCluster + count - c; // everything from here on is out of range
+          break;
+        }
+        bumpRef(refs, nClusters, c);
+      }
+      return outside;
+    },
+    refcountCompare(refs, firstCluster, count, block, refcountOrder, out, maxOut) {
+      const b = bytes();
+      const dv = view();
+      let found = 0;
+      for (let i = 0; i < count; i++) {
+        const computed = BigInt(dv.getUint32(refs + (firstCluster + i) * 4, true));
+        if (refcountEntry(b, block, i, refcountOrder) === computed) continue;
+        if (found < maxOut) dv.setUint32(out + found * 4, i, true);
+        found++;
+      }
+      return found;
+    },
+    refcountGet: (block, index, refcountOrder) => Number(refcountEntry(bytes(), block, index, refcountOrder)),
+    refcountSet(block, index, refcountOrder, value) {
+      const b = bytes();
+      const width = 1 << refcountOrder;
+      if (width < 8) {
+        for (let i = 0; i < width; i++) putBit(b, block, index * width + i, Math.floor(value / 2 ** i) % 2 === 1);
+        return;
+      }
+      let v = BigInt(value);
+      for (let i = width / 8 - 1; i >= 0; i--) {
+        b[block + (index * width) / 8 + i] = Number(v & 0xffn);
+        v >>= 8n;
+      }
+    },
+
+    bitmapOr: (dst, src, n) => combine(dst, src, n, (a, b) => a | b),
+    bitmapAnd: (dst, src, n) => combine(dst, src, n, (a, b) => a & b),
+    bitmapAndNot: (dst, src, n) => combine(dst, src, n, (a, b) => a & ~b & 0xff),
+    popcount(ptr, n) {
+      const b = bytes();
+      let total = 0;
+      for (let i = 0; i < n * 8; i++) if (getBit(b, ptr, i)) total++;
+      return total;
+    },
+    setBits: (ptr, start, n) => fill(ptr, start, n, true),
+    clearBits: (ptr, start, n) => fill(ptr, start, n, false),
+    extents(ptr, startBit, endBit, out, maxOut) {
+      const b = bytes();
+      const dv = view();
+      let n = 0;
+      let bit = startBit;
+      nextBit = endBit;
+      while (bit < endBit) {
+        if (!getBit(b, ptr, bit)) {
+          bit++;
+          continue;
+        }
+        if (n === maxOut) {
+          nextBit = bit;
+          break;
+        }
+        let stop = bit;
+        while (stop < endBit && getBit(b, ptr, stop)) stop++;
+        dv.setFloat64(out + n * 16, bit, true);
+        dv.setFloat64(out + n * 16 + 8, stop - bit, true);
+        n++;
+        bit = stop;
+      }
+      return n;
+    },
+    extentsNext: () => nextBit,
+
+    isZero: (ptr, n) => firstDifferent(ptr, null, n) < 0,
+    firstNonZero: (ptr, n) => firstDifferent(ptr, null, n),
+    firstDifference: (a, b, n) => firstDifferent(a, b, n),
+    zeroBlocks(ptr, nBytes, blockBits, outBitmap) {
+      const size = 2 ** blockBits;
+      const b = bytes();
+      for (let i = 0; i < Math.floor(nBytes / size); i++) {
+        putBit(b, outBitmap, i, firstDifferent(ptr + i * size, null, size) < 0);
+      }
+    },
+  };
+}

@@ -1,0 +1,241 @@
+/**
+ * Loads build/kernels.wasm (synchronously, once per process) and wraps it as `Kernels`, with a
+ * JS-side heap over the wasm memory.
+ *
+ * Memory growth detaches every ArrayBuffer view of `memory.buffer`: after any `alloc`,
+ * `allocZeroed` or `reserve`, re-create views with `u8()` (or `new DataView(memory.buffer)`).
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Kernels } from './api.js';
+
+const ALIGN = 16;
+const PAGE = 65536;
+const MAX_PAGES = 65536; // wasm32: 4 GiB
+const MIN_GROW_PAGES = 256; // 16 MiB
+const MAX_DOUBLING_PAGES = 4096; // past 256 MiB, grow by 256 MiB steps instead of doubling
+
+/**
+ * First-fit free-list allocator with coalescing over `memory` from `base` upward. Bookkeeping
+ * lives in JS, so a buffer overrun in wasm cannot corrupt the heap structure.
+ */
+export class WasmHeap {
+  // Free blocks sorted by address (parallel arrays); allocated blocks by pointer.
+  private readonly starts: number[] = [];
+  private readonly sizes: number[] = [];
+  private readonly used = new Map<number, number>();
+
+  constructor(
+    readonly memory: WebAssembly.Memory,
+    base: number,
+  ) {
+    const start = roundUp(base, ALIGN);
+    const end = memory.buffer.byteLength;
+    if (end > start) this.insertFree(start, end - start);
+  }
+
+  alloc(size: number): number {
+    const need = blockSize(size);
+    let i = this.firstFit(need);
+    if (i < 0) {
+      this.grow(need);
+      i = this.firstFit(need);
+    }
+    const ptr = this.starts[i]!;
+    if (this.sizes[i] === need) {
+      this.starts.splice(i, 1);
+      this.sizes.splice(i, 1);
+    } else {
+      this.starts[i] = ptr + need;
+      this.sizes[i]! -= need;
+    }
+    this.used.set(ptr, need);
+    return ptr;
+  }
+
+  free(ptr: number): void {
+    const size = this.used.get(ptr);
+    if (size === undefined) throw new Error(`kernels heap: free of unknown pointer ${ptr}`);
+    this.used.delete(ptr);
+    this.insertFree(ptr, size);
+  }
+
+  /** Makes the top free block at least `bytes` long, so allocations totalling that much (after 16-byte rounding) never grow memory. */
+  reserve(bytes: number): void {
+    const need = blockSize(bytes);
+    if (this.topFree() < need) this.grow(need);
+  }
+
+  /** Bytes currently allocated (after rounding). */
+  usedBytes(): number {
+    let total = 0;
+    for (const size of this.used.values()) total += size;
+    return total;
+  }
+
+  /** Free blocks as [start, size] pairs, by address (for tests and diagnostics). */
+  freeBlocks(): Array<[number, number]> {
+    return this.starts.map((s, i): [number, number] => [s, this.sizes[i]!]);
+  }
+
+  private firstFit(need: number): number {
+    for (let i = 0; i < this.sizes.length; i++) if (this.sizes[i]! >= need) return i;
+    return -1;
+  }
+
+  /** Size of the free block touching the end of memory (0 if the last byte is allocated). */
+  private topFree(): number {
+    const last = this.starts.length - 1;
+    if (last < 0 || this.starts[last]! + this.sizes[last]! !== this.memory.buffer.byteLength) return 0;
+    return this.sizes[last]!;
+  }
+
+  private grow(need: number): void {
+    const end = this.memory.buffer.byteLength;
+    const pages = end / PAGE;
+    const minPages = Math.ceil((need - this.topFree()) / PAGE);
+    const step = Math.max(minPages, MIN_GROW_PAGES, Math.min(pages, MAX_DOUBLING_PAGES));
+    const fits = minPages <= MAX_PAGES - pages;
+    if (!fits || !(this.tryGrow(Math.min(step, MAX_PAGES - pages)) || this.tryGrow(minPages))) {
+      throw new RangeError(`kernels heap: cannot grow wasm memory for ${need} bytes`);
+    }
+    this.insertFree(end, this.memory.buffer.byteLength - end);
+  }
+
+  private tryGrow(pages: number): boolean {
+    try {
+      this.memory.grow(pages);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Inserts a free block, merging it with adjacent free neighbours. */
+  private insertFree(start: number, size: number): void {
+    const { starts, sizes } = this;
+    let lo = 0;
+    let hi = starts.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (starts[mid]! < start) lo = mid + 1;
+      else hi = mid;
+    }
+    const mergesPrev = lo > 0 && starts[lo - 1]! + sizes[lo - 1]! === start;
+    const mergesNext = lo < starts.length && start + size === starts[lo]!;
+    if (mergesPrev && mergesNext) {
+      sizes[lo - 1]! += size + sizes[lo]!;
+      starts.splice(lo, 1);
+      sizes.splice(lo, 1);
+    } else if (mergesPrev) {
+      sizes[lo - 1]! += size;
+    } else if (mergesNext) {
+      starts[lo] = start;
+      sizes[lo]! += size;
+    } else {
+      starts.splice(lo, 0, start);
+      sizes.splice(lo, 0, size);
+    }
+  }
+}
+
+function roundUp(n: number, align: number): number {
+  return Math.ceil(n / align) * align;
+}
+
+function blockSize(size: number): number {
+  if (!Number.isSafeInteger(size) || size < 0) throw new RangeError(`kernels heap: bad size ${size}`);
+  return roundUp(Math.max(size, 1), ALIGN);
+}
+
+/** Raw exports of assembly/index.ts (bool params are i32; u32 results come back signed). */
+interface RawExports {
+  memory: WebAssembly.Memory;
+  heapBase(): number;
+  l2Scan(table: number, firstEntry: number, entryCount: number, extended: number, clusterBits: number, out: number, maxRuns: number): number;
+  scanConsumed(): number;
+  l2AccountRefs(table: number, entryCount: number, extended: number, clusterBits: number, refs: number, nClusters: number, stats: number): void;
+  refsAddRange(refs: number, nClusters: number, firstCluster: number, count: number): number;
+  refcountCompare(refs: number, firstCluster: number, count: number, block: number, refcountOrder: number, out: number, maxOut: number): number;
+  refcountGet(block: number, index: number, refcountOrder: number): number;
+  refcountSet(block: number, index: number, refcountOrder: number, value: number): void;
+  bitmapOr(dst: number, src: number, nBytes: number): void;
+  bitmapAnd(dst: number, src: number, nBytes: number): void;
+  bitmapAndNot(dst: number, src: number, nBytes: number): void;
+  popcount(ptr: number, nBytes: number): number;
+  setBits(ptr: number, startBit: number, nBits: number): void;
+  clearBits(ptr: number, startBit: number, nBits: number): void;
+  extents(ptr: number, startBit: number, endBit: number, out: number, maxOut: number): number;
+  extentsNext(): number;
+  isZero(ptr: number, nBytes: number): number;
+  firstNonZero(ptr: number, nBytes: number): number;
+  firstDifference(a: number, b: number, nBytes: number): number;
+  zeroBlocks(ptr: number, nBytes: number, blockBits: number, outBitmap: number): void;
+}
+
+/** build/kernels.wasm of the package this file belongs to (works from src/ and dist/). */
+export function wasmPath(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'package.json'))) {
+    const parent = dirname(dir);
+    if (parent === dir) throw new Error('kernels: package.json not found above ' + fileURLToPath(import.meta.url));
+    dir = parent;
+  }
+  return join(dir, 'build', 'kernels.wasm');
+}
+
+/** The part of the WebAssembly JS API used here (the project's `lib` has no DOM types). */
+interface WasmApi {
+  Module: new (bytes: Uint8Array) => object;
+  Instance: new (module: object, imports: object) => { readonly exports: unknown };
+}
+
+const wasmApi = (globalThis as unknown as { WebAssembly: WasmApi }).WebAssembly;
+let compiled: object | undefined;
+
+/** A fresh kernels instance with its own memory and heap (the module is compiled once). */
+export function createWasmKernels(): Kernels {
+  compiled ??= new wasmApi.Module(readFileSync(wasmPath()));
+  const x = new wasmApi.Instance(compiled, {}).exports as RawExports;
+  const heap = new WasmHeap(x.memory, x.heapBase());
+  const memory = x.memory;
+  return {
+    memory,
+    alloc: (size) => heap.alloc(size),
+    allocZeroed: (size) => {
+      const ptr = heap.alloc(size);
+      new Uint8Array(memory.buffer, ptr, size).fill(0);
+      return ptr;
+    },
+    free: (ptr) => heap.free(ptr),
+    reserve: (bytes) => heap.reserve(bytes),
+    u8: (ptr, length) => new Uint8Array(memory.buffer, ptr, length),
+
+    l2Scan: (table, firstEntry, entryCount, extended, clusterBits, out, maxRuns) =>
+      x.l2Scan(table, firstEntry, entryCount, extended ? 1 : 0, clusterBits, out, maxRuns) >>> 0,
+    scanConsumed: () => x.scanConsumed() >>> 0,
+    l2AccountRefs: (table, entryCount, extended, clusterBits, refs, nClusters, stats) =>
+      x.l2AccountRefs(table, entryCount, extended ? 1 : 0, clusterBits, refs, nClusters, stats),
+
+    refsAddRange: x.refsAddRange,
+    refcountCompare: (refs, firstCluster, count, block, refcountOrder, out, maxOut) =>
+      x.refcountCompare(refs, firstCluster, count, block, refcountOrder, out, maxOut) >>> 0,
+    refcountGet: x.refcountGet,
+    refcountSet: x.refcountSet,
+
+    bitmapOr: x.bitmapOr,
+    bitmapAnd: x.bitmapAnd,
+    bitmapAndNot: x.bitmapAndNot,
+    popcount: x.popcount,
+    setBits: x.setBits,
+    clearBits: x.clearBits,
+    extents: (ptr, startBit, endBit, out, maxOut) => x.extents(ptr, startBit, endBit, out, maxOut) >>> 0,
+    extentsNext: x.extentsNext,
+
+    isZero: (ptr, nBytes) => x.isZero(ptr, nBytes) !== 0,
+    firstNonZero: x.firstNonZero,
+    firstDifference: x.firstDifference,
+    zeroBlocks: x.zeroBlocks,
+  };
+}

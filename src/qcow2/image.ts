@@ -1,0 +1,234 @@
+/**
+ * Qcow2Image: opens and validates a qcow2 file, keeps its metadata (header, L1, snapshot table,
+ * bitmap directory) and maps guest ranges to host ranges through L2 tables scanned in wasm.
+ */
+import { QcowError } from '../errors.js';
+import { openImageFile, type ImageFile } from '../io/file.js';
+import { dataView } from '../format/bytes.js';
+import { decodeHeader, hasDataFile, isExtendedL2, type Qcow2Header } from '../format/header.js';
+import { decodeL1Table, type DecodedTable } from '../format/tables.js';
+import { decodeSnapshotTable, MAX_SNAPSHOT_TABLE_BYTES, type SnapshotEntry } from '../format/snapshot.js';
+import { decodeBitmapDirectory, type BitmapDirectoryEntry } from '../format/bitmap.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS } from '../format/constants.js';
+import { pushExtent, type BlockLayer, type LayerExtent } from '../chain/layer.js';
+import { L2Tables } from './l2.js';
+import { RefcountReader } from './refcounts.js';
+import { decompressCluster, loadZstd } from './compressed.js';
+
+export interface OpenQcow2Options {
+  writable?: boolean;
+  /** Open images qcowkit can't read data from (encryption, external data file) for `info`. */
+  metadataOnly?: boolean;
+  /** An already opened file (tests inject faulty ones). */
+  file?: ImageFile;
+}
+
+export class Qcow2Image implements BlockLayer {
+  readonly format = 'qcow2' as const;
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly extendedL2: boolean;
+  /** Guest bytes one L2 table maps. */
+  readonly l2Span: number;
+  readonly l2Entries: number;
+  readonly #l2: L2Tables;
+  #refcounts: RefcountReader | undefined;
+  #metadataPrealloc: boolean | undefined;
+
+  private constructor(
+    readonly path: string,
+    readonly file: ImageFile,
+    readonly header: Qcow2Header,
+    readonly fileSize: number,
+    readonly l1: DecodedTable,
+    readonly snapshots: SnapshotEntry[],
+    readonly snapshotTableBytes: number,
+    readonly bitmaps: BitmapDirectoryEntry[],
+  ) {
+    this.clusterBits = header.clusterBits;
+    this.clusterSize = 2 ** header.clusterBits;
+    this.extendedL2 = isExtendedL2(header);
+    this.l2Entries = this.clusterSize / (this.extendedL2 ? 16 : 8);
+    this.l2Span = this.l2Entries * this.clusterSize;
+    this.#l2 = new L2Tables(file, this.clusterSize);
+  }
+
+  static async open(path: string, opts: OpenQcow2Options = {}): Promise<Qcow2Image> {
+    const file = opts.file ?? (await openImageFile(path, { writable: opts.writable ?? false }));
+    try {
+      return await Qcow2Image.#load(path, file, opts);
+    } catch (e) {
+      if (!opts.file) await file.close();
+      throw e;
+    }
+  }
+
+  static async #load(path: string, file: ImageFile, opts: OpenQcow2Options): Promise<Qcow2Image> {
+    const fileSize = await file.size();
+    let head = new Uint8Array(Math.min(fileSize, 4096));
+    await file.readAt(head, 0);
+    if (head.length >= 24) {
+      const bits = dataView(head).getUint32(20);
+      if (bits > 12 && bits <= 21 && fileSize > head.length) {
+        head = new Uint8Array(Math.min(fileSize, 2 ** bits));
+        await file.readAt(head, 0);
+      }
+    }
+    const header = decodeHeader(head, fileSize, path);
+    if (!opts.metadataOnly) assertReadable(header, path);
+    if (opts.writable && header.incompatibleFeatures & INCOMPAT_CORRUPT)
+      throw new QcowError('CORRUPT', 'Image is corrupt; cannot be opened read/write (run check -r all first)', path);
+    const cs = 2 ** header.clusterBits;
+
+    const l1Bytes = new Uint8Array(header.l1Size * 8);
+    await file.readAt(l1Bytes, header.l1TableOffset);
+    const l1 = decodeL1Table(l1Bytes, header.l1Size, cs);
+
+    const { entries: snapshots, bytes: snapshotTableBytes } = await readSnapshots(file, header, fileSize, path);
+    let bitmaps: BitmapDirectoryEntry[] = [];
+    if (header.bitmaps) {
+      const dir = new Uint8Array(header.bitmaps.directorySize);
+      await file.readAt(dir, header.bitmaps.directoryOffset);
+      bitmaps = decodeBitmapDirectory(dir, header.bitmaps, cs, header.size, path);
+    }
+    if (header.compressionType === 1) await loadZstd();
+    return new Qcow2Image(path, file, header, fileSize, l1, snapshots, snapshotTableBytes, bitmaps);
+  }
+
+  /** QEMU counts whole 512-byte sectors of the header's size. */
+  get virtualSize(): number {
+    return Math.floor(this.header.size / 512) * 512;
+  }
+  get backingName(): string | undefined {
+    return this.header.backingFile;
+  }
+  get backingFormat(): string | undefined {
+    return this.header.backingFormat;
+  }
+  get dirty(): boolean {
+    return (this.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
+  }
+  get corrupt(): boolean {
+    return (this.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n;
+  }
+  get lazyRefcounts(): boolean {
+    return (this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+  }
+  get l2Tables(): L2Tables {
+    return this.#l2;
+  }
+
+  async refcounts(): Promise<RefcountReader> {
+    this.#refcounts ??= await RefcountReader.load(this.file, this.header);
+    return this.#refcounts;
+  }
+
+  /** Host offset of the L2 table for L1 index i (0 = none); throws on an invalid L1 entry. */
+  l2Offset(l1Index: number): number {
+    if (l1Index >= this.l1.offsets.length) return 0;
+    const off = this.l1.offsets[l1Index]!;
+    if (off === 0 && this.l1.invalid.includes(l1Index))
+      throw new QcowError('CORRUPT', `L1 entry ${l1Index} is invalid (reserved bits set or unaligned offset)`, this.path);
+    if (off !== 0 && off + this.clusterSize > this.fileSize)
+      throw new QcowError('CORRUPT', `L2 table at offset ${off} (L1 index ${l1Index}) lies past the end of the file`, this.path);
+    return off;
+  }
+
+  /**
+   * QEMU only asks the host file for holes inside data clusters when the image looks
+   * metadata-preallocated: many more clusters in use by refcount than the filesystem allocated.
+   */
+  async metadataPreallocated(): Promise<boolean> {
+    if (this.#metadataPrealloc === undefined) {
+      const realClusters = Math.floor((await this.file.allocatedBytes()) / this.clusterSize);
+      const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+      const endCluster = Math.ceil(this.fileSize / this.clusterSize);
+      const rc = await this.refcounts();
+      this.#metadataPrealloc = (await rc.countInUse(endCluster, threshold)) >= threshold;
+    }
+    return this.#metadataPrealloc;
+  }
+
+  async status(start: number, length: number, opts: { probeHost?: boolean } = {}): Promise<LayerExtent[]> {
+    const end = Math.min(start + length, this.virtualSize);
+    const out: LayerExtent[] = [];
+    if (start >= end) return out;
+    const probe = opts.probeHost === true && (await this.metadataPreallocated());
+    await this.#l2.scan(this, start, end, (e) => {
+      if (probe && e.data && !e.compressed && e.offset !== undefined) this.#splitByHostHoles(e, out);
+      else pushExtent(out, e);
+    });
+    return out;
+  }
+
+  #splitByHostHoles(e: LayerExtent, out: LayerExtent[]): void {
+    const host = e.offset!;
+    const hostEnd = host + e.length;
+    const ext = this.file.dataExtents(host, Math.min(hostEnd, this.fileSize));
+    if (!ext) return pushExtent(out, e);
+    let pos = host;
+    const piece = (from: number, to: number, zero: boolean) => {
+      if (to > from) pushExtent(out, { ...e, start: e.start + (from - host), length: to - from, offset: from, zero });
+    };
+    for (let i = 0; i < ext.length; i += 2) {
+      piece(pos, ext[i]!, true);
+      piece(ext[i]!, ext[i + 1]!, false);
+      pos = ext[i + 1]!;
+    }
+    piece(pos, hostEnd, true);
+  }
+
+  async readExtent(extent: LayerExtent, offsetInExtent: number, dst: Uint8Array): Promise<void> {
+    if (extent.zero || !extent.data) {
+      dst.fill(0);
+      return;
+    }
+    if (extent.compressed) {
+      const cluster = await this.#readCompressed(extent);
+      dst.set(cluster.subarray(offsetInExtent, offsetInExtent + dst.length));
+      return;
+    }
+    await this.file.readAt(dst, extent.offset! + offsetInExtent);
+  }
+
+  #lastCompressed: { offset: number; data: Uint8Array } | undefined;
+
+  async #readCompressed(extent: LayerExtent): Promise<Uint8Array> {
+    const { offset, length } = extent.compressed!;
+    if (this.#lastCompressed?.offset === offset) return this.#lastCompressed.data;
+    if (offset + length > this.fileSize + 512)
+      throw new QcowError('CORRUPT', `Compressed cluster at guest offset ${extent.start} lies past the end of the file`, this.path);
+    const src = new Uint8Array(length);
+    await this.file.readAt(src, offset);
+    const data = new Uint8Array(this.clusterSize);
+    decompressCluster(src, data, this.header.compressionType, this.path, extent.start);
+    this.#lastCompressed = { offset, data };
+    return data;
+  }
+
+  async close(): Promise<void> {
+    this.#l2.clear();
+    await this.file.close();
+  }
+}
+
+function assertReadable(h: Qcow2Header, path: string): void {
+  if (h.cryptMethod !== 0)
+    throw new QcowError('UNSUPPORTED', `encrypted images are not supported (encryption method ${h.cryptMethod === 1 ? 'aes' : 'luks'})`, path);
+  if (hasDataFile(h)) throw new QcowError('UNSUPPORTED', `images with an external data file are not supported (data file '${h.dataFile ?? '?'}')`, path);
+}
+
+async function readSnapshots(file: ImageFile, h: Qcow2Header, fileSize: number, path: string): Promise<{ entries: SnapshotEntry[]; bytes: number }> {
+  if (h.nbSnapshots === 0) return { entries: [], bytes: 0 };
+  const available = Math.min(fileSize - h.snapshotsOffset, MAX_SNAPSHOT_TABLE_BYTES);
+  // Entries are variable-sized: read a guess, grow until the whole table decodes.
+  for (let want = Math.min(available, Math.max(65536, h.nbSnapshots * 128)); ; want = Math.min(available, want * 4)) {
+    const buf = new Uint8Array(want);
+    await file.readAt(buf, h.snapshotsOffset);
+    try {
+      return decodeSnapshotTable(buf, h.nbSnapshots, 2 ** h.clusterBits, h.version, path);
+    } catch (e) {
+      if (want >= available) throw e;
+    }
+  }
+}

@@ -1,0 +1,189 @@
+/**
+ * L2 tables: batched, coalesced reads straight into wasm memory, scanned by the l2Scan kernel
+ * into guest extents. Big scans stream through a bounded window; single-table lookups (random
+ * reads) go through a small LRU cache.
+ */
+import { QcowError } from '../errors.js';
+import type { ImageFile } from '../io/file.js';
+import { inParallel } from '../io/file.js';
+import { kernels, L2_RUN_BYTES, RunKind, InvalidReason } from '../kernels/index.js';
+import type { LayerExtent } from '../chain/layer.js';
+
+const WINDOW_BYTES = 16 * 1024 * 1024;
+const MAX_READ_BYTES = 8 * 1024 * 1024;
+const CACHE_TABLES = 64;
+const MAX_RUNS = 4096;
+const READS_IN_FLIGHT = 4;
+
+/** What a scan needs to know about the image. */
+export interface L2Geometry {
+  readonly path: string;
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly extendedL2: boolean;
+  readonly l2Span: number;
+  readonly l2Entries: number;
+  l2Offset(l1Index: number): number;
+}
+
+const REASONS: Record<number, string> = {
+  [InvalidReason.ReservedBits]: 'reserved bits are set',
+  [InvalidReason.Unaligned]: 'host offset is not cluster aligned',
+  [InvalidReason.OffsetTooLarge]: 'host offset is too large',
+  [InvalidReason.SubclusterAllocAndZero]: 'a subcluster is both allocated and zero',
+  [InvalidReason.SubclusterNoHost]: 'subclusters are allocated but the host offset is 0',
+  [InvalidReason.CompressedBitmap]: 'compressed cluster with a non-zero subcluster bitmap',
+};
+
+export class L2Tables {
+  readonly #cache = new Map<number, number>();
+  #runs = 0;
+
+  constructor(
+    private readonly file: ImageFile,
+    private readonly clusterSize: number,
+  ) {}
+
+  /**
+   * Reads the tables at `offsets` (0 = none) into wasm memory, coalescing tables adjacent on disk;
+   * returns their pointers (0 for none). Uncached: the caller releases them after use.
+   */
+  async load(offsets: number[]): Promise<{ ptrs: number[]; release: () => void }> {
+    const k = kernels();
+    const cs = this.clusterSize;
+    const ptrs = offsets.map(() => 0);
+    const owned: number[] = [];
+    const groups: { first: number; count: number; ptr: number }[] = [];
+    for (let i = 0; i < offsets.length; i++) {
+      const off = offsets[i]!;
+      if (!off) continue;
+      const g = groups[groups.length - 1];
+      if (g && offsets[g.first + g.count - 1]! + cs === off && g.first + g.count === i && (g.count + 1) * cs <= MAX_READ_BYTES) g.count++;
+      else groups.push({ first: i, count: 1, ptr: 0 });
+    }
+    let total = 0;
+    for (const g of groups) total += g.count * cs;
+    k.reserve(total);
+    for (const g of groups) {
+      g.ptr = k.alloc(g.count * cs);
+      owned.push(g.ptr);
+      for (let j = 0; j < g.count; j++) ptrs[g.first + j] = g.ptr + j * cs;
+    }
+    try {
+      await inParallel(groups, READS_IN_FLIGHT, async (g) => {
+        await this.file.readAt(k.u8(g.ptr, g.count * cs), offsets[g.first]!);
+      });
+    } catch (e) {
+      for (const p of owned) k.free(p);
+      throw e;
+    }
+    return { ptrs, release: () => owned.forEach((p) => k.free(p)) };
+  }
+
+  /** Pointer to one table, cached (for random access). */
+  async table(offset: number): Promise<number> {
+    const hit = this.#cache.get(offset);
+    if (hit !== undefined) {
+      this.#cache.delete(offset);
+      this.#cache.set(offset, hit);
+      return hit;
+    }
+    const k = kernels();
+    const ptr = k.alloc(this.clusterSize);
+    try {
+      await this.file.readAt(k.u8(ptr, this.clusterSize), offset);
+    } catch (e) {
+      k.free(ptr);
+      throw e;
+    }
+    this.#cache.set(offset, ptr);
+    if (this.#cache.size > CACHE_TABLES) {
+      const [oldOff, oldPtr] = this.#cache.entries().next().value as [number, number];
+      this.#cache.delete(oldOff);
+      k.free(oldPtr);
+    }
+    return ptr;
+  }
+
+  /** Emits the extents of guest range [start, end) in order (not merged). */
+  async scan(g: L2Geometry, start: number, end: number, emit: (e: LayerExtent) => void): Promise<void> {
+    const firstL1 = Math.floor(start / g.l2Span);
+    const lastL1 = Math.floor((end - 1) / g.l2Span);
+    const perWindow = Math.max(1, Math.floor(WINDOW_BYTES / g.clusterSize));
+    for (let w = firstL1; w <= lastL1; w += perWindow) {
+      const n = Math.min(perWindow, lastL1 + 1 - w);
+      const offsets = Array.from({ length: n }, (_, i) => g.l2Offset(w + i));
+      let ptrs: number[];
+      let release = (): void => {};
+      if (n === 1 && offsets[0]) ptrs = [await this.table(offsets[0])];
+      else ({ ptrs, release } = await this.load(offsets));
+      try {
+        for (let i = 0; i < n; i++) {
+          const tableStart = (w + i) * g.l2Span;
+          const s = Math.max(start, tableStart);
+          const e = Math.min(end, tableStart + g.l2Span);
+          if (!ptrs[i]) emit({ start: s, length: e - s, allocated: false, data: false, zero: false, offset: undefined });
+          else this.#scanTable(g, ptrs[i]!, tableStart, s, e, emit);
+        }
+      } finally {
+        release();
+      }
+    }
+  }
+
+  #scanTable(g: L2Geometry, ptr: number, tableStart: number, s: number, e: number, emit: (e: LayerExtent) => void): void {
+    const k = kernels();
+    if (!this.#runs) this.#runs = k.alloc(MAX_RUNS * L2_RUN_BYTES);
+    const unit = g.extendedL2 ? g.clusterSize / 32 : g.clusterSize;
+    let first = Math.floor((s - tableStart) / g.clusterSize);
+    let count = Math.ceil((e - tableStart) / g.clusterSize) - first;
+    while (count > 0) {
+      const n = k.l2Scan(ptr, first, count, g.extendedL2, g.clusterBits, this.#runs, MAX_RUNS);
+      const consumed = k.scanConsumed();
+      const u32 = new Uint32Array(k.memory.buffer, this.#runs, n * 8);
+      const f64 = new Float64Array(k.memory.buffer, this.#runs, n * 4);
+      for (let r = 0; r < n; r++) {
+        const kind = u32[r * 8 + 2]!;
+        let gs = tableStart + u32[r * 8]! * unit;
+        let len = u32[r * 8 + 1]! * unit;
+        let host = f64[r * 4 + 2]!;
+        if (kind === RunKind.Invalid) {
+          throw new QcowError('CORRUPT', `Invalid L2 entry for guest offset ${gs}: ${REASONS[u32[r * 8 + 3]!] ?? 'bad entry'}`, g.path);
+        }
+        const cut = Math.max(0, s - gs);
+        gs += cut;
+        len = Math.min(len - cut, e - gs);
+        if (len <= 0) continue;
+        if (host) host += cut;
+        switch (kind) {
+          case RunKind.Unallocated:
+            emit({ start: gs, length: len, allocated: false, data: false, zero: false, offset: host || undefined });
+            break;
+          case RunKind.Data:
+            emit({ start: gs, length: len, allocated: true, data: true, zero: false, offset: host });
+            break;
+          case RunKind.ZeroPlain:
+            emit({ start: gs, length: len, allocated: true, data: false, zero: true, offset: undefined });
+            break;
+          case RunKind.ZeroAlloc:
+            emit({ start: gs, length: len, allocated: true, data: false, zero: true, offset: host });
+            break;
+          case RunKind.Compressed:
+            emit({ start: gs, length: len, allocated: true, data: true, zero: false, offset: undefined, compressed: { offset: f64[r * 4 + 2]!, length: f64[r * 4 + 3]! } });
+            break;
+        }
+      }
+      first += consumed;
+      count -= consumed;
+      if (consumed === 0) throw new QcowError('CORRUPT', 'internal error: L2 scan made no progress', g.path);
+    }
+  }
+
+  clear(): void {
+    const k = kernels();
+    for (const p of this.#cache.values()) k.free(p);
+    this.#cache.clear();
+    if (this.#runs) k.free(this.#runs);
+    this.#runs = 0;
+  }
+}
