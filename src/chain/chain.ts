@@ -23,6 +23,8 @@ export interface OpenChainOptions {
   /** Allow images whose data qcowkit can't read (encryption, data file): metadata only. */
   metadataOnly?: boolean;
   maxDepth?: number;
+  /** -U: open even when another process (QEMU) holds a write lock. */
+  forceShare?: boolean | undefined;
   onWarning?: (message: string) => void;
   signal?: AbortSignal | undefined;
 }
@@ -59,7 +61,7 @@ export function resolveBackingPath(imagePath: string, name: string): string {
 }
 
 export async function probeFormat(path: string): Promise<LayerFormat> {
-  const f = await openImageFile(path);
+  const f = await openImageFile(path, { lock: 'none' });
   try {
     const b = new Uint8Array(4);
     await f.readAt(b, 0);
@@ -69,9 +71,10 @@ export async function probeFormat(path: string): Promise<LayerFormat> {
   }
 }
 
-export async function openLayer(path: string, format: LayerFormat, opts: { metadataOnly?: boolean | undefined } = {}): Promise<BlockLayer> {
-  if (format === 'raw') return RawLayer.open(path);
-  return Qcow2Image.open(path, { metadataOnly: opts.metadataOnly ?? false });
+export async function openLayer(path: string, format: LayerFormat, opts: { metadataOnly?: boolean | undefined; forceShare?: boolean | undefined } = {}): Promise<BlockLayer> {
+  const forceShare = opts.forceShare === true;
+  if (format === 'raw') return RawLayer.open(path, { forceShare });
+  return Qcow2Image.open(path, { metadataOnly: opts.metadataOnly ?? false, forceShare });
 }
 
 export class BackingChain {

@@ -13,8 +13,8 @@ export class RawLayer implements BlockLayer {
     readonly virtualSize: number,
   ) {}
 
-  static async open(path: string, opts: { writable?: boolean; file?: ImageFile } = {}): Promise<RawLayer> {
-    const file = opts.file ?? (await openImageFile(path, { writable: opts.writable ?? false }));
+  static async open(path: string, opts: { writable?: boolean; file?: ImageFile; forceShare?: boolean } = {}): Promise<RawLayer> {
+    const file = opts.file ?? (await openImageFile(path, { writable: opts.writable ?? false, ...(opts.forceShare ? { lock: 'read-shared' as const } : {}) }));
     // QEMU sees a raw file as whole 512-byte sectors: the partial last one reads as zeros.
     return new RawLayer(path, file, Math.ceil((await file.size()) / 512) * 512);
   }

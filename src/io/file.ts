@@ -6,6 +6,7 @@
 import { open, type FileHandle } from 'node:fs/promises';
 import { fromSystemError, QcowError } from '../errors.js';
 import { dataExtentsNative } from './native.js';
+import { lockImage, type LockMode } from './lock.js';
 
 export interface ImageFile {
   readonly path: string;
@@ -32,6 +33,8 @@ export interface ImageFile {
 
 export interface OpenFileOptions {
   writable?: boolean;
+  /** QEMU-compatible locking; default 'write' for writable files, else 'read'. */
+  lock?: LockMode;
 }
 
 class NodeImageFile implements ImageFile {
@@ -137,6 +140,7 @@ export async function openImageFile(path: string, opts: OpenFileOptions = {}): P
   try {
     const st = await handle.stat();
     if (st.isDirectory()) throw new QcowError('NOT_QCOW2', 'Could not open: Is a directory', path);
+    if (st.isFile()) await lockImage(handle.fd, st.dev, st.ino, opts.lock ?? (writable ? 'write' : 'read'), path);
   } catch (e) {
     await handle.close();
     throw fromSystemError(e, path, 'Could not open');

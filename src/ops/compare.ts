@@ -27,10 +27,10 @@ const CHUNK = 4 * 1024 * 1024;
 const SECTOR = 512;
 
 export async function compare(path1: string, path2: string, opts: CompareOptions = {}): Promise<CompareResult> {
-  const a = await BackingChain.open(path1, { format: opts.format1, onWarning: opts.onWarning, signal: opts.signal });
+  const a = await BackingChain.open(path1, { format: opts.format1, forceShare: opts.forceShare, onWarning: opts.onWarning, signal: opts.signal });
   let b: BackingChain;
   try {
-    b = await BackingChain.open(path2, { format: opts.format2, onWarning: opts.onWarning, signal: opts.signal });
+    b = await BackingChain.open(path2, { format: opts.format2, forceShare: opts.forceShare, onWarning: opts.onWarning, signal: opts.signal });
   } catch (e) {
     await a.close();
     throw e;

@@ -62,6 +62,7 @@ export async function info(path: string, opts: InfoOptions = {}): Promise<ImageI
     format: opts.format,
     openBacking: opts.backingChain === true,
     metadataOnly: true,
+    forceShare: opts.forceShare,
     onWarning: opts.onWarning,
     signal: opts.signal,
   };

@@ -12,7 +12,7 @@ export interface MapOptions extends OperationOptions {
 
 /** Streams map entries to `emit`; returns the virtual size. */
 export async function mapImage(path: string, emit: (e: MapEntry) => void, opts: MapOptions = {}): Promise<{ virtualSize: number }> {
-  const chain = await BackingChain.open(path, { format: opts.format, onWarning: opts.onWarning, signal: opts.signal });
+  const chain = await BackingChain.open(path, { format: opts.format, forceShare: opts.forceShare, onWarning: opts.onWarning, signal: opts.signal });
   try {
     const start = opts.start ?? 0;
     const length = opts.length ?? chain.virtualSize - start;

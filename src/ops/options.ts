@@ -5,4 +5,6 @@ export interface OperationOptions {
   onProgress?: ((done: number, total: number) => void) | undefined;
   /** Non-fatal notices (e.g. a probed backing format). */
   onWarning?: ((message: string) => void) | undefined;
+  /** Open images even when another process holds a write lock (qemu-img -U; read-only use). */
+  forceShare?: boolean | undefined;
 }

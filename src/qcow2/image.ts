@@ -21,6 +21,8 @@ export interface OpenQcow2Options {
   metadataOnly?: boolean;
   /** An already opened file (tests inject faulty ones). */
   file?: ImageFile;
+  /** Read even when another process holds a write lock (-U). */
+  forceShare?: boolean;
 }
 
 export class Qcow2Image implements BlockLayer {
@@ -54,7 +56,7 @@ export class Qcow2Image implements BlockLayer {
   }
 
   static async open(path: string, opts: OpenQcow2Options = {}): Promise<Qcow2Image> {
-    const file = opts.file ?? (await openImageFile(path, { writable: opts.writable ?? false }));
+    const file = opts.file ?? (await openImageFile(path, { writable: opts.writable ?? false, ...(opts.forceShare ? { lock: 'read-shared' as const } : {}) }));
     try {
       return await Qcow2Image.#load(path, file, opts);
     } catch (e) {

@@ -47,6 +47,14 @@ function putBytes(bytes: Uint8Array, offset = 0): number {
   return ptr;
 }
 
+/** Byte-wise equality of two wasm ranges (toEqual on MiB-sized arrays is very slow). */
+function expectSameBytes(a: number, b: number, n: number): void {
+  const x = k.u8(a, n);
+  const y = k.u8(b, n);
+  const diff = Buffer.compare(x, y) === 0 ? -1 : x.findIndex((v, i) => v !== y[i]);
+  expect(diff, 'first differing byte').toBe(-1);
+}
+
 function randomBytes(r: ReturnType<typeof prng>, n: number, density = 0.5): Uint8Array {
   const b = new Uint8Array(n);
   for (let i = 0; i < n; i++) b[i] = r.chance(density) ? r.int(256) : 0;
@@ -390,7 +398,7 @@ describe('refcount blocks', () => {
         const probe = r.int(entries);
         expect(k.refcountGet(a, probe, order)).toBe(ref.refcountGet(b, probe, order));
       }
-      expect(k.u8(a, size)).toEqual(k.u8(b, size));
+      expectSameBytes(a, b, size);
     }
   });
 
@@ -440,7 +448,7 @@ describe('refcount blocks', () => {
       const first = r.chance(0.05) ? 2 ** 40 : r.int(n + 20);
       const count = r.chance(0.05) ? 2 ** 45 : r.int(n + 20);
       expect(k.refsAddRange(a, n, first, count)).toBe(ref.refsAddRange(b, n, first, count));
-      expect(k.u8(a, n * 4)).toEqual(k.u8(b, n * 4));
+      expectSameBytes(a, b, n * 4);
       release();
     }
     const p = putBytes(new Uint8Array(new Uint32Array([0xffff_fffe, 0xffff_ffff, 0]).buffer));
@@ -472,7 +480,7 @@ describe('bitmaps', () => {
       const [d1, d2, s] = [putBytes(dst, r.int(16)), putBytes(dst, r.int(16)), putBytes(src, r.int(16))];
       k[op](d1, s, n);
       ref[op](d2, s, n);
-      expect(k.u8(d1, n)).toEqual(k.u8(d2, n));
+      expectSameBytes(d1, d2, n);
       release();
     }
   });
@@ -480,7 +488,7 @@ describe('bitmaps', () => {
   it('popcount matches the reference (unaligned heads/tails, large buffers)', () => {
     const r = prng(11);
     for (let round = 0; round < 100; round++) {
-      const n = round < 95 ? r.int(2000) : (4 << 20) + r.int(100);
+      const n = round < 95 ? r.int(2000) : (1 << 20) + r.int(100);
       const p = putBytes(randomBytes(r, n, r.next()), r.int(16));
       expect(k.popcount(p, n)).toBe(ref.popcount(p, n));
       release();
@@ -501,7 +509,7 @@ describe('bitmaps', () => {
       const op = round % 2 ? 'setBits' : 'clearBits';
       k[op](a, start, len);
       ref[op](b, start, len);
-      expect(k.u8(a, n)).toEqual(k.u8(b, n));
+      expectSameBytes(a, b, n);
     }
   });
 
@@ -550,7 +558,7 @@ describe('bitmaps', () => {
 
   it('extents: edge cases', () => {
     const p = putBytes(new Uint8Array([0xff, 0x00, 0x0f, 0xf0]));
-    expect(extentsOf(k, p, 0, 32, 10)).toEqual({ pairs: [0, 8, 16, 8], next: 32 });
+    expect(extentsOf(k, p, 0, 32, 10)).toEqual({ pairs: [0, 8, 16, 4, 28, 4], next: 32 });
     expect(extentsOf(k, p, 2, 20, 10)).toEqual({ pairs: [2, 6, 16, 4], next: 20 });
     expect(extentsOf(k, p, 0, 32, 1)).toEqual({ pairs: [0, 8], next: 16 });
     expect(extentsOf(k, p, 8, 8, 1)).toEqual({ pairs: [], next: 8 });
@@ -577,7 +585,7 @@ describe('zero detection and comparison', () => {
   it('firstDifference finds the first differing byte', () => {
     const r = prng(15);
     for (let round = 0; round < 300; round++) {
-      const n = round < 280 ? r.int(1000) : (1 << 22) + r.int(64);
+      const n = round < 295 ? r.int(1000) : (1 << 22) + r.int(64);
       const data = randomBytes(r, n);
       const a = putBytes(data, r.int(16));
       const b = putBytes(data, r.int(16));
@@ -602,7 +610,7 @@ describe('zero detection and comparison', () => {
       const [o1, o2] = [putBytes(bitmap), putBytes(bitmap)];
       k.zeroBlocks(p, n, blockBits, o1);
       ref.zeroBlocks(p, n, blockBits, o2);
-      expect(k.u8(o1, bitmap.length)).toEqual(k.u8(o2, bitmap.length));
+      expectSameBytes(o1, o2, bitmap.length);
       release();
     }
   });

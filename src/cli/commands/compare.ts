@@ -15,13 +15,14 @@ export function command() {
     .option('-U, --force-share', 'open the images even if another process uses them')
     .argument('<file1>')
     .argument('<file2>')
-    .action(async (file1: string, file2: string, o: { format?: 'qcow2' | 'raw'; format2?: 'qcow2' | 'raw'; strict?: boolean; progress?: boolean; quiet?: boolean }) => {
+    .action(async (file1: string, file2: string, o: { format?: 'qcow2' | 'raw'; format2?: 'qcow2' | 'raw'; strict?: boolean; progress?: boolean; quiet?: boolean; forceShare?: boolean }) => {
       const say = (s: string) => o.quiet || process.stdout.write(s + '\n');
       try {
         const r = await compare(file1, file2, {
           format1: o.format,
           format2: o.format2,
           strict: o.strict === true,
+          forceShare: o.forceShare === true,
           onProgress: progressPrinter(o.progress === true && !o.quiet),
           onWarning: warn,
         });

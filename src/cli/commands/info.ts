@@ -11,8 +11,8 @@ export function command() {
     .option('--backing-chain', 'show every image of the backing chain, top first')
     .option('-U, --force-share', 'open the image even if another process uses it')
     .argument('<filename>')
-    .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; output: string; backingChain?: boolean }) => {
-      const infos = await info(filename, { format: o.format, backingChain: o.backingChain === true, onWarning: warn });
+    .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; output: string; backingChain?: boolean; forceShare?: boolean }) => {
+      const infos = await info(filename, { format: o.format, backingChain: o.backingChain === true, forceShare: o.forceShare === true, onWarning: warn });
       if (o.output === 'json') printJson(o.backingChain ? infos : infos[0]);
       else process.stdout.write(infos.map(human).join('\n'));
     });

@@ -18,7 +18,7 @@ export function command() {
     .addOption(new Option('--max-length <len>', 'map at most this many bytes'))
     .option('-U, --force-share', 'open the image even if another process uses it')
     .argument('<filename>')
-    .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; output: string; startOffset: string; maxLength?: string }) => {
+    .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; output: string; startOffset: string; maxLength?: string; forceShare?: boolean }) => {
       const json = o.output === 'json';
       const start = parseSize(o.startOffset, 'start offset');
       const length = o.maxLength !== undefined ? parseSize(o.maxLength, 'max length') : undefined;
@@ -39,7 +39,7 @@ export function command() {
         }
         if (out.length > 4096) flush();
       };
-      await mapImage(filename, emit, { format: o.format, start, ...(length !== undefined ? { length } : {}), onWarning: warn });
+      await mapImage(filename, emit, { format: o.format, forceShare: o.forceShare === true, start, ...(length !== undefined ? { length } : {}), onWarning: warn });
       if (json) out.push(first ? '[]\n' : ']\n');
       flush();
     });

@@ -1,0 +1,82 @@
+/**
+ * QEMU-compatible image locking (file-posix): shared OFD locks on byte 100+i ("I hold permission
+ * i") and 200+i ("I don't let others have permission i"); i = 0 consistent read, 1 write,
+ * 3 resize. Conflicts are found the way QEMU's F_OFD_GETLK finds them, by reading /proc/locks
+ * (an exclusive test lock would need a writable descriptor and would block QEMU's readers).
+ */
+import { readFile } from 'node:fs/promises';
+import { createRequire } from 'node:module';
+import { QcowError } from '../errors.js';
+
+export type LockMode = 'none' | 'read' | 'read-shared' | 'write';
+
+const PERM_READ = 0;
+const PERM_WRITE = 1;
+const PERM_RESIZE = 3;
+const PERM_NAMES = ['consistent read', 'write', 'write unchanged', 'resize'];
+
+interface LockPlan {
+  hold: number[]; // permissions we take
+  forbid: number[]; // permissions we don't share
+}
+
+const PLANS: Record<Exclude<LockMode, 'none'>, LockPlan> = {
+  read: { hold: [PERM_READ], forbid: [PERM_WRITE, PERM_RESIZE] },
+  'read-shared': { hold: [PERM_READ], forbid: [] },
+  write: { hold: [PERM_READ, PERM_WRITE, PERM_RESIZE], forbid: [PERM_WRITE, PERM_RESIZE] },
+};
+
+type Fsx = { tryLock(fd: number, offset: number, length: number, opts: { shared: boolean }): boolean; unlock(fd: number, offset: number, length: number): void };
+let fsx: Fsx | undefined;
+function native(): Fsx {
+  // CommonJS native module: loaded only when a lock is taken.
+  fsx ??= createRequire(import.meta.url)('fs-native-extensions') as Fsx;
+  return fsx;
+}
+
+/** Byte offsets other processes hold locks on for this inode (from /proc/locks). */
+async function lockedBytes(dev: number, ino: number): Promise<Set<number>> {
+  let text: string;
+  try {
+    text = await readFile('/proc/locks', 'utf8');
+  } catch {
+    return new Set();
+  }
+  const major = ((dev >>> 8) & 0xfff) | (Math.floor(dev / 2 ** 32) & ~0xfff);
+  const minor = (dev & 0xff) | ((dev >>> 12) & 0xfff00);
+  const id = `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}:${ino}`;
+  const out = new Set<number>();
+  for (const line of text.split('\n')) {
+    if (line.includes('->')) continue; // a waiter, not a holder
+    const f = line.trim().split(/\s+/);
+    const at = f.indexOf(id);
+    if (at < 0) continue;
+    const start = Number(f[at + 1]);
+    const endField = f[at + 2];
+    const end = endField === 'EOF' ? 300 : Number(endField);
+    for (let b = Math.max(start, 100); b <= Math.min(end, 299); b++) out.add(b);
+  }
+  return out;
+}
+
+/**
+ * Takes the locks for `mode` on an open descriptor, refusing when another process holds a
+ * conflicting one (as QEMU: "Failed to get shared "write" lock").
+ */
+export async function lockImage(fd: number, dev: number, ino: number, mode: LockMode, path: string): Promise<void> {
+  if (mode === 'none') return;
+  const plan = PLANS[mode];
+  const taken = await lockedBytes(dev, ino);
+  for (const p of plan.hold)
+    if (taken.has(200 + p)) throw lockError(path, `Failed to get "${PERM_NAMES[p]}" lock`);
+  for (const p of plan.forbid)
+    if (taken.has(100 + p)) throw lockError(path, `Failed to get shared "${PERM_NAMES[p]}" lock`);
+  const n = native();
+  for (const byte of [...plan.hold.map((p) => 100 + p), ...plan.forbid.map((p) => 200 + p)]) {
+    if (!n.tryLock(fd, byte, 1, { shared: true })) throw lockError(path, `Failed to lock byte ${byte}`);
+  }
+}
+
+function lockError(path: string, what: string): QcowError {
+  return new QcowError('LOCKED', `${what}: is another process (QEMU, qemu-nbd) using the image? Use -U to read it anyway`, path);
+}

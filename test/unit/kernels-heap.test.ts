@@ -1,0 +1,166 @@
+// The JS-side heap over wasm memory, and module loading.
+import { existsSync, readFileSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import { kernels } from '../../src/kernels/index.js';
+import { createWasmKernels, WasmHeap, wasmPath } from '../../src/kernels/wasm.js';
+
+const PAGE = 65536;
+
+/** mulberry32: small deterministic PRNG. */
+function prng(seed: number) {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(s ^ (s >>> 15), s | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
+  };
+}
+
+function memory(initial: number, maximum?: number): WebAssembly.Memory {
+  return new WebAssembly.Memory(maximum === undefined ? { initial } : { initial, maximum });
+}
+
+describe('WasmHeap', () => {
+  it('hands out 16-byte aligned blocks from the aligned base upward', () => {
+    const heap = new WasmHeap(memory(1), 100);
+    expect(heap.alloc(1)).toBe(112);
+    expect(heap.alloc(17)).toBe(128);
+    expect(heap.alloc(0)).toBe(160);
+    expect(heap.usedBytes()).toBe(64);
+  });
+
+  it('reuses freed space first-fit and coalesces neighbours', () => {
+    const heap = new WasmHeap(memory(1), 0);
+    const [a, b, c] = [heap.alloc(100), heap.alloc(100), heap.alloc(100)];
+    heap.free(a);
+    heap.free(c); // merges with the top block
+    expect(heap.alloc(50)).toBe(a);
+    heap.free(a);
+    heap.free(b); // a + b + rest become one block
+    expect(heap.freeBlocks()).toEqual([[0, PAGE]]);
+  });
+
+  it('rejects bad frees and sizes', () => {
+    const heap = new WasmHeap(memory(1), 0);
+    const p = heap.alloc(10);
+    heap.free(p);
+    expect(() => heap.free(p)).toThrow(/unknown pointer/);
+    expect(() => heap.free(12345)).toThrow(/unknown pointer/);
+    expect(() => heap.alloc(-1)).toThrow(RangeError);
+    expect(() => heap.alloc(1.5)).toThrow(RangeError);
+  });
+
+  it('grows memory in steps of at least 16 MiB, preserving contents', () => {
+    const mem = memory(1);
+    const heap = new WasmHeap(mem, 0);
+    const small = heap.alloc(1000);
+    new Uint8Array(mem.buffer, small, 1000).fill(0xab);
+    const big = heap.alloc(PAGE);
+    expect(mem.buffer.byteLength).toBe((1 + 256) * PAGE);
+    expect(big).toBe(1008);
+    expect(new Uint8Array(mem.buffer, small, 1000).every((v) => v === 0xab)).toBe(true);
+    const huge = heap.alloc(40 << 20); // needs more than one default step
+    expect(mem.buffer.byteLength).toBeGreaterThanOrEqual(huge + (40 << 20));
+  });
+
+  it('reserve() lets a batch of allocations proceed without detaching views', () => {
+    const mem = memory(1);
+    const heap = new WasmHeap(mem, 0);
+    heap.alloc(30000);
+    heap.reserve(10 * 4096);
+    const buffer = mem.buffer;
+    for (let i = 0; i < 10; i++) heap.alloc(4096);
+    expect(mem.buffer).toBe(buffer);
+  });
+
+  it('throws RangeError when memory cannot grow, and falls back to minimal growth', () => {
+    const mem = memory(1, 4);
+    const heap = new WasmHeap(mem, 0);
+    expect(heap.alloc(3 * PAGE)).toBe(0);
+    expect(mem.buffer.byteLength).toBe(3 * PAGE); // the 16 MiB step failed: grew by the minimum
+    expect(() => heap.alloc(2 * PAGE)).toThrow(RangeError);
+  });
+
+  it('survives random alloc/free without overlaps or lost data', () => {
+    const rand = prng(21);
+    const mem = memory(1);
+    const heap = new WasmHeap(mem, 40);
+    const live = new Map<number, { size: number; tag: number }>();
+    const check = () => {
+      const blocks = [...live].sort((x, y) => x[0] - y[0]);
+      blocks.forEach(([ptr, { size, tag }], i) => {
+        expect(ptr % 16).toBe(0);
+        if (i > 0) expect(blocks[i - 1]![0] + blocks[i - 1]![1].size).toBeLessThanOrEqual(ptr);
+        const bytes = new Uint8Array(mem.buffer, ptr, size);
+        expect(size === 0 || (bytes[0] === tag && bytes[size - 1] === tag && bytes[size >> 1] === tag)).toBe(true);
+      });
+    };
+    for (let step = 0; step < 5000; step++) {
+      if (live.size > 0 && rand() < 0.45) {
+        const ptrs = [...live.keys()];
+        const ptr = ptrs[Math.floor(rand() * ptrs.length)]!;
+        heap.free(ptr);
+        live.delete(ptr);
+      } else {
+        const size = rand() < 0.02 ? Math.floor(rand() * (4 << 20)) : Math.floor(rand() * 5000);
+        const ptr = heap.alloc(size);
+        const tag = 1 + (step % 255);
+        new Uint8Array(mem.buffer, ptr, size).fill(tag);
+        live.set(ptr, { size, tag });
+      }
+      if (step % 250 === 0) check();
+    }
+    check();
+    for (const ptr of live.keys()) heap.free(ptr);
+    expect(heap.usedBytes()).toBe(0);
+    expect(heap.freeBlocks()).toEqual([[48, mem.buffer.byteLength - 48]]);
+  });
+});
+
+describe('kernels loading', () => {
+  it('finds build/kernels.wasm from the package root', () => {
+    expect(wasmPath().endsWith('build/kernels.wasm')).toBe(true);
+    expect(existsSync(wasmPath())).toBe(true);
+  });
+
+  it('exports exactly the documented functions and needs no imports', () => {
+    const module = new WebAssembly.Module(readFileSync(wasmPath()));
+    expect(WebAssembly.Module.imports(module)).toEqual([]);
+    expect(WebAssembly.Module.exports(module).map((e) => e.name).sort()).toEqual(
+      [
+        'memory', 'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'refsAddRange', 'refcountCompare',
+        'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits',
+        'clearBits', 'extents', 'extentsNext', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
+      ].sort(),
+    );
+  });
+
+  it('kernels() is a lazy singleton; createWasmKernels() gives independent instances', () => {
+    expect(kernels()).toBe(kernels());
+    const a = createWasmKernels();
+    const b = createWasmKernels();
+    expect(a.memory).not.toBe(b.memory);
+    expect(a.alloc(16)).toBe(b.alloc(16));
+  });
+
+  it('allocZeroed clears reused memory and u8 views see kernel writes', () => {
+    const k = createWasmKernels();
+    const p = k.alloc(64);
+    k.u8(p, 64).fill(0xff);
+    k.free(p);
+    const q = k.allocZeroed(64);
+    expect(q).toBe(p);
+    expect(k.isZero(q, 64)).toBe(true);
+    k.setBits(q, 0, 9);
+    expect(Array.from(k.u8(q, 2))).toEqual([0xff, 0x01]);
+  });
+
+  it('kernels keep working on memory beyond the initial pages', () => {
+    const k = createWasmKernels();
+    const big = k.allocZeroed(64 << 20);
+    k.u8(big + (64 << 20) - 1, 1)[0] = 7;
+    expect(k.firstNonZero(big, 64 << 20)).toBe((64 << 20) - 1);
+    expect(k.popcount(big, 64 << 20)).toBe(3);
+  });
+});
