@@ -132,6 +132,13 @@ function scanEntry(index: u32, word: u64, bitmap: u64, extended: bool, clusterBi
   return true;
 }
 
+/** Big-endian u64 at p. wasm has no bswap instruction: one byte shuffle beats the shift/mask chain. */
+@inline
+function loadBE(p: usize): u64 {
+  const v = v128.load64_zero(p);
+  return <u64>i64x2.extract_lane(i8x16.shuffle(v, v, 7, 6, 5, 4, 3, 2, 1, 0, 8, 9, 10, 11, 12, 13, 14, 15), 0);
+}
+
 @inline
 function entryPtr(table: usize, index: u32, extended: bool): usize {
   return table + (<usize>index << (extended ? 4 : 3));
@@ -139,7 +146,7 @@ function entryPtr(table: usize, index: u32, extended: bool): usize {
 
 @inline
 function bitmapWord(p: usize, extended: bool): u64 {
-  return extended ? bswap<u64>(load<u64>(p, 8)) : 0;
+  return extended ? loadBE(p + 8) : 0;
 }
 
 export function l2Scan(table: usize, firstEntry: u32, entryCount: u32, extended: bool, clusterBits: u32, out: usize, maxRuns: u32): u32 {
@@ -153,7 +160,7 @@ export function l2Scan(table: usize, firstEntry: u32, entryCount: u32, extended:
     // Roll back a partially emitted entry so `consumed` stays exact.
     const savedN = runN;
     const savedCount = savedN ? load<u32>(record(savedN - 1), 4) : 0;
-    if (!scanEntry(index, bswap<u64>(load<u64>(p)), bitmapWord(p, extended), extended, clusterBits)) {
+    if (!scanEntry(index, loadBE(p), bitmapWord(p, extended), extended, clusterBits)) {
       runN = savedN;
       if (savedN) store<u32>(record(savedN - 1), savedCount, 4);
       break;
@@ -192,7 +199,7 @@ export function l2AccountRefs(table: usize, entryCount: u32, extended: bool, clu
   outOfRange = 0;
   for (let i: u32 = 0; i < entryCount; i++) {
     const p = entryPtr(table, i, extended);
-    const kind = classify(bswap<u64>(load<u64>(p)), bitmapWord(p, extended), extended, clusterBits);
+    const kind = classify(loadBE(p), bitmapWord(p, extended), extended, clusterBits);
     if (kind == INVALID) {
       invalidCount++;
     } else if (kind == COMPRESSED) {
