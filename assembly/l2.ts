@@ -36,6 +36,7 @@ function invalid(reason: u32): u32 {
  * Entry-level kind of one L2 entry. With extended L2 a valid standard entry yields DATA when it
  * has a host cluster and UNALLOCATED otherwise; the subcluster bitmap refines it later.
  */
+@inline
 function classify(word: u64, bitmap: u64, extended: bool, clusterBits: u32): u32 {
   cReason = 0;
   cExtra = 0;
@@ -88,7 +89,7 @@ function record(i: u32): usize {
 }
 
 /** Appends units to the last run when mergeable, else opens a run; false when `out` is full. */
-function emit(unit: u32, count: u32, kind: u32, host: u64, unitSize: u64, extra: u64): bool {
+function emit(unit: u32, count: u32, kind: u32, reason: u32, host: u64, unitSize: u64, extra: u64): bool {
   if (kind < COMPRESSED && runN > 0) {
     const last = record(runN - 1);
     if (load<u32>(last, 8) == kind) {
@@ -106,7 +107,7 @@ function emit(unit: u32, count: u32, kind: u32, host: u64, unitSize: u64, extra:
   store<u32>(r, unit);
   store<u32>(r, count, 4);
   store<u32>(r, kind, 8);
-  store<u32>(r, kind == INVALID ? cReason : 0, 12);
+  store<u32>(r, reason, 12);
   store<f64>(r, <f64>host, 16);
   store<f64>(r, <f64>extra, 24);
   return true;
@@ -115,9 +116,9 @@ function emit(unit: u32, count: u32, kind: u32, host: u64, unitSize: u64, extra:
 /** Emits the runs of one entry; false when `out` filled up part-way. */
 function scanEntry(index: u32, word: u64, bitmap: u64, extended: bool, clusterBits: u32): bool {
   const kind = classify(word, bitmap, extended, clusterBits);
-  if (!extended) return emit(index, 1, kind, cHost, <u64>1 << <u64>clusterBits, cExtra);
+  if (!extended) return emit(index, 1, kind, cReason, cHost, <u64>1 << <u64>clusterBits, cExtra);
   const first = index * SUBCLUSTERS;
-  if (kind >= COMPRESSED) return emit(first, SUBCLUSTERS, kind, cHost, 0, cExtra);
+  if (kind >= COMPRESSED) return emit(first, SUBCLUSTERS, kind, cReason, cHost, 0, cExtra);
   const host = cHost;
   const sub = <u64>1 << <u64>(clusterBits - 5);
   let i: u32 = 0;
@@ -126,7 +127,7 @@ function scanEntry(index: u32, word: u64, bitmap: u64, extended: bool, clusterBi
     const k = subKind(bitmap, i, host);
     let j = i + 1;
     while (j < SUBCLUSTERS && subKind(bitmap, j, host) == k) j++;
-    if (!emit(first + i, j - i, k, host ? host + <u64>i * sub : 0, sub, 0)) return false;
+    if (!emit(first + i, j - i, k, 0, host ? host + <u64>i * sub : 0, sub, 0)) return false;
     i = j;
   }
   return true;

@@ -133,6 +133,20 @@ export class BackingChain {
     }
   }
 
+  /** Reads `length` guest bytes at `offset` into a new buffer. */
+  async readBytes(offset: number, length: number): Promise<Uint8Array> {
+    const dst = new Uint8Array(length);
+    await this.read(offset, dst);
+    return dst;
+  }
+
+  /** Block status by depth of a guest range, collected (see `map` for streaming). */
+  async blockStatus(start: number, length: number): Promise<MapEntry[]> {
+    const out: MapEntry[] = [];
+    await this.map(start, length, (e) => out.push(e));
+    return out;
+  }
+
   /** Reads guest bytes [offset, offset + dst.length) as the top image's guest sees them. */
   async read(offset: number, dst: Uint8Array, depth = 0): Promise<void> {
     const layer = this.layers[depth]!;

@@ -50,8 +50,8 @@ export async function compare(path1: string, path2: string, opts: CompareOptions
     for (let pos = 0; pos < common; pos += WINDOW) {
       throwIfAborted(opts.signal, path1);
       const end = Math.min(common, pos + WINDOW);
-      const m1 = await entries(a, pos, end - pos);
-      const m2 = await entries(b, pos, end - pos);
+      const m1 = await a.blockStatus(pos, end - pos);
+      const m2 = await b.blockStatus(pos, end - pos);
       let i = 0;
       let j = 0;
       for (let off = pos; off < end; ) {
@@ -73,7 +73,7 @@ export async function compare(path1: string, path2: string, opts: CompareOptions
     const over = size1 > size2 ? a : b;
     for (let pos = common; pos < total; pos += WINDOW) {
       const end = Math.min(total, pos + WINDOW);
-      for (const e of await entries(over, pos, end - pos)) {
+      for (const e of await over.blockStatus(pos, end - pos)) {
         if (e.zero || !e.present) continue;
         const at = await compareRange(over, over, false, true, e.start, e.length, buf1, buf2);
         if (at >= 0) return { identical: false, reason: 'content', offset: at, sizeMismatch };
@@ -86,12 +86,6 @@ export async function compare(path1: string, path2: string, opts: CompareOptions
     k.free(buf2);
     await Promise.all([a.close(), b.close()]);
   }
-}
-
-async function entries(chain: BackingChain, start: number, length: number): Promise<MapEntry[]> {
-  const out: MapEntry[] = [];
-  await chain.map(start, length, (e) => out.push(e));
-  return out;
 }
 
 /** Same flags as QEMU's block status (allocated, data, zero, offset valid). */
