@@ -133,7 +133,7 @@ function scanEntry(index: u32, word: u64, bitmap: u64, extended: bool, clusterBi
   return true;
 }
 
-/** Big-endian u64 at p. wasm has no bswap instruction: one byte shuffle beats the shift/mask chain. */
+/** Big-endian u64 at p: one byte shuffle instead of the shift/mask chain that bswap<u64> expands to. */
 @inline
 function loadBE(p: usize): u64 {
   const v = v128.load64_zero(p);

@@ -229,6 +229,12 @@ describe('l2Scan: spec examples', () => {
     ]);
   });
 
+  it('does not merge host-less units into a following host range', () => {
+    // Entry 1's host (one cluster = 32 subclusters) equals what entry 0's run would "continue".
+    const t = putWords([0n, 0n, 0x20000n, 0n]);
+    expect(scan(k, t, 0, 2, true, 17).runs).toEqual([run(0, 32, RunKind.Unallocated), run(32, 32, RunKind.Unallocated, 0x20000)]);
+  });
+
   it('reports every kind of invalid entry, one record per entry', () => {
     const std = putWords([0x50002n, 1n << 56n, 0x50200n, 1n << 53n]);
     expect(scan(k, std, 0, 4, false, 16).runs).toEqual([
