@@ -11,13 +11,22 @@
 //   node patch.mjs get-refcount FILE CLUSTER         print a refcount entry
 //   node patch.mjs set-refcount FILE CLUSTER VALUE   overwrite a refcount entry (any width)
 //   node patch.mjs l2-entry FILE GUEST_OFFSET        print {entryOffset, entry} of the active L2 entry
+//   node patch.mjs host-cluster FILE GUEST_OFFSET    print the host cluster index a standard L2 entry maps to
 //   node patch.mjs set-l2   FILE GUEST_OFFSET VALUE  overwrite the (first word of the) active L2 entry
 //   node patch.mjs snapshot-dates FILE EPOCH_SEC     set snapshot i's date to EPOCH_SEC + i*60, nsec 0
+//   node patch.mjs fill-random FILE OFFSET LEN SEED  write LEN deterministic pseudo-random bytes
+//                                                    (SHA-256 counter stream of SEED) at OFFSET
 //
-// Offsets/values accept decimal or 0x-prefixed hex.
+// Offsets/values accept decimal, 0x-prefixed hex, or decimal with a k/M/G suffix (1024-based).
+import { createHash } from 'node:crypto';
 import { openSync, readSync, writeSync, closeSync, fstatSync } from 'node:fs';
 
-const num = (s) => BigInt(s);
+const SUFFIX = { k: 10n, K: 10n, M: 20n, G: 30n };
+/** Parses decimal, 0x-hex, or a number with a k/M/G (binary) suffix. */
+const num = (s) => {
+  const m = /^(\d+)([kKMG])$/.exec(s);
+  return m ? BigInt(m[1]) << SUFFIX[m[2]] : BigInt(s);
+};
 
 function readAt(fd, off, len) {
   const b = Buffer.alloc(len);
@@ -128,6 +137,16 @@ function snapshotDates(fd, h, epoch) {
   }
 }
 
+function fillRandom(fd, off, len, seed) {
+  const out = Buffer.alloc(Number(len));
+  let pos = 0;
+  for (let i = 0; pos < out.length; i++) {
+    const block = createHash('sha256').update(`${seed}:${i}`).digest();
+    pos += block.copy(out, pos);
+  }
+  writeAt(fd, off, out);
+}
+
 const json = (o) => JSON.stringify(o, (_k, v) => (typeof v === 'bigint' ? (v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v.toString()) : v));
 
 const [cmd, file, a, b] = process.argv.slice(2);
@@ -135,7 +154,7 @@ if (!cmd || !file) {
   console.error('usage: node patch.mjs <command> FILE ... (see source header)');
   process.exit(2);
 }
-const writable = cmd.startsWith('set') || cmd === 'or-u8' || cmd === 'snapshot-dates';
+const writable = cmd.startsWith('set') || cmd === 'or-u8' || cmd === 'snapshot-dates' || cmd === 'fill-random';
 const fd = openSync(file, writable ? 'r+' : 'r');
 try {
   switch (cmd) {
@@ -148,8 +167,15 @@ try {
     case 'get-refcount': console.log(json(getRefcount(fd, header(fd), num(a)))); break;
     case 'set-refcount': setRefcount(fd, header(fd), num(a), num(b)); break;
     case 'l2-entry': console.log(json(l2Entry(fd, header(fd), num(a)))); break;
+    case 'host-cluster': {
+      const h = header(fd);
+      const { entry } = l2Entry(fd, h, num(a));
+      console.log(((entry & 0x00fffffffffffe00n) >> BigInt(h.clusterBits)).toString());
+      break;
+    }
     case 'set-l2': { const { entryOffset } = l2Entry(fd, header(fd), num(a)); const x = Buffer.alloc(8); x.writeBigUInt64BE(num(b)); writeAt(fd, entryOffset, x); break; }
     case 'snapshot-dates': snapshotDates(fd, header(fd), Number(num(a))); break;
+    case 'fill-random': fillRandom(fd, num(a), num(b), process.argv[6] ?? 'qcowkit'); break;
     default: throw new Error(`unknown command ${cmd}`);
   }
 } finally {

@@ -1,0 +1,726 @@
+#!/usr/bin/env node
+// qcowkit vs qemu-img benchmark.
+//
+//   npm run bench                         full run (~2-4 min on 2 cores)
+//   node bench/run.mjs --quick            smaller images, 3 runs each (smoke run)
+//   node bench/run.mjs --only map-scattered,check-scattered --runs 9
+//   node bench/run.mjs --list             list the workloads
+//
+// Options: --quick, --runs N (exact, disables the adaptive cut for slow workloads),
+// --only a,b (workload names or kinds: info, map, check, compare, create, commit, rebase),
+// --keep (keep the temp dir), --strict (exit 1 when a target FAILs too), --bin FILE (another
+// qcowkit launcher, e.g. of another checkout), --help.
+//
+// Every workload is first run once with each tool and the answers are compared (a benchmark
+// of wrong answers is worthless): a MISMATCH or a FAILED row makes the exit code 1. Then the
+// tools run alternately (qemu-img, qcowkit, qemu-img, ...) and the medians are reported.
+// Wall time is measured with process.hrtime around spawnSync, peak RSS of the child with
+// `/usr/bin/time -f '%e %M'` (when available). Results also go to bench/results/latest.json.
+//
+// All images are built with qemu-img / qemu-io in a temp dir (removed at the end); they are
+// sparse, so a full run uses ~1 GB of real disk although the images are 256 GiB - 1 TiB.
+
+import { spawnSync } from 'node:child_process';
+import {
+  closeSync,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
+import { cpus, loadavg, tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+let BIN = join(ROOT, 'bin', 'qcowkit.js');
+const RESULTS = join(ROOT, 'bench', 'results', 'latest.json');
+const QEMU_IMG = 'qemu-img';
+const QEMU_IO = 'qemu-io';
+const TIME = '/usr/bin/time';
+const SPAWN_TIMEOUT_MS = 10 * 60_000;
+const SLOW_BUDGET_S = 40; // adaptive: a workload's timed runs should take about this long at most
+
+// ---------------------------------------------------------------- options
+
+const HELP = `Usage: node bench/run.mjs [--quick] [--runs N] [--only a,b] [--keep] [--strict] [--list]
+  --quick     small images (16 GiB / 64 GiB, 20-deep chain, 200 writes) and 3 runs each
+  --runs N    exactly N timed runs per tool and workload (default 5, fewer for slow ones)
+  --only a,b  run only these workloads (names or kinds, see --list)
+  --keep      keep the temp dir with the images
+  --strict    also exit 1 when a performance target FAILs
+  --bin FILE  benchmark this qcowkit launcher instead of bin/qcowkit.js (e.g. another checkout)
+  --list      list the workloads and exit`;
+
+function parseArgs(argv) {
+  const o = { quick: false, runs: undefined, only: undefined, keep: false, strict: false, list: false };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const val = () => {
+      const eq = a.indexOf('=');
+      if (eq >= 0) return a.slice(eq + 1);
+      if (i + 1 >= argv.length) die(`option ${a} needs a value`);
+      return argv[++i];
+    };
+    if (a === '--quick') o.quick = true;
+    else if (a === '--keep') o.keep = true;
+    else if (a === '--strict') o.strict = true;
+    else if (a === '--list') o.list = true;
+    else if (a === '--bin' || a.startsWith('--bin=')) o.bin = resolve(val());
+    else if (a === '--help' || a === '-h') {
+      console.log(HELP);
+      process.exit(0);
+    } else if (a === '--runs' || a.startsWith('--runs=')) {
+      const n = Number(val());
+      if (!Number.isInteger(n) || n < 1) die(`--runs needs a positive integer`);
+      o.runs = n;
+    } else if (a === '--only' || a.startsWith('--only=')) {
+      o.only = val()
+        .split(',')
+        .map((s) => s.trim())
+        .filter(Boolean);
+    } else die(`unknown option ${a}\n${HELP}`);
+  }
+  return o;
+}
+
+function die(msg) {
+  console.error(`bench: ${msg}`);
+  process.exit(2);
+}
+
+const opts = parseArgs(process.argv.slice(2));
+if (opts.bin) BIN = opts.bin;
+const Q = opts.quick;
+const CFG = {
+  chainDepth: Q ? 20 : 100,
+  preallocSize: Q ? '16G' : '256G',
+  scatterSize: Q ? 64 * 2 ** 30 : 2 ** 40,
+  scatterWrites: Q ? 200 : 2000,
+  scatterZeroWrites: Q ? 10 : 100,
+  defaultRuns: opts.runs ?? (Q ? 3 : 5),
+  adaptive: opts.runs === undefined,
+};
+const SIZE_LABEL = (n) => (n >= 2 ** 40 ? `${n / 2 ** 40}T` : `${n / 2 ** 30}G`);
+
+// ---------------------------------------------------------------- process running
+
+let tmpRoot = '';
+let ioDir = '';
+let seq = 0;
+let haveTime = false;
+
+function log(s) {
+  process.stderr.write(s + '\n');
+}
+
+/** Run a command (untimed helper); throws with its stderr when it fails (unless allowFail). */
+function sh(cmd, args, { cwd = tmpRoot, input, allowFail = false } = {}) {
+  const r = spawnSync(cmd, args, {
+    cwd,
+    input,
+    encoding: 'utf8',
+    maxBuffer: 512 * 2 ** 20,
+    timeout: SPAWN_TIMEOUT_MS,
+    stdio: [input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'],
+  });
+  if (!allowFail && (r.error || r.status !== 0)) {
+    const why = r.error ? r.error.message : `exit ${r.status ?? r.signal}`;
+    throw new Error(`${cmd} ${args.join(' ')} (${why}):\n${(r.stderr || '').trim()}`);
+  }
+  return r;
+}
+
+/**
+ * Run one measured command. stdout/stderr go to files (no pipe-buffer limits or costs that
+ * differ between tools); wall time via hrtime around spawnSync; peak RSS via /usr/bin/time.
+ */
+function measure(tool, args, cwd) {
+  const n = seq++;
+  const outF = join(ioDir, `${n}.out`);
+  const errF = join(ioDir, `${n}.err`);
+  const timeF = join(ioDir, `${n}.time`);
+  const [cmd, cmdArgs] = tool === 'qemu-img' ? [QEMU_IMG, args] : tool === 'qcowkit' ? [process.execPath, [BIN, ...args]] : tool;
+  const outFd = openSync(outF, 'w');
+  const errFd = openSync(errF, 'w');
+  let r;
+  let ms;
+  try {
+    const [c, a] = haveTime ? [TIME, ['-f', '%e %M', '-o', timeF, cmd, ...cmdArgs]] : [cmd, cmdArgs];
+    const t0 = process.hrtime.bigint();
+    r = spawnSync(c, a, { cwd, stdio: ['ignore', outFd, errFd], timeout: SPAWN_TIMEOUT_MS, killSignal: 'SIGKILL' });
+    ms = Number(process.hrtime.bigint() - t0) / 1e6;
+  } finally {
+    closeSync(outFd);
+    closeSync(errFd);
+  }
+  const stdout = readFileSync(outF, 'utf8');
+  const stderr = readFileSync(errF, 'utf8');
+  let rssKb = null;
+  if (haveTime && existsSync(timeF)) {
+    // GNU time prepends "Command exited with non-zero status N" when the child fails.
+    const last = readFileSync(timeF, 'utf8').trim().split('\n').pop() ?? '';
+    const m = /^([\d.]+) (\d+)$/.exec(last.trim());
+    if (m) rssKb = Number(m[2]);
+  }
+  for (const f of [outF, errF, timeF]) rmSync(f, { force: true });
+  const error = r.error ? r.error.message : r.signal ? `killed by ${r.signal}` : null;
+  return { code: r.status, error, stdout, stderr, ms, rssKb };
+}
+
+// ---------------------------------------------------------------- fixtures (built lazily)
+
+/** Deterministic PRNG (LCG), so every run of the bench builds the same images. */
+function rng(seed) {
+  let s = seed >>> 0;
+  return () => {
+    s = (Math.imul(s, 1103515245) + 12345) >>> 0;
+    return s / 2 ** 32;
+  };
+}
+
+/** Write `count` 64 KiB chunks at pseudo-random 4 KiB-aligned offsets (many straddle two clusters)
+ * plus `zeros` zero-writes (zero clusters) in one qemu-io invocation (script on stdin). */
+function scatterWrites(file, size, count, zeros, seed, cwd) {
+  const r = rng(seed);
+  const cmds = [];
+  for (let i = 0; i < count; i++) {
+    const off = Math.floor(r() * (size / 4096 - 16)) * 4096;
+    cmds.push(`write -P ${(i % 255) + 1} ${off} 64k`);
+  }
+  for (let i = 0; i < zeros; i++) {
+    const off = Math.floor(r() * (size / 65536 - 1)) * 65536;
+    cmds.push(`write -z ${off} 64k`);
+  }
+  cmds.push('quit');
+  sh(QEMU_IO, ['-f', 'qcow2', file], { cwd, input: cmds.join('\n') + '\n' });
+  // qemu-io reports write errors on stdout and still exits 0: make sure the image is sound.
+  sh(QEMU_IMG, ['check', '-q', file], { cwd });
+}
+
+function sparseCopy(src, dst) {
+  const r = spawnSync('cp', ['--sparse=always', src, dst], { stdio: 'ignore' });
+  if (r.status !== 0) copyFileSync(src, dst);
+}
+
+const FIXTURES = {
+  chain: {
+    desc: () => `${CFG.chainDepth} overlays over a 10 GiB base`,
+    build() {
+      const dir = join(tmpRoot, 'chain');
+      mkdirSync(dir);
+      sh(QEMU_IMG, ['create', '-q', '-f', 'qcow2', 'base.qcow2', '10G'], { cwd: dir });
+      sh(QEMU_IO, ['-f', 'qcow2', '-c', 'write -P 0xaa 0 1M', '-c', 'write -P 0xbb 5G 1M', 'base.qcow2'], { cwd: dir });
+      let prev = 'base.qcow2';
+      for (let i = 1; i <= CFG.chainDepth; i++) {
+        const name = `l${String(i).padStart(3, '0')}.qcow2`;
+        sh(QEMU_IMG, ['create', '-q', '-f', 'qcow2', '-b', prev, '-F', 'qcow2', name], { cwd: dir });
+        if (i % 10 === 0) sh(QEMU_IO, ['-f', 'qcow2', '-c', `write -P ${i} ${i}M 64k`, name], { cwd: dir });
+        prev = name;
+      }
+      return { dir, base: 'base.qcow2', top: prev };
+    },
+  },
+  prealloc: {
+    desc: () => `${CFG.preallocSize} preallocation=metadata`,
+    build() {
+      const dir = join(tmpRoot, 'pre');
+      mkdirSync(dir);
+      sh(QEMU_IMG, ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', 'pre.qcow2', CFG.preallocSize], { cwd: dir });
+      return { dir, img: 'pre.qcow2' };
+    },
+  },
+  scattered: {
+    desc: () => `${SIZE_LABEL(CFG.scatterSize)} with ${CFG.scatterWrites} x 64 KiB writes + ${CFG.scatterZeroWrites} zero writes`,
+    build() {
+      const dir = join(tmpRoot, 'sc');
+      mkdirSync(dir);
+      sh(QEMU_IMG, ['create', '-q', '-f', 'qcow2', 'sc.qcow2', String(CFG.scatterSize)], { cwd: dir });
+      scatterWrites('sc.qcow2', CFG.scatterSize, CFG.scatterWrites, CFG.scatterZeroWrites, 42, dir);
+      return { dir, img: 'sc.qcow2' };
+    },
+  },
+  copies: {
+    desc: () => 'cp --sparse=always and qemu-img convert copies of the scattered image',
+    deps: ['scattered'],
+    build(F) {
+      const { dir, img } = F.scattered;
+      sparseCopy(join(dir, img), join(dir, 'copy.qcow2'));
+      sh(QEMU_IMG, ['convert', '-f', 'qcow2', '-O', 'qcow2', img, 'conv.qcow2'], { cwd: dir });
+      return { dir, img, copy: 'copy.qcow2', conv: 'conv.qcow2' };
+    },
+  },
+  mutable: {
+    desc: () => '4 GiB base + overlay + different new base (copied fresh for every run)',
+    build() {
+      const dir = join(tmpRoot, 'mut');
+      mkdirSync(dir);
+      const size = 4 * 2 ** 30;
+      sh(QEMU_IMG, ['create', '-q', '-f', 'qcow2', 'base.qcow2', String(size)], { cwd: dir });
+      scatterWrites('base.qcow2', size, 300, 10, 1, dir);
+      sh(QEMU_IMG, ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], { cwd: dir });
+      scatterWrites('top.qcow2', size, 300, 10, 2, dir);
+      sh(QEMU_IMG, ['create', '-q', '-f', 'qcow2', 'new.qcow2', String(size)], { cwd: dir });
+      scatterWrites('new.qcow2', size, 300, 10, 3, dir);
+      return { dir, files: ['base.qcow2', 'top.qcow2', 'new.qcow2'] };
+    },
+  },
+};
+
+const built = {};
+function fixture(name) {
+  if (name in built) {
+    if (built[name] instanceof Error) throw built[name];
+    return built[name];
+  }
+  const fx = FIXTURES[name];
+  const F = {};
+  for (const d of fx.deps ?? []) F[d] = fixture(d);
+  log(`  building fixture ${name} (${fx.desc()}) ...`);
+  const t0 = Date.now();
+  try {
+    built[name] = fx.build(F);
+  } catch (e) {
+    built[name] = e instanceof Error ? e : new Error(String(e));
+    throw built[name];
+  }
+  log(`  ... ${name} built in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+  return built[name];
+}
+
+// ---------------------------------------------------------------- answer checks
+
+/** First difference of `k` from `q` on the fields q has (extra fields of k are fine), or null. */
+function subsetDiff(q, k, path = '$', ignore = new Set()) {
+  if (Array.isArray(q)) {
+    if (!Array.isArray(k)) return `${path}: qemu-img has an array, qcowkit ${JSON.stringify(k)}`;
+    if (q.length !== k.length) return `${path}: qemu-img has ${q.length} entries, qcowkit ${k.length}`;
+    for (let i = 0; i < q.length; i++) {
+      const d = subsetDiff(q[i], k[i], `${path}[${i}]`, ignore);
+      if (d) return d;
+    }
+    return null;
+  }
+  if (q !== null && typeof q === 'object') {
+    if (k === null || typeof k !== 'object' || Array.isArray(k)) return `${path}: qemu-img has an object, qcowkit ${JSON.stringify(k)}`;
+    for (const key of Object.keys(q)) {
+      if (ignore.has(key)) continue;
+      if (!(key in k)) return `${path}.${key}: missing in qcowkit (qemu-img: ${JSON.stringify(q[key])})`;
+      const d = subsetDiff(q[key], k[key], `${path}.${key}`, ignore);
+      if (d) return d;
+    }
+    return null;
+  }
+  return q === k ? null : `${path}: qemu-img ${JSON.stringify(q)}, qcowkit ${JSON.stringify(k)}`;
+}
+
+/** Exact deep equality (map JSON must be identical, entry for entry). */
+function exactDiff(q, k) {
+  return subsetDiff(q, k) ?? subsetDiff(k, q)?.replace(/qemu-img|qcowkit/g, (m) => (m === 'qemu-img' ? 'qcowkit' : 'qemu-img'));
+}
+
+function parseJson(text, who) {
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new Error(`${who} printed invalid JSON (${e.message}): ${text.slice(0, 200)}`);
+  }
+}
+
+function jsonCheck(exact) {
+  return (q, k) => {
+    if (q.code !== k.code) return `exit codes differ: qemu-img ${q.code}, qcowkit ${k.code}`;
+    const a = parseJson(q.stdout, 'qemu-img');
+    const b = parseJson(k.stdout, 'qcowkit');
+    return exact ? exactDiff(a, b) : subsetDiff(a, b);
+  };
+}
+
+function textCheck(q, k) {
+  if (q.code !== k.code) return `exit codes differ: qemu-img ${q.code}, qcowkit ${k.code}`;
+  if (q.stdout === k.stdout) return null;
+  const a = q.stdout.split('\n');
+  const b = k.stdout.split('\n');
+  for (let i = 0; i < Math.max(a.length, b.length); i++) {
+    if (a[i] !== b[i]) return `stdout line ${i + 1}: qemu-img ${JSON.stringify(a[i])}, qcowkit ${JSON.stringify(b[i])}`;
+  }
+  return 'stdout differs';
+}
+
+function qemuInfo(file, cwd) {
+  return JSON.parse(sh(QEMU_IMG, ['info', '--output', 'json', file], { cwd }).stdout);
+}
+
+function qemuCompare(a, b, cwd) {
+  const r = sh(QEMU_IMG, ['compare', '-f', 'qcow2', '-F', 'qcow2', a, b], { cwd, allowFail: true });
+  return r.status === 0 ? null : `qemu-img compare ${a} ${b}: ${(r.stdout + r.stderr).trim()}`;
+}
+
+function qemuCheckClean(file, cwd) {
+  const r = sh(QEMU_IMG, ['check', file], { cwd, allowFail: true });
+  return r.status === 0 ? null : `qemu-img check ${file} (exit ${r.status}): ${(r.stdout + r.stderr).trim().split('\n').slice(0, 3).join(' | ')}`;
+}
+
+// ---------------------------------------------------------------- workloads
+
+/** Exit codes of a kind that are answers, not errors (anything else from qcowkit = FAILED). */
+const ANSWER_CODES = { check: [0, 2, 3], compare: [0, 1] };
+const TARGETS = { map: 0.5, check: 0.5, info: 1.5, create: 1.5 };
+
+function createWorkload(name, extra, fx) {
+  return {
+    name,
+    kind: 'create',
+    short: true,
+    fixtures: fx ? [fx] : [],
+    prepare(F, tool, i) {
+      const cwd = fx ? F[fx].dir : tmpRoot;
+      const out = `bench-create-${tool === 'qemu-img' ? 'q' : 'k'}-${i}.qcow2`;
+      return { cwd, args: ['create', '-f', 'qcow2', ...extra(F), out, ...(fx ? [] : ['10G'])], out, cleanup: () => rmSync(join(cwd, out), { force: true }) };
+    },
+    verify(q, k) {
+      if (q.code !== k.code) return `exit codes differ: qemu-img ${q.code}, qcowkit ${k.code}`;
+      const cwd = q.prep.cwd;
+      const d = subsetDiff(qemuInfo(q.prep.out, cwd), qemuInfo(k.prep.out, cwd), '$', new Set(['filename', 'actual-size']));
+      if (d) return `qemu-img info of the created images: ${d}`;
+      const c = qemuCheckClean(k.prep.out, cwd);
+      if (c) return c;
+      const notes = [];
+      const norm = (r) => r.stdout.split(r.prep.out).join('OUT');
+      if (norm(q) !== norm(k)) notes.push(`stdout differs: qemu-img ${JSON.stringify(norm(q).trim())}, qcowkit ${JSON.stringify(norm(k).trim())}`);
+      const same = readFileSync(join(cwd, q.prep.out)).equals(readFileSync(join(cwd, k.prep.out)));
+      notes.push(same ? 'files byte-identical' : 'files not byte-identical (same qemu-img info)');
+      return { notes };
+    },
+  };
+}
+
+function imageWorkload(name, kind, fx, argsOf, verify, extra = {}) {
+  return {
+    name,
+    kind,
+    fixtures: [fx],
+    prepare: (F) => ({ cwd: F[fx].dir, args: argsOf(F[fx]) }),
+    verify,
+    ...extra,
+  };
+}
+
+/** commit / rebase: they modify the images, so every run gets fresh copies (untimed). */
+function mutatingWorkload(name, kind, args, verify) {
+  return {
+    name,
+    kind,
+    optional: true,
+    fixtures: ['mutable'],
+    prepare(F, tool, i) {
+      const cwd = join(F.mutable.dir, `run-${tool === 'qemu-img' ? 'q' : 'k'}-${i}`);
+      mkdirSync(cwd, { recursive: true });
+      for (const f of F.mutable.files) sparseCopy(join(F.mutable.dir, f), join(cwd, f));
+      return { cwd, args, cleanup: () => rmSync(cwd, { recursive: true, force: true }) };
+    },
+    verify(q, k, F) {
+      if (q.code !== k.code) return `exit codes differ: qemu-img ${q.code}, qcowkit ${k.code}`;
+      return verify(q.prep.cwd, k.prep.cwd, F.mutable.dir);
+    },
+  };
+}
+
+const WORKLOADS = [
+  createWorkload('create-10G', () => [], null),
+  createWorkload('create-backing', (F) => ['-b', F.chain.base, '-F', 'qcow2'], 'chain'),
+  imageWorkload('info-chain-json', 'info', 'chain', (c) => ['info', '--backing-chain', '--output', 'json', c.top], jsonCheck(false), { short: true }),
+  imageWorkload('info-top', 'info', 'chain', (c) => ['info', c.top], textCheck, { short: true }),
+  imageWorkload('map-chain', 'map', 'chain', (c) => ['map', '--output', 'json', c.top], jsonCheck(true)),
+  imageWorkload('map-prealloc', 'map', 'prealloc', (p) => ['map', '--output', 'json', p.img], jsonCheck(true)),
+  imageWorkload('map-scattered', 'map', 'scattered', (s) => ['map', '--output', 'json', s.img], jsonCheck(true)),
+  imageWorkload('check-prealloc', 'check', 'prealloc', (p) => ['check', '--output', 'json', p.img], jsonCheck(false)),
+  imageWorkload('check-scattered', 'check', 'scattered', (s) => ['check', '--output', 'json', s.img], jsonCheck(false)),
+  imageWorkload('compare-copy', 'compare', 'copies', (c) => ['compare', c.img, c.copy], textCheck),
+  imageWorkload('compare-convert', 'compare', 'copies', (c) => ['compare', c.img, c.conv], textCheck),
+  mutatingWorkload('commit', 'commit', ['commit', 'top.qcow2'], (qd, kd) => {
+    return (
+      qemuCompare(join(qd, 'base.qcow2'), join(kd, 'base.qcow2'), tmpRoot) ??
+      qemuCompare(join(qd, 'top.qcow2'), join(kd, 'top.qcow2'), tmpRoot) ??
+      qemuCheckClean(join(kd, 'base.qcow2'), tmpRoot) ??
+      qemuCheckClean(join(kd, 'top.qcow2'), tmpRoot)
+    );
+  }),
+  mutatingWorkload('rebase', 'rebase', ['rebase', '-b', 'new.qcow2', '-F', 'qcow2', 'top.qcow2'], (qd, kd, orig) => {
+    const qi = qemuInfo('top.qcow2', qd);
+    const ki = qemuInfo('top.qcow2', kd);
+    for (const key of ['backing-filename', 'backing-filename-format']) {
+      if (qi[key] !== ki[key]) return `${key}: qemu-img ${JSON.stringify(qi[key])}, qcowkit ${JSON.stringify(ki[key])}`;
+    }
+    return (
+      qemuCompare(join(orig, 'top.qcow2'), join(kd, 'top.qcow2'), tmpRoot) ?? // guest view unchanged by rebase
+      qemuCompare(join(qd, 'top.qcow2'), join(kd, 'top.qcow2'), tmpRoot) ??
+      qemuCheckClean(join(kd, 'top.qcow2'), tmpRoot)
+    );
+  }),
+];
+
+// ---------------------------------------------------------------- running a workload
+
+const median = (xs) => {
+  if (xs.length === 0) return null;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+};
+
+function describeFailure(tool, r) {
+  const why = r.error ?? `exit ${r.code}`;
+  const err = r.stderr.trim() || r.stdout.trim().slice(0, 500) || '(no output)';
+  return `${tool} failed (${why}): ${err.split('\n').slice(0, 8).join('\n    ')}`;
+}
+
+function runWorkload(w) {
+  const row = { name: w.name, kind: w.kind, status: 'OK', runs: 0, message: null, notes: [], qemu: [], qcowkit: [] };
+  let F;
+  try {
+    F = {};
+    for (const f of w.fixtures) F[f] = fixture(f);
+  } catch (e) {
+    return { ...row, status: 'FAILED', message: `fixture: ${e.message}` };
+  }
+  const runPair = (i) => {
+    const res = {};
+    for (const tool of ['qemu-img', 'qcowkit']) {
+      const prep = w.prepare(F, tool, i);
+      res[tool] = { ...measure(tool, prep.args, prep.cwd), prep };
+    }
+    return res;
+  };
+  const cleanup = (res) => {
+    for (const r of Object.values(res)) r.prep.cleanup?.();
+  };
+
+  // 1. Answer check (also warms the page cache).
+  const first = runPair('verify');
+  const q = first['qemu-img'];
+  const k = first.qcowkit;
+  row.args = q.prep.args;
+  try {
+    const qBad = q.error || (q.code !== 0 && !(ANSWER_CODES[w.kind] ?? []).includes(q.code));
+    const kBad = k.error || (k.code !== 0 && !(ANSWER_CODES[w.kind] ?? []).includes(k.code));
+    if (qBad) {
+      row.status = 'FAILED';
+      row.message = describeFailure('qemu-img', q);
+    } else if (kBad) {
+      if (w.optional && /unknown command/.test(k.stderr)) {
+        row.status = 'SKIPPED';
+        row.message = `qcowkit has no '${w.kind}' command yet`;
+      } else {
+        row.status = 'FAILED';
+        row.message = describeFailure('qcowkit', k);
+      }
+    } else {
+      const v = w.verify(q, k, F);
+      if (typeof v === 'string') {
+        row.status = 'MISMATCH';
+        row.message = v;
+      } else if (v && v.notes) row.notes.push(...v.notes);
+    }
+  } catch (e) {
+    row.status = 'MISMATCH';
+    row.message = e.message;
+  } finally {
+    cleanup(first);
+  }
+  if (row.status !== 'OK') return row;
+
+  // 2. Timed runs, alternating tools.
+  let runs = CFG.defaultRuns;
+  const pairS = (q.ms + k.ms) / 1000;
+  if (CFG.adaptive && pairS * runs > SLOW_BUDGET_S) runs = Math.max(2, Math.floor(SLOW_BUDGET_S / pairS));
+  for (let i = 0; i < runs; i++) {
+    const res = runPair(i);
+    cleanup(res);
+    for (const [tool, key] of [['qemu-img', 'qemu'], ['qcowkit', 'qcowkit']]) {
+      const r = res[tool];
+      if (r.error || r.code !== q.code) {
+        row.status = 'FAILED';
+        row.message = `timed run ${i}: ${describeFailure(tool, r)}`;
+        return row;
+      }
+      row[key].push({ ms: r.ms, rssKb: r.rssKb });
+    }
+  }
+  row.runs = runs;
+  return row;
+}
+
+function summarize(row, nodeMs) {
+  const s = (xs, f) => median(xs.map(f).filter((v) => v !== null && v !== undefined));
+  row.qemuMs = s(row.qemu, (x) => x.ms);
+  row.qcowkitMs = s(row.qcowkit, (x) => x.ms);
+  row.qemuRssKb = s(row.qemu, (x) => x.rssKb);
+  row.qcowkitRssKb = s(row.qcowkit, (x) => x.rssKb);
+  row.ratio = row.qemuMs && row.qcowkitMs !== null ? row.qcowkitMs / row.qemuMs : null;
+  row.vsNodeStart = row.qcowkitMs !== null && nodeMs ? row.qcowkitMs / nodeMs : null;
+  row.target = TARGETS[row.kind] ?? null;
+  row.targetResult = row.target === null ? null : row.ratio === null ? 'FAIL' : row.ratio <= row.target ? 'PASS' : 'FAIL';
+  return row;
+}
+
+// ---------------------------------------------------------------- output
+
+function table(rows, headers, align) {
+  const w = headers.map((h, i) => Math.max(h.length, ...rows.map((r) => String(r[i]).length)));
+  const line = (cells) => cells.map((c, i) => (align[i] === 'r' ? String(c).padStart(w[i]) : String(c).padEnd(w[i]))).join('  ');
+  return [line(headers), w.map((n) => '-'.repeat(n)).join('  '), ...rows.map(line)].join('\n');
+}
+
+const fmtMs = (v) => (v === null || v === undefined ? '-' : v >= 100 ? v.toFixed(0) : v.toFixed(1));
+const fmtMb = (kb) => (kb === null || kb === undefined ? '-' : (kb / 1024).toFixed(1));
+const fmtX = (v) => (v === null || v === undefined ? '-' : `${v.toFixed(2)}x`);
+
+// ---------------------------------------------------------------- main
+
+function main() {
+  if (opts.list) {
+    for (const w of WORKLOADS) console.log(`${w.name.padEnd(18)} ${w.kind.padEnd(8)} fixtures: ${w.fixtures.join(', ') || '-'}${w.optional ? ' (optional)' : ''}`);
+    return 0;
+  }
+  const selected = opts.only ? WORKLOADS.filter((w) => opts.only.includes(w.name) || opts.only.includes(w.kind)) : WORKLOADS;
+  if (opts.only) {
+    const known = new Set(WORKLOADS.flatMap((w) => [w.name, w.kind]));
+    const unknown = opts.only.filter((n) => !known.has(n));
+    if (unknown.length) die(`unknown workload(s): ${unknown.join(', ')} (see --list)`);
+  }
+  if (!opts.bin && !existsSync(join(ROOT, 'dist', 'cli', 'main.js'))) die('dist/ is missing: run `npm run build` first');
+  for (const t of [QEMU_IMG, QEMU_IO]) {
+    if (spawnSync(t, ['--version'], { stdio: 'ignore' }).status !== 0) die(`${t} not found`);
+  }
+
+  tmpRoot = mkdtempSync(join(tmpdir(), 'qcowkit-bench-'));
+  ioDir = join(tmpRoot, 'io');
+  mkdirSync(ioDir);
+  const removeTmp = () => {
+    if (!opts.keep && tmpRoot) rmSync(tmpRoot, { recursive: true, force: true });
+  };
+  process.on('exit', removeTmp);
+  for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130));
+
+  if (existsSync(TIME)) {
+    const tf = join(ioDir, 'probe.time');
+    const r = spawnSync(TIME, ['-f', '%e %M', '-o', tf, 'true'], { stdio: 'ignore' });
+    haveTime = r.status === 0 && existsSync(tf) && /^[\d.]+ \d+$/.test(readFileSync(tf, 'utf8').trim());
+  }
+  const qemuVersion = sh(QEMU_IMG, ['--version']).stdout.split('\n')[0];
+  log(`qcowkit bench${Q ? ' (--quick)' : ''}: ${qemuVersion}; node ${process.version}; ${cpus().length} cpus; temp dir ${tmpRoot}`);
+  const load0 = loadavg()[0];
+  if (load0 > cpus().length / 2) log(`WARNING: load average is ${load0.toFixed(2)} on ${cpus().length} cpus: other work is running, timings will be noisy`);
+  if (!haveTime) log(`NOTE: ${TIME} is not available (Debian package 'time'): peak RSS is not measured, wall time only`);
+
+  // Start-up overhead: bare node vs. qcowkit --version (alternating).
+  const startRuns = Math.max(CFG.defaultRuns, 5) * 2;
+  const startup = { node: [], version: [] };
+  for (let i = 0; i <= startRuns; i++) {
+    const a = measure([process.execPath, ['-e', '0']], [], tmpRoot);
+    const b = measure('qcowkit', ['--version'], tmpRoot);
+    if (i === 0) continue; // warm-up
+    startup.node.push({ ms: a.ms, rssKb: a.rssKb });
+    startup.version.push({ ms: b.ms, rssKb: b.rssKb });
+  }
+  const nodeMs = median(startup.node.map((x) => x.ms));
+  const versionMs = median(startup.version.map((x) => x.ms));
+  const nodeRss = median(startup.node.map((x) => x.rssKb).filter((x) => x !== null));
+  const versionRss = median(startup.version.map((x) => x.rssKb).filter((x) => x !== null));
+
+  const rows = [];
+  for (const w of selected) {
+    log(`${w.name}:`);
+    const t0 = Date.now();
+    const row = summarize(runWorkload(w), nodeMs);
+    rows.push(row);
+    const took = `${((Date.now() - t0) / 1000).toFixed(1)} s`;
+    if (row.status === 'MISMATCH') log(`\n!!!!!!!! MISMATCH in ${w.name}: ${row.message}\n`);
+    else if (row.status === 'FAILED') log(`  FAILED: ${row.message}`);
+    else if (row.status === 'SKIPPED') log(`  SKIPPED: ${row.message}`);
+    else log(`  ${row.runs} runs each: qemu-img ${fmtMs(row.qemuMs)} ms, qcowkit ${fmtMs(row.qcowkitMs)} ms (${took})`);
+    for (const n of row.notes) log(`  note: ${n}`);
+  }
+
+  // ---- report
+  console.log('');
+  console.log(
+    `qcowkit vs ${qemuVersion}  |  node ${process.version}  |  ${cpus().length} x ${cpus()[0]?.model ?? '?'}  |  load ${load0.toFixed(2)} -> ${loadavg()[0].toFixed(2)}${Q ? '  |  --quick' : ''}`,
+  );
+  console.log(
+    `start-up: bare \`node -e 0\` ${fmtMs(nodeMs)} ms (${fmtMb(nodeRss)} MiB), \`qcowkit --version\` ${fmtMs(versionMs)} ms (${fmtMb(versionRss)} MiB) = ${fmtX(versionMs / nodeMs)} bare node`,
+  );
+  console.log(
+    `images: chain = ${FIXTURES.chain.desc()}; prealloc = ${FIXTURES.prealloc.desc()}; scattered = ${FIXTURES.scattered.desc()}`,
+  );
+  console.log('');
+  const body = rows.map((r) => {
+    const ok = r.status === 'OK';
+    return [
+      r.name,
+      ok ? r.runs : '-',
+      ok ? fmtMs(r.qemuMs) : '-',
+      ok ? fmtMs(r.qcowkitMs) : '-',
+      ok ? fmtX(r.ratio) : '-',
+      r.target === null ? '-' : `<=${r.target}x ${ok ? r.targetResult : ''}`.trim(),
+      ok && haveTime ? fmtMb(r.qemuRssKb) : '-',
+      ok && haveTime ? fmtMb(r.qcowkitRssKb) : '-',
+      ok && r.kind in { info: 1, create: 1 } ? fmtX(r.vsNodeStart) : '-',
+      r.status,
+    ];
+  });
+  console.log(
+    table(
+      body,
+      ['workload', 'runs', 'qemu-img ms', 'qcowkit ms', 'k/q', 'target', 'q RSS MiB', 'k RSS MiB', 'k/node', 'status'],
+      ['l', 'r', 'r', 'r', 'r', 'l', 'r', 'r', 'r', 'l'],
+    ),
+  );
+  if (!haveTime) console.log('(peak RSS unavailable: /usr/bin/time not installed)');
+  console.log('(medians of the timed runs; k/q = qcowkit/qemu-img wall time; k/node = qcowkit time / bare node start-up)');
+
+  const bad = rows.filter((r) => r.status === 'MISMATCH' || r.status === 'FAILED');
+  const targetFails = rows.filter((r) => r.status === 'OK' && r.targetResult === 'FAIL');
+  if (bad.length) {
+    console.log('');
+    for (const r of bad) console.log(`${r.status === 'MISMATCH' ? '!!!!!!!! MISMATCH' : 'FAILED'} ${r.name}: ${r.message}`);
+  }
+  const skipped = rows.filter((r) => r.status === 'SKIPPED');
+  if (skipped.length) console.log(`skipped: ${skipped.map((r) => `${r.name} (${r.message})`).join('; ')}`);
+
+  // ---- JSON
+  let commit = null;
+  const g = spawnSync('git', ['rev-parse', 'HEAD'], { cwd: ROOT, encoding: 'utf8' });
+  if (g.status === 0) commit = g.stdout.trim();
+  const dirty = spawnSync('git', ['status', '--porcelain'], { cwd: ROOT, encoding: 'utf8' });
+  const result = {
+    date: new Date().toISOString(),
+    commit,
+    dirty: dirty.status === 0 ? dirty.stdout.trim().length > 0 : null,
+    quick: Q,
+    node: process.version,
+    qemu: qemuVersion,
+    cpus: cpus().length,
+    cpuModel: cpus()[0]?.model ?? null,
+    loadavgStart: load0,
+    loadavgEnd: loadavg()[0],
+    rssMeasured: haveTime,
+    config: CFG,
+    startup: { nodeMs, nodeRssKb: nodeRss, versionMs, versionRssKb: versionRss, samples: startup },
+    workloads: rows.map(({ qemu, qcowkit, ...r }) => ({ ...r, samples: { qemu, qcowkit } })),
+  };
+  mkdirSync(dirname(RESULTS), { recursive: true });
+  writeFileSync(RESULTS, JSON.stringify(result, null, 2) + '\n');
+  console.log(`\nresults written to ${RESULTS}${opts.keep ? `; images kept in ${tmpRoot}` : ''}`);
+
+  if (bad.length) return 1;
+  if (opts.strict && targetFails.length) return 1;
+  return 0;
+}
+
+process.exitCode = main();

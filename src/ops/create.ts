@@ -1,0 +1,278 @@
+/**
+ * `create`: a new qcow2 or raw image, as qemu-img create 7.2 makes it. Everything is validated
+ * (options, backing file, size) before the target is touched; then the file is created or, like
+ * QEMU, truncated once its write lock is held, written, flushed and closed.
+ */
+import { realpath, rm, writeFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import { BackingChain, hasProtocolPrefix, probeFormat, resolveBackingPath } from '../chain/chain.js';
+import type { LayerFormat } from '../chain/layer.js';
+import { fromSystemError, QcowError, throwIfAborted } from '../errors.js';
+import { alignUp } from '../format/bytes.js';
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2 } from '../format/constants.js';
+import { encodeHeader } from '../format/header.js';
+import { inParallel, openImageFile, type ImageFile } from '../io/file.js';
+import { fillMetadata, freshLayout, type FreshLayout } from '../qcow2/layout.js';
+import type { OperationOptions } from './options.js';
+
+export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
+
+/** The qcow2 `-o` options (raw takes only `preallocation`). Defaults as qemu-img. */
+export interface Qcow2CreateOptions {
+  /** 512 .. 2 MiB, a power of two (default 64 KiB). */
+  clusterSize?: number | undefined;
+  /** '0.10' = qcow2 v2, '1.1' = v3 (default). */
+  compat?: '0.10' | '1.1' | undefined;
+  lazyRefcounts?: boolean | undefined;
+  /** 1, 2, 4, ..., 64 (default 16; v2 only 16). */
+  refcountBits?: number | undefined;
+  /** 128-bit L2 entries with subclusters (v3, clusters >= 16 KiB). */
+  extendedL2?: boolean | undefined;
+  compressionType?: 'zlib' | 'zstd' | undefined;
+  /** off; metadata (qcow2: every L2 table and data cluster allocated, file sparse); full (zeros written). */
+  preallocation?: Preallocation | undefined;
+}
+
+export interface CreateOptions extends OperationOptions {
+  format: LayerFormat;
+  /** Virtual size in bytes, rounded up to 512; defaults to the backing file's size. */
+  size?: number | undefined;
+  /** Backing file name (stored verbatim; relative names are relative to the new image). */
+  backing?: { file: string; format?: LayerFormat | undefined } | undefined;
+  /** -u: don't open the backing file (then size is required). */
+  unsafe?: boolean | undefined;
+  options?: Qcow2CreateOptions | undefined;
+}
+
+export interface CreateResult {
+  path: string;
+  format: LayerFormat;
+  size: number;
+  preallocation: Preallocation;
+  /** Length of the created file. */
+  fileLength: number;
+  clusterSize?: number;
+  compat?: '0.10' | '1.1';
+  refcountBits?: number;
+  extendedL2?: boolean;
+  lazyRefcounts?: boolean;
+  compressionType?: 'zlib' | 'zstd';
+  backing?: { file: string; format: LayerFormat };
+}
+
+/** Largest writes issued (and buffers built); several run at once. */
+const CHUNK = 8 * 1024 * 1024;
+const WRITES_IN_FLIGHT = 4;
+
+export async function create(path: string, opts: CreateOptions): Promise<CreateResult> {
+  const bad = (msg: string) => new QcowError('INVALID_ARGUMENT', msg, path);
+  if (opts.format !== 'qcow2' && opts.format !== 'raw') throw bad(`Unknown file format '${String(opts.format)}' (qcow2 and raw are supported)`);
+  const o = opts.options ?? {};
+  const preallocation = o.preallocation ?? 'off';
+  if (!['off', 'metadata', 'falloc', 'full'].includes(preallocation)) throw bad(`Parameter 'preallocation' does not accept value '${preallocation}'`);
+  if (preallocation === 'falloc')
+    throw new QcowError('UNSUPPORTED', "preallocation=falloc is not supported by qcowkit (use 'metadata' or 'full')", path);
+
+  if (opts.format === 'raw') {
+    const extra = Object.entries(o).find(([k, v]) => k !== 'preallocation' && v !== undefined);
+    if (extra) throw bad(`Invalid parameter '${extra[0]}' for format 'raw'`);
+    if (opts.backing) throw bad("Backing file not supported for file format 'raw'");
+    if (preallocation === 'metadata') throw bad('Unsupported preallocation mode: metadata');
+    const size = checkSize(opts.size, path);
+    await writeImage(path, async (file) => {
+      await file.truncate(size);
+      if (preallocation === 'full') await writeZeros(file, 0, size, opts);
+    });
+    return { path, format: 'raw', size, preallocation, fileLength: size };
+  }
+
+  const s = qcow2Settings(o, path);
+  const backing = opts.backing ? await checkBacking(path, opts.backing, opts) : undefined;
+  const size = checkSize(opts.size ?? backing?.size, path);
+  const layout = freshLayout({ clusterBits: s.clusterBits, refcountOrder: s.refcountOrder, extendedL2: s.extendedL2, size, preallocate: preallocation !== 'off' });
+  const header = encodeHeader(
+    {
+      version: s.version,
+      clusterBits: s.clusterBits,
+      size,
+      l1Size: layout.l1Size,
+      l1TableOffset: layout.l1TableOffset,
+      refcountTableOffset: layout.refcountTableOffset,
+      refcountTableClusters: layout.refcountTableClusters,
+      refcountOrder: s.refcountOrder,
+      incompatibleFeatures: (s.extendedL2 ? INCOMPAT_EXTL2 : 0n) | (s.zstd ? INCOMPAT_COMPRESSION : 0n),
+      compatibleFeatures: s.lazyRefcounts ? COMPAT_LAZY_REFCOUNTS : 0n,
+      autoclearFeatures: 0n,
+      compressionType: s.zstd ? 1 : 0,
+      backingFile: backing?.file,
+      backingFormat: backing?.format,
+    },
+    path,
+  );
+
+  await writeImage(path, async (file) => {
+    await file.truncate(layout.fileLength);
+    await writeTables(file, layout, opts);
+    if (preallocation === 'full') await writeZeros(file, layout.dataOffset, layout.dataClusters * layout.clusterSize, opts);
+    // Last, so that an interrupted create leaves no file that looks like a qcow2 image.
+    await file.writeAt(header, 0);
+  });
+
+  return {
+    path,
+    format: 'qcow2',
+    size,
+    preallocation,
+    fileLength: layout.fileLength,
+    clusterSize: layout.clusterSize,
+    compat: s.version === 3 ? '1.1' : '0.10',
+    refcountBits: 2 ** s.refcountOrder,
+    extendedL2: s.extendedL2,
+    lazyRefcounts: s.lazyRefcounts,
+    compressionType: s.zstd ? 'zstd' : 'zlib',
+    ...(backing ? { backing: { file: backing.file, format: backing.format } } : {}),
+  };
+}
+
+interface Qcow2Settings {
+  version: 2 | 3;
+  clusterBits: number;
+  refcountOrder: number;
+  extendedL2: boolean;
+  lazyRefcounts: boolean;
+  zstd: boolean;
+}
+
+/** qemu-img's checks and messages (with compat=, the -o name, where QEMU says version=). */
+function qcow2Settings(o: Qcow2CreateOptions, path: string): Qcow2Settings {
+  const bad = (msg: string) => new QcowError('INVALID_ARGUMENT', msg, path);
+  const needV3 = (what: string) => bad(`${what} compatibility level 1.1 and above (use compat=1.1)`);
+  const compat = o.compat ?? '1.1';
+  if (compat !== '0.10' && compat !== '1.1') throw bad(`Parameter 'compat' does not accept value '${String(compat)}'`);
+  const version = compat === '1.1' ? 3 : 2;
+
+  const clusterBits = Math.log2(o.clusterSize ?? 65536);
+  if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) throw bad('Cluster size must be a power of two between 512 and 2048k');
+  const refcountOrder = Math.log2(o.refcountBits ?? 16);
+  if (!Number.isInteger(refcountOrder) || refcountOrder < 0 || refcountOrder > 6) throw bad('Refcount width must be a power of two and may not exceed 64 bits');
+  const compression = o.compressionType ?? 'zlib';
+  if (compression !== 'zlib' && compression !== 'zstd') throw bad(`Parameter 'compression_type' does not accept value '${String(compression)}'`);
+  const s: Qcow2Settings = { version, clusterBits, refcountOrder, extendedL2: o.extendedL2 === true, lazyRefcounts: o.lazyRefcounts === true, zstd: compression === 'zstd' };
+
+  if (version === 2) {
+    if (s.lazyRefcounts) throw needV3('Lazy refcounts only supported with');
+    if (refcountOrder !== 4) throw needV3('Different refcount widths than 16 bits require');
+    if (s.extendedL2) throw needV3('Extended L2 entries are only supported with');
+    if (s.zstd) throw needV3('Non-zlib compression type is only supported with');
+  }
+  if (s.extendedL2 && clusterBits < 14) throw bad('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+  return s;
+}
+
+function checkSize(size: number | undefined, path: string): number {
+  if (size === undefined) throw new QcowError('INVALID_ARGUMENT', 'Image creation needs a size parameter', path);
+  if (!Number.isSafeInteger(size) || size < 0)
+    throw new QcowError('INVALID_ARGUMENT', `Invalid image size specified: ${size} (must be between 0 and ${Number.MAX_SAFE_INTEGER})`, path);
+  return alignUp(size, 512); // QEMU counts whole sectors
+}
+
+/** Validates the backing file and, unless unsafe, opens its chain for its size. */
+async function checkBacking(
+  path: string,
+  b: NonNullable<CreateOptions['backing']>,
+  opts: CreateOptions,
+): Promise<{ file: string; format: LayerFormat; size: number | undefined }> {
+  const bad = (msg: string) => new QcowError('INVALID_ARGUMENT', msg, path);
+  if (b.file === '') throw bad('Expected backing file name, got empty string');
+  if (hasProtocolPrefix(b.file)) throw new QcowError('BACKING', `backing file name '${b.file}' uses a protocol prefix; only plain files are supported`, path);
+  const full = resolveBackingPath(path, b.file);
+  if (await sameFile(full, path)) throw bad('Trying to create an image with the same filename as the backing file');
+  if (b.format === undefined) {
+    // QEMU 7.2 refuses to guess (a probed raw backing file could be a security hole).
+    const detected = await probeFormat(full).catch(() => undefined);
+    const fix = detected ? `detected ${detected}: add -F ${detected}` : 'add -F qcow2 or -F raw';
+    throw bad(`Backing file specified without backing format (${fix})`);
+  }
+  if (b.format !== 'qcow2' && b.format !== 'raw') throw new QcowError('UNSUPPORTED', `backing format '${String(b.format)}' is not supported (qcow2 and raw are)`, path);
+  if (opts.unsafe) return { file: b.file, format: b.format, size: undefined };
+  let chain: BackingChain;
+  try {
+    chain = await BackingChain.open(full, { format: b.format, metadataOnly: true, forceShare: true, onWarning: opts.onWarning, signal: opts.signal });
+  } catch (e) {
+    const why = e instanceof QcowError ? `${e.file !== undefined && e.file !== full ? `${e.file}: ` : ''}${e.message}` : String(e);
+    throw new QcowError('BACKING', `Could not open backing image '${full}': ${why}`, path, { cause: e });
+  }
+  try {
+    return { file: b.file, format: b.format, size: chain.virtualSize };
+  } finally {
+    await chain.close();
+  }
+}
+
+/** Same name after resolving, or the same file through links (never overwrite the backing file). */
+async function sameFile(a: string, b: string): Promise<boolean> {
+  if (resolve(a) === resolve(b)) return true;
+  const [ra, rb] = await Promise.all([realpath(a).catch(() => undefined), realpath(b).catch(() => undefined)]);
+  return ra !== undefined && ra === rb;
+}
+
+/**
+ * Creates the file if missing, takes the write lock, and only then truncates it (so an image in
+ * use elsewhere is refused, not destroyed). On failure the half-written file is removed, as QEMU
+ * does; a file that existed but whose lock we could not get is left alone.
+ */
+async function writeImage(path: string, write: (file: ImageFile) => Promise<void>): Promise<void> {
+  let created = false;
+  try {
+    await writeFile(path, new Uint8Array(0), { flag: 'wx' });
+    created = true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(e, path, 'Could not create');
+  }
+  let file: ImageFile;
+  try {
+    file = await openImageFile(path, { writable: true });
+  } catch (e) {
+    if (created) await rm(path, { force: true });
+    throw e;
+  }
+  try {
+    await file.truncate(0);
+    await write(file);
+    await file.flush();
+    await file.close();
+  } catch (e) {
+    await file.close().catch(() => {});
+    await rm(path, { force: true });
+    throw e;
+  }
+}
+
+/** Builds and writes the table area in CHUNK-sized buffers, several writes in flight. */
+async function writeTables(file: ImageFile, l: FreshLayout, opts: CreateOptions): Promise<void> {
+  const chunk = Math.max(CHUNK, l.clusterSize);
+  const starts: number[] = [];
+  for (let at = l.clusterSize; at < l.tablesEnd; at += chunk) starts.push(at);
+  let done = 0;
+  const total = l.tablesEnd - l.clusterSize;
+  await inParallel(starts, WRITES_IN_FLIGHT, async (at) => {
+    throwIfAborted(opts.signal, file.path);
+    const buf = new Uint8Array(Math.min(chunk, l.tablesEnd - at));
+    fillMetadata(l, at, buf);
+    await file.writeAt(buf, at);
+    opts.onProgress?.((done += buf.length), total);
+  });
+}
+
+async function writeZeros(file: ImageFile, start: number, length: number, opts: CreateOptions): Promise<void> {
+  const zeros = new Uint8Array(Math.min(CHUNK, length));
+  const starts: number[] = [];
+  for (let at = start; at < start + length; at += CHUNK) starts.push(at);
+  let done = 0;
+  await inParallel(starts, WRITES_IN_FLIGHT, async (at) => {
+    throwIfAborted(opts.signal, file.path);
+    const n = Math.min(CHUNK, start + length - at);
+    await file.writeAt(n === zeros.length ? zeros : zeros.subarray(0, n), at);
+    opts.onProgress?.((done += n), length);
+  });
+}
