@@ -1,3 +1,3 @@
 #!/usr/bin/env node
 // Tiny launcher: everything lives in dist/ (built by `npm install`).
-import('../dist/cli/main.js').then((m) => m.main(process.argv.slice(2)));
+import('../dist/cli-bundle/main.js').then((m) => m.main(process.argv.slice(2)));

@@ -49,9 +49,9 @@ io base.qcow2 'write -P 0x11 0 64k' 'write -P 0x22 1M 4k' 'write -P 0x33 32M 64k
 sample base.qcow2 valid "v3, 64 KiB clusters, 64 MiB; 0x11 @ [0,64k), 0x22 @ [1M,1M+4k) (partial cluster), 0x33 @ [32M,32M+64k)"
 
 # --- format variants -------------------------------------------------------------------------------
-mk -o compat=0.10,cluster_size=64k v2.qcow2 16M
-io v2.qcow2 'write -P 0x5a 0 64k' 'write -P 0x5b 2M 8k' 'write -z 4M 64k' 'write -P 0x5c 8M 64k' 'write -z 8M 4k'
-sample v2.qcow2 valid "v2 (compat=0.10), 64 KiB clusters, 16 MiB; 0x5a @ [0,64k), 0x5b @ [2M,+8k), write -z @ 4M (no zero flag in v2: stays unallocated), 0x5c @ [8M,+64k) then write -z [8M,+4k) (zeros written as data)"
+mk -o compat=0.10,cluster_size=16k v2.qcow2 16M
+io v2.qcow2 'write -P 0x5a 0 32k' 'write -z 8k 4k' 'write -P 0x5b 2M 8k' 'write -z 4M 64k'
+sample v2.qcow2 valid "v2 (compat=0.10), 16 KiB clusters, 16 MiB; 0x5a @ [0,32k) then write -z [8k,12k) (v2 has no zero flag: zeros are written as data), 0x5b @ [2M,+8k), write -z [4M,+64k) on a never-written range (stays unallocated)"
 
 mk -o cluster_size=512 c512.qcow2 4M
 io c512.qcow2 'write -P 0x01 0 512' 'write -P 0x02 1536 1024' 'write -P 0x03 1M 64k' 'write -P 0x04 3000 100' 'write -z 1056768 1k' 'discard 1064960 512'
@@ -95,30 +95,30 @@ qemu-img create -q -f raw "$RAW" 1M
 qemu-io -f raw -c 'write -P 0x71 0 128k' -c 'write -P 0x72 192k 4k' -c 'write -P 0x73 512k 64k' "$RAW" >/dev/null
 P fill-random "$RAW" 256k 64k compressed
 qemu-img convert -q -f raw -O qcow2 -c -o cluster_size=64k "$RAW" compressed-zlib.qcow2
-qemu-img convert -q -f raw -O qcow2 -c -o cluster_size=64k,compression_type=zstd "$RAW" compressed-zstd.qcow2
-desc_c="1 MiB, 64 KiB clusters, qemu-img convert -c from a raw with 0x71 @ [0,128k), 0x72 @ [192k,+4k), pseudo-random [256k,320k) (incompressible: stored uncompressed), 0x73 @ [512k,576k)"
-sample compressed-zlib.qcow2 valid "compression_type=zlib (deflate); $desc_c"
-sample compressed-zstd.qcow2 valid "compression_type=zstd (incompatible bit 3); $desc_c"
+qemu-img convert -q -f raw -O qcow2 -c -o cluster_size=16k,compression_type=zstd "$RAW" compressed-zstd.qcow2
+desc_c="1 MiB, qemu-img convert -c from a raw with 0x71 @ [0,128k), 0x72 @ [192k,+4k), pseudo-random [256k,320k) (incompressible: stored uncompressed), 0x73 @ [512k,576k)"
+sample compressed-zlib.qcow2 valid "compression_type=zlib (deflate), 64 KiB clusters; $desc_c"
+sample compressed-zstd.qcow2 valid "compression_type=zstd (incompatible bit 3), 16 KiB clusters; $desc_c"
 
 # --- backing chains --------------------------------------------------------------------------------
 mkdir -p chain/sub
 mk -o cluster_size=16k chain/base.qcow2 8M
-io chain/base.qcow2 'write -P 0x01 0 256k' 'write -P 0x04 6M 16k'
+io chain/base.qcow2 'write -P 0x01 0 128k' 'write -P 0x04 6M 16k'
 mk -o cluster_size=4k -b base.qcow2 -F qcow2 chain/mid.qcow2
 io chain/mid.qcow2 'write -P 0x02 64k 64k' 'write -z 192k 8k' 'write -P 0x05 1M 4k'
 mk -o cluster_size=4k -b ../mid.qcow2 -F qcow2 chain/sub/top.qcow2
-io chain/sub/top.qcow2 'write -P 0x03 100k 10k' 'discard 240k 4k' 'write -z -u 6M 4k'
-sample chain/base.qcow2 valid "chain bottom: 16 KiB clusters, 8 MiB; 0x01 @ [0,256k), 0x04 @ [6M,+16k)"
+io chain/sub/top.qcow2 'write -P 0x03 100k 10k' 'discard 120k 4k' 'write -z -u 6M 4k'
+sample chain/base.qcow2 valid "chain bottom: 16 KiB clusters, 8 MiB; 0x01 @ [0,128k), 0x04 @ [6M,+16k)"
 sample chain/mid.qcow2 valid,chain "chain middle: 4 KiB clusters, backing 'base.qcow2' (-F qcow2); 0x02 @ [64k,128k), write -z [192k,200k), 0x05 @ [1M,+4k)"
-sample chain/sub/top.qcow2 valid,chain "chain top: 4 KiB clusters, backing '../mid.qcow2' (-F qcow2); 0x03 @ [100k,110k) (unaligned), discard [240k,244k) and write -z -u [6M,+4k) hide the base"
+sample chain/sub/top.qcow2 valid,chain "chain top: 4 KiB clusters, backing '../mid.qcow2' (-F qcow2); 0x03 @ [100k,110k) (unaligned), discard [120k,124k) and write -z -u [6M,+4k) hide the lower layers"
 
 mkdir -p rawback
-qemu-img create -q -f raw rawback/base.raw 256k
-qemu-io -f raw -c 'write -P 0x81 0 256k' -c 'write -P 0x82 64k 4k' rawback/base.raw >/dev/null
+qemu-img create -q -f raw rawback/base.raw 128k
+qemu-io -f raw -c 'write -P 0x81 0 128k' -c 'write -P 0x82 64k 4k' rawback/base.raw >/dev/null
 mk -o cluster_size=4k -b base.raw -F raw rawback/over.qcow2 1M
-io rawback/over.qcow2 'write -P 0x83 8k 4k' 'write -z 16k 8k' 'discard 32k 4k' 'write -P 0x84 131584 1k' 'write -P 0x85 512k 4k'
-sample rawback/base.raw raw "raw backing file, 256 KiB: 0x81 everywhere except 0x82 @ [64k,68k)"
-sample rawback/over.qcow2 valid,chain "4 KiB clusters, 1 MiB (larger than its 256 KiB raw backing 'base.raw', -F raw); 0x83 @ [8k,12k), write -z [16k,24k), discard [32k,36k), 0x84 @ [128k+512,+1k) (COW from backing), 0x85 @ [512k,+4k) past the backing's end"
+io rawback/over.qcow2 'write -P 0x83 8k 4k' 'write -z 16k 8k' 'discard 32k 4k' 'write -P 0x84 98816 1k' 'write -P 0x85 512k 4k'
+sample rawback/base.raw raw "raw backing file, 128 KiB: 0x81 everywhere except 0x82 @ [64k,68k)"
+sample rawback/over.qcow2 valid,chain "4 KiB clusters, 1 MiB (larger than its 128 KiB raw backing 'base.raw', -F raw); 0x83 @ [8k,12k), write -z [16k,24k), discard [32k,36k), 0x84 @ [96k+512,+1k) (COW from backing), 0x85 @ [512k,+4k) past the backing's end"
 
 # --- bitmaps ---------------------------------------------------------------------------------------
 mk -o cluster_size=4k bitmaps.qcow2 16M
@@ -192,9 +192,9 @@ qemu-io --object secret,id=sec0,data=qcowkit \
   -c 'write -P 0x5e 0 8k' >/dev/null
 sample encrypted-aes.qcow2 encrypted "4 KiB clusters, 4 MiB, legacy AES encryption (crypt_method=1, secret 'qcowkit'), 0x5e @ [0,8k) encrypted. info works (encrypted: true); map/check need the secret (exit 1)"
 
-mk -o cluster_size=4k,data_file=datafile.data datafile.qcow2 1M
-io datafile.qcow2 'write -P 0x77 0 8k' 'write -P 0x78 256k 4k' 'write -z 512k 4k'
-sample datafile.qcow2 valid,datafile "external data file (incompatible bit 2): metadata in datafile.qcow2 (4 KiB clusters, 1 MiB), guest data in datafile.data (raw, 1 MiB, host offset == guest offset); 0x77 @ [0,8k), 0x78 @ [256k,+4k), write -z [512k,+4k)"
+mk -o cluster_size=4k,data_file=datafile.data datafile.qcow2 128k
+io datafile.qcow2 'write -P 0x77 0 8k' 'write -P 0x78 64k 4k' 'write -z 96k 4k'
+sample datafile.qcow2 valid,datafile "external data file (incompatible bit 2): metadata in datafile.qcow2 (4 KiB clusters, 128 KiB), guest data in datafile.data (raw, 128 KiB, host offset == guest offset); 0x77 @ [0,8k), 0x78 @ [64k,+4k), write -z [96k,+4k)"
 sample datafile.data raw "the external data file of datafile.qcow2"
 
 # --- canonicalise, compute oracles, compress the big one ------------------------------------------

@@ -45,7 +45,9 @@ export async function main(argv: string[]): Promise<void> {
     return;
   }
   try {
-    const mod = (await import(`./commands/${name}.js`)) as { command: () => import('commander').Command };
+    // A computed specifier: resolved at run time next to this file (bundled or not).
+    const specifier = './commands/' + name + '.js';
+    const mod = (await import(specifier)) as { command: () => import('commander').Command };
     await mod.command().parseAsync(argv.slice(1), { from: 'user' });
   } catch (e) {
     fail(e);

@@ -7,6 +7,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { fromSystemError, QcowError } from '../errors.js';
 import { dataExtentsNative } from './native.js';
 import { lockImage, type LockMode } from './lock.js';
+import { trim } from './fsx.js';
 
 export interface ImageFile {
   readonly path: string;
@@ -110,9 +111,8 @@ class NodeImageFile implements ImageFile {
   }
 
   async punchHole(offset: number, length: number): Promise<void> {
-    const fsx = await import('fs-native-extensions');
     try {
-      await fsx.trim(this.handle.fd, offset, length);
+      await trim(this.handle.fd, offset, length);
     } catch (e) {
       throw fromSystemError(e, this.path, `punching a hole at ${offset} failed`);
     }

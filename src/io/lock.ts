@@ -5,8 +5,8 @@
  * (an exclusive test lock would need a writable descriptor and would block QEMU's readers).
  */
 import { readFile } from 'node:fs/promises';
-import { createRequire } from 'node:module';
 import { QcowError } from '../errors.js';
+import { tryLock } from './fsx.js';
 
 export type LockMode = 'none' | 'read' | 'read-shared' | 'write';
 
@@ -25,14 +25,6 @@ const PLANS: Record<Exclude<LockMode, 'none'>, LockPlan> = {
   'read-shared': { hold: [PERM_READ], forbid: [] },
   write: { hold: [PERM_READ, PERM_WRITE, PERM_RESIZE], forbid: [PERM_WRITE, PERM_RESIZE] },
 };
-
-type Fsx = { tryLock(fd: number, offset: number, length: number, opts: { shared: boolean }): boolean; unlock(fd: number, offset: number, length: number): void };
-let fsx: Fsx | undefined;
-function native(): Fsx {
-  // CommonJS native module: loaded only when a lock is taken.
-  fsx ??= createRequire(import.meta.url)('fs-native-extensions') as Fsx;
-  return fsx;
-}
 
 /** Byte offsets other processes hold locks on for this inode (from /proc/locks). */
 async function lockedBytes(dev: number, ino: number): Promise<Set<number>> {
@@ -71,9 +63,8 @@ export async function lockImage(fd: number, dev: number, ino: number, mode: Lock
     if (taken.has(200 + p)) throw lockError(path, `Failed to get "${PERM_NAMES[p]}" lock`);
   for (const p of plan.forbid)
     if (taken.has(100 + p)) throw lockError(path, `Failed to get shared "${PERM_NAMES[p]}" lock`);
-  const n = native();
   for (const byte of [...plan.hold.map((p) => 100 + p), ...plan.forbid.map((p) => 200 + p)]) {
-    if (!n.tryLock(fd, byte, 1, { shared: true })) throw lockError(path, `Failed to lock byte ${byte}`);
+    if (!tryLock(fd, byte, 1, true)) throw lockError(path, `Failed to lock byte ${byte}`);
   }
 }
 

@@ -87,9 +87,12 @@ export async function create(path: string, opts: CreateOptions): Promise<CreateR
   }
 
   const s = qcow2Settings(o, path);
+  // Preallocated clusters would hide the backing file's data (extended L2 keeps them unallocated).
+  if (opts.backing && preallocation !== 'off' && !s.extendedL2)
+    throw bad('Backing file and preallocation can only be used at the same time if extended_l2 is on');
   const backing = opts.backing ? await checkBacking(path, opts.backing, opts) : undefined;
   const size = checkSize(opts.size ?? backing?.size, path);
-  const layout = freshLayout({ clusterBits: s.clusterBits, refcountOrder: s.refcountOrder, extendedL2: s.extendedL2, size, preallocate: preallocation !== 'off' });
+  const layout = freshLayout({ clusterBits: s.clusterBits, refcountOrder: s.refcountOrder, extendedL2: s.extendedL2, size, preallocate: preallocation !== 'off' }, path);
   const header = encodeHeader(
     {
       version: s.version,

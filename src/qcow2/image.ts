@@ -13,7 +13,7 @@ import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS } from '../form
 import { pushExtent, type BlockLayer, type LayerExtent } from '../chain/layer.js';
 import { L2Tables } from './l2.js';
 import { RefcountReader } from './refcounts.js';
-import { decompressCluster, loadZstd } from './compressed.js';
+import { decompressCluster, loadDecoder } from './compressed.js';
 
 export interface OpenQcow2Options {
   writable?: boolean;
@@ -93,7 +93,6 @@ export class Qcow2Image implements BlockLayer {
       await file.readAt(dir, header.bitmaps.directoryOffset);
       bitmaps = decodeBitmapDirectory(dir, header.bitmaps, cs, header.size, path);
     }
-    if (header.compressionType === 1) await loadZstd();
     return new Qcow2Image(path, file, header, fileSize, l1, snapshots, snapshotTableBytes, bitmaps);
   }
 
@@ -201,7 +200,7 @@ export class Qcow2Image implements BlockLayer {
     if (offset + length > this.fileSize + 512)
       throw new QcowError('CORRUPT', `Compressed cluster at guest offset ${extent.start} lies past the end of the file`, this.path);
     const src = new Uint8Array(length);
-    await this.file.readAt(src, offset);
+    await Promise.all([this.file.readAt(src, offset), loadDecoder(this.header.compressionType)]);
     const data = new Uint8Array(this.clusterSize);
     decompressCluster(src, data, this.header.compressionType, this.path, extent.start);
     this.#lastCompressed = { offset, data };

@@ -57,10 +57,11 @@ const TWO32 = 0x1_0000_0000;
 
 export const SIZE_TOO_LARGE = "The image size is too large for file format 'qcow2' (try using a larger cluster size)";
 
-export function freshLayout(p: FreshLayoutParams): FreshLayout {
+/** Computes the layout; `file` names the image in errors (size too large for the tables). */
+export function freshLayout(p: FreshLayoutParams, file?: string): FreshLayout {
   const cs = 2 ** p.clusterBits;
   const l1Size = minL1Size(p.size, p.clusterBits, p.extendedL2);
-  if (l1Size * 8 > MAX_L1_BYTES || p.size > MAX_HOST_OFFSET) throw new QcowError('INVALID_ARGUMENT', SIZE_TOO_LARGE);
+  if (l1Size * 8 > MAX_L1_BYTES || p.size > MAX_HOST_OFFSET) throw new QcowError('INVALID_ARGUMENT', SIZE_TOO_LARGE, file);
   const l1Clusters = Math.ceil((l1Size * 8) / cs);
   const l2Tables = p.preallocate ? l1Size : 0;
   const dataClusters = p.preallocate ? Math.ceil(p.size / cs) : 0;
@@ -78,7 +79,7 @@ export function freshLayout(p: FreshLayoutParams): FreshLayout {
     tableClusters = Math.max(tableClusters, needTable);
   }
   if (tableClusters * cs > MAX_REFTABLE_BYTES)
-    throw new QcowError('INVALID_ARGUMENT', 'The preallocated image needs a refcount table above 8 MiB (try using a larger cluster size or refcount width)');
+    throw new QcowError('INVALID_ARGUMENT', 'The preallocated image needs a refcount table above 8 MiB (try using a larger cluster size or refcount width)', file);
 
   const refcountTableOffset = cs;
   const refcountBlockOffset = refcountTableOffset + tableClusters * cs;
@@ -87,7 +88,7 @@ export function freshLayout(p: FreshLayoutParams): FreshLayout {
   const dataOffset = l2TableOffset + l2Tables * cs;
   const usedClusters = others + tableClusters + blocks;
   const fileLength = p.preallocate ? usedClusters * cs : l1Start + l1Size * 8;
-  if (usedClusters * cs > MAX_HOST_OFFSET) throw new QcowError('INVALID_ARGUMENT', SIZE_TOO_LARGE);
+  if (usedClusters * cs > MAX_HOST_OFFSET) throw new QcowError('INVALID_ARGUMENT', SIZE_TOO_LARGE, file);
   return {
     ...p,
     clusterSize: cs,

@@ -1,0 +1,53 @@
+/**
+ * fs-native-extensions (OFD locks, hole punching), loaded lazily. Its index resolves the addon
+ * through several helper packages (~15 ms of start-up); requiring the shipped prebuilt binding
+ * directly costs ~2 ms, so that is tried first, with the package's own entry as the fallback.
+ */
+import { createRequire } from 'node:module';
+
+interface Binding {
+  tryLock(fd: number, offset: number, length: number, exclusive: boolean): void;
+  unlock(fd: number, offset: number, length: number): void;
+  trim(fd: number, offset: number, length: number, req: unknown, cb: (this: Req, err: Error | null) => void): unknown;
+}
+interface Req {
+  handle: unknown;
+  resolve: () => void;
+  reject: (e: Error) => void;
+}
+
+let binding: Binding | undefined;
+
+function load(): Binding {
+  if (binding) return binding;
+  const require = createRequire(import.meta.url);
+  try {
+    const dir = require.resolve('fs-native-extensions/package.json').replace(/package\.json$/, '');
+    binding = require(`${dir}prebuilds/${process.platform}-${process.arch}/fs-native-extensions.node`) as Binding;
+  } catch {
+    binding = require('fs-native-extensions/binding') as Binding;
+  }
+  return binding;
+}
+
+/** F_OFD_SETLK on [offset, offset+length): false when another holder conflicts. */
+export function tryLock(fd: number, offset: number, length: number, shared: boolean): boolean {
+  try {
+    load().tryLock(fd, offset, length, !shared);
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EAGAIN') return false;
+    throw e;
+  }
+}
+
+/** FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE. */
+export function trim(fd: number, offset: number, length: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const req: Req = { handle: null, resolve, reject };
+    req.handle = load().trim(fd, offset, length, req, function (this: Req, err) {
+      if (err) this.reject(err);
+      else this.resolve();
+    });
+  });
+}

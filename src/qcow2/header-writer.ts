@@ -1,0 +1,116 @@
+/**
+ * In-place header updates: feature bits (dirty, corrupt, unknown autoclear bits) and the
+ * refcount-table pointer. Only the bytes of the fields being changed are written, so every other
+ * header byte — unknown fields up to header_length, extensions known or not, the backing file
+ * name — stays exactly as it was.
+ *
+ * Ordering contract (qcow2-format.md §9): `markDirty()` is durable before it returns, so bulk
+ * metadata changes may follow it; `markClean()` flushes everything written before it first, then
+ * clears the bit durably.
+ */
+import { QcowError } from '../errors.js';
+import type { ImageFile } from '../io/file.js';
+import type { Qcow2Header } from '../format/header.js';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/constants.js';
+
+const OFF_REFCOUNT_TABLE = 48; // u64 offset + u32 clusters: one 12-byte write switches both
+const OFF_INCOMPATIBLE = 72;
+const OFF_AUTOCLEAR = 88;
+const KNOWN_AUTOCLEAR = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
+
+export class HeaderWriter {
+  #incompatible: bigint;
+  #autoclear: bigint;
+
+  constructor(
+    private readonly file: ImageFile,
+    readonly version: 2 | 3,
+    incompatible: bigint,
+    autoclear: bigint,
+  ) {
+    this.#incompatible = incompatible;
+    this.#autoclear = autoclear;
+  }
+
+  static for(file: ImageFile, header: Qcow2Header): HeaderWriter {
+    return new HeaderWriter(file, header.version, header.incompatibleFeatures, header.autoclearFeatures);
+  }
+
+  get incompatibleFeatures(): bigint {
+    return this.#incompatible;
+  }
+  get autoclearFeatures(): bigint {
+    return this.#autoclear;
+  }
+  get dirty(): boolean {
+    return (this.#incompatible & INCOMPAT_DIRTY) !== 0n;
+  }
+  get corrupt(): boolean {
+    return (this.#incompatible & INCOMPAT_CORRUPT) !== 0n;
+  }
+
+  /** Sets and clears incompatible feature bits with one 8-byte write, then flushes (v3 only). */
+  async updateIncompatible(set: bigint, clear: bigint): Promise<void> {
+    if (this.version < 3) return; // v2 has no feature bits
+    const next = (this.#incompatible | set) & ~clear;
+    if (next === this.#incompatible) return;
+    await this.#writeU64(OFF_INCOMPATIBLE, next);
+    await this.file.flush();
+    this.#incompatible = next;
+  }
+
+  /** Sets the dirty bit durably before metadata changes whose refcounts may be in flux. */
+  async markDirty(): Promise<void> {
+    await this.updateIncompatible(INCOMPAT_DIRTY, 0n);
+  }
+
+  /** Makes every earlier write durable, then clears the dirty bit durably. */
+  async markClean(): Promise<void> {
+    if (!this.dirty) return;
+    await this.file.flush();
+    await this.updateIncompatible(0n, INCOMPAT_DIRTY);
+  }
+
+  /** Clears the corrupt bit (after a repair that left no errors), flushing earlier writes first. */
+  async clearCorrupt(): Promise<void> {
+    if (!this.corrupt) return;
+    await this.file.flush();
+    await this.updateIncompatible(0n, INCOMPAT_CORRUPT);
+  }
+
+  /**
+   * A writer must clear the autoclear bits it does not understand before modifying the file
+   * (spec; QEMU does it on every read-write open).
+   */
+  async clearUnknownAutoclear(): Promise<void> {
+    if (this.version < 3) return;
+    const next = this.#autoclear & KNOWN_AUTOCLEAR;
+    if (next === this.#autoclear) return;
+    await this.#writeU64(OFF_AUTOCLEAR, next);
+    await this.file.flush();
+    this.#autoclear = next;
+  }
+
+  /**
+   * Switches the image to another refcount table: offset and cluster count change in one write
+   * (they are adjacent), made durable before returning. Everything the new table points to must
+   * already be durable (the caller flushes first).
+   */
+  async setRefcountTable(offset: number, clusters: number): Promise<void> {
+    if (!Number.isSafeInteger(offset) || offset <= 0 || !Number.isInteger(clusters) || clusters <= 0 || clusters > 0xffffffff)
+      throw new QcowError('INVALID_ARGUMENT', `internal error: bad refcount table ${offset}/${clusters}`, this.file.path);
+    const buf = new Uint8Array(12);
+    const v = new DataView(buf.buffer);
+    v.setUint32(0, Math.floor(offset / 2 ** 32));
+    v.setUint32(4, offset >>> 0);
+    v.setUint32(8, clusters);
+    await this.file.writeAt(buf, OFF_REFCOUNT_TABLE);
+    await this.file.flush();
+  }
+
+  async #writeU64(at: number, value: bigint): Promise<void> {
+    const buf = new Uint8Array(8);
+    new DataView(buf.buffer).setBigUint64(0, value);
+    await this.file.writeAt(buf, at);
+  }
+}
