@@ -154,21 +154,47 @@ export function l2Scan(table: usize, firstEntry: u32, entryCount: u32, extended:
   runOut = out;
   runMax = maxRuns;
   runN = 0;
+  const cs = <u64>1 << <u64>clusterBits;
   let i: u32 = 0;
-  for (; i < entryCount; i++) {
+  while (i < entryCount) {
     const index = firstEntry + i;
     const p = entryPtr(table, index, extended);
+    const word = loadBE(p);
     // Roll back a partially emitted entry so `consumed` stays exact.
     const savedN = runN;
     const savedCount = savedN ? load<u32>(record(savedN - 1), 4) : 0;
-    if (!scanEntry(index, loadBE(p), bitmapWord(p, extended), extended, clusterBits)) {
+    if (!scanEntry(index, word, bitmapWord(p, extended), extended, clusterBits)) {
       runN = savedN;
       if (savedN) store<u32>(record(savedN - 1), savedCount, 4);
       break;
     }
+    i++;
+    if (!extended) i += extendRun(table, firstEntry + i, entryCount - i, word, cs);
   }
   consumed = i;
   return runN;
+}
+
+/**
+ * Fast path for standard L2: counts the following entries that merely continue the last run
+ * (the same word for unallocated/zero, the next host cluster for data/zero-alloc) and adds them
+ * to it without classifying each one. Typical tables are a few long runs.
+ */
+function extendRun(table: usize, index: u32, remaining: u32, word: u64, cs: u64): u32 {
+  const last = record(runN - 1);
+  const kind = load<u32>(last, 8);
+  if (kind >= COMPRESSED) return 0;
+  const step: u64 = kind == DATA || kind == ZERO_ALLOC ? cs : 0;
+  let expect = word + step;
+  let n: u32 = 0;
+  // The expected word must stay a valid entry of the same kind: no carry out of the host field.
+  while (n < remaining && ((expect ^ word) & ~HOST_MASK) == 0 && (expect & HOST_MASK) < MAX_OFFSET) {
+    if (loadBE(entryPtr(table, index + n, false)) != expect) break;
+    n++;
+    expect += step;
+  }
+  if (n) store<u32>(last, load<u32>(last, 4) + n, 4);
+  return n;
 }
 
 export function scanConsumed(): u32 {
