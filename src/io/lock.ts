@@ -60,14 +60,15 @@ export async function lockImage(fd: number, dev: number, ino: number, mode: Lock
   const plan = PLANS[mode];
   const taken = await lockedBytes(dev, ino);
   for (const p of plan.hold)
-    if (taken.has(200 + p)) throw lockError(path, `Failed to get "${PERM_NAMES[p]}" lock`);
+    if (taken.has(200 + p)) throw lockError(path, `Failed to get "${PERM_NAMES[p]}" lock`, mode);
   for (const p of plan.forbid)
-    if (taken.has(100 + p)) throw lockError(path, `Failed to get shared "${PERM_NAMES[p]}" lock`);
+    if (taken.has(100 + p)) throw lockError(path, `Failed to get shared "${PERM_NAMES[p]}" lock`, mode);
   for (const byte of [...plan.hold.map((p) => 100 + p), ...plan.forbid.map((p) => 200 + p)]) {
-    if (!tryLock(fd, byte, 1, true)) throw lockError(path, `Failed to lock byte ${byte}`);
+    if (!tryLock(fd, byte, 1, true)) throw lockError(path, `Failed to lock byte ${byte}`, mode);
   }
 }
 
-function lockError(path: string, what: string): QcowError {
-  return new QcowError('LOCKED', `${what}: is another process (QEMU, qemu-nbd) using the image? Use -U to read it anyway`, path);
+function lockError(path: string, what: string, mode: LockMode): QcowError {
+  const hint = mode === 'write' ? 'stop it before changing the image' : 'use -U to read it anyway';
+  return new QcowError('LOCKED', `${what}: is another process (QEMU, qemu-nbd) using the image? ${hint}`, path);
 }

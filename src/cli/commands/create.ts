@@ -43,7 +43,7 @@ interface Flags {
   backing?: string;
   backingFormat?: string;
   unsafe?: boolean;
-  options: string[];
+  options?: string[];
   quiet?: boolean;
 }
 
@@ -58,12 +58,12 @@ export function command() {
     .option('-b, --backing <file>', 'backing file (relative names are relative to FILENAME)')
     .option('-F, --backing-format <fmt>', 'format of the backing file: qcow2 or raw (required with -b)')
     .option('-u, --unsafe', "don't open the backing file (SIZE is then required)")
-    .option('-o, --options <list>', "comma-separated options ('-o help' lists them)", (v: string, prev: string[]) => [...prev, v], [] as string[])
+    .option('-o, --options <list>', "comma-separated options ('-o help' lists them)", (v: string, prev: string[] = []) => [...prev, v])
     .option('-q, --quiet', 'print nothing on success')
     .argument('[filename]')
     .argument('[size]')
     .action(async (filename: string | undefined, sizeText: string | undefined, f: Flags) => {
-      const opts = parseOptionList(f.options.join(','), f.format, filename);
+      const opts = parseOptionList((f.options ?? []).join(','), f.format, filename);
       if (opts === 'help') {
         process.stdout.write(helpText(f.format));
         return;
@@ -112,8 +112,11 @@ function parseOptionList(text: string, format: LayerFormat, filename: string | u
     let value = eq < 0 ? (spec[0] === 'bool' ? 'on' : '') : item.slice(eq + 1);
     const bad = (what: string) => new QcowError('INVALID_ARGUMENT', `Parameter '${key}' expects ${what}`, filename);
     if (spec[0] === 'size') {
-      if (!/^\s*\d/.test(value)) throw bad('a size (bytes or a k, M, G, T suffix)');
-      value = String(parseSize(value, key));
+      try {
+        value = String(parseSize(value, key));
+      } catch {
+        throw bad('a size (bytes or a k, M, G, T suffix)');
+      }
     } else if (spec[0] === 'num' && !/^\d+$/.test(value)) throw bad('a number');
     else if (spec[0] === 'bool' && !(value in BOOLS)) throw bad("'on' or 'off'");
     out.set(key, value);
