@@ -21,7 +21,7 @@ done
 
 # --- clean everything except the sources of this directory -------------------------------------
 find . -mindepth 1 -maxdepth 1 \
-  ! -name regenerate.sh ! -name README.md ! -name patch.mjs ! -name oracle.mjs \
+  ! -name regenerate.sh ! -name README.md ! -name patch.mjs ! -name oracle.mjs ! -name .gitattributes \
   -exec rm -rf {} +
 
 SAMPLES="$(mktemp)"

@@ -20,8 +20,11 @@ export const IMAGES_DIR = join(REPO_ROOT, 'images');
 // temp dirs
 
 const created: string[] = [];
+let gzCache: string | undefined;
 
 function cleanup(): void {
+  if (gzCache) created.push(gzCache);
+  gzCache = undefined;
   while (created.length > 0) {
     const d = created.pop()!;
     try {
@@ -57,12 +60,10 @@ function checkName(name: string): string {
   return n;
 }
 
-let gzCache: string | undefined;
-
 /**
  * Absolute path of a committed fixture. Throws when it does not exist. For gzipped fixtures
- * (NAME.gz committed) returns a decompressed copy in a per-process cache directory (same
- * relative layout) — treat it as read-only like every other fixture path.
+ * (NAME.gz committed) returns a decompressed copy in a cache directory (same relative layout)
+ * that lives until the end of the test file — treat it as read-only like every other fixture.
  */
 export function fixturePath(name: string): string {
   const n = checkName(name);
@@ -70,11 +71,8 @@ export function fixturePath(name: string): string {
   if (existsSync(p)) return p;
   const gz = `${p}.gz`;
   if (!existsSync(gz)) throw new Error(`no such fixture: images/${n}`);
-  if (!gzCache) {
-    gzCache = mkdtempSync(join(tmpdir(), 'qcowkit-fixtures-'));
-    const c = gzCache;
-    process.once('exit', () => rmSync(c, { recursive: true, force: true }));
-  }
+  // Removed with the tmpDir()s after the test file (or at exit); recreated on demand.
+  gzCache ??= mkdtempSync(join(tmpdir(), 'qcowkit-fixtures-'));
   const out = join(gzCache, n);
   if (!existsSync(out)) {
     mkdirSync(dirname(out), { recursive: true });
