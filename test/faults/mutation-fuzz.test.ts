@@ -31,7 +31,7 @@ const sha = (f: string): string => createHash('sha256').update(readFileSync(f)).
 
 /** Seeds: committed fixtures (always present) — valid images of several shapes. */
 function seeds(): string[] {
-  const names = ['base.qcow2', 'v2.qcow2', 'ext-l2.qcow2', 'compressed-zlib.qcow2', 'snapshots.qcow2', 'bitmaps.qcow2', 'c512.qcow2'];
+  const names = ['base.qcow2', 'v2.qcow2', 'extl2.qcow2', 'compressed-zlib.qcow2', 'compressed-zstd.qcow2', 'snapshots.qcow2', 'bitmaps.qcow2', 'c512.qcow2', 'rc1.qcow2', 'rc64.qcow2'];
   return names.map((n) => join(root, 'images', n)).filter((p) => existsSync(p));
 }
 
@@ -92,13 +92,18 @@ async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<
   }
 }
 
+const outcomes = { ok: 0, refused: 0 };
+
 /** Runs an operation; passes when it succeeds or fails with a QcowError naming a file. */
 async function expectCleanOutcome(what: string, op: () => Promise<unknown>): Promise<void> {
   try {
     await withTimeout(op(), 20_000, what);
+    outcomes.ok++;
   } catch (e) {
     if (!(e instanceof QcowError)) throw new Error(`${what}: unexpected ${(e as Error)?.stack ?? String(e)}`);
     expect(e.message.length, what).toBeGreaterThan(0);
+    expect(e.file, `${what}: error names no file`).toBeTruthy();
+    outcomes.refused++;
   }
 }
 
@@ -132,6 +137,9 @@ describe.skipIf(all.length === 0)('mutation fuzz (library)', () => {
       }
     }
     expect(n).toBe(all.length * muts.length);
+    // The mutations must really exercise both paths: many refused, many still readable.
+    expect(outcomes.refused).toBeGreaterThan(n / 4);
+    expect(outcomes.ok).toBeGreaterThan(n / 4);
   });
 });
 
