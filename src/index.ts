@@ -9,6 +9,7 @@ export { RawLayer } from './chain/raw.js';
 export { info, type ImageInfo, type InfoOptions } from './ops/info.js';
 export { mapImage, type MapOptions } from './ops/map.js';
 export { compare, type CompareOptions, type CompareResult } from './ops/compare.js';
+export { check, type CheckResult, type CheckOptions } from './ops/check.js';
 export { create, type CreateOptions } from './ops/create.js';
 
 import { BackingChain, type OpenChainOptions } from './chain/chain.js';

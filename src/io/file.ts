@@ -38,6 +38,10 @@ export interface OpenFileOptions {
   lock?: LockMode;
 }
 
+/** Crash-test hook (test/faults): the process SIGKILLs itself right after its Nth write. */
+const KILL_AFTER_WRITES = Number(process.env.QCOWKIT_FAULT_KILL_AFTER_WRITES) || 0;
+let writesDone = 0;
+
 class NodeImageFile implements ImageFile {
   #closed = false;
   constructor(
@@ -91,6 +95,7 @@ class NodeImageFile implements ImageFile {
     } catch (e) {
       throw fromSystemError(e, this.path, `write error at offset ${offset + done}`);
     }
+    if (KILL_AFTER_WRITES && ++writesDone >= KILL_AFTER_WRITES) process.kill(process.pid, 'SIGKILL');
   }
 
   async flush(): Promise<void> {

@@ -23,6 +23,8 @@ export interface OpenQcow2Options {
   file?: ImageFile;
   /** Read even when another process holds a write lock (-U). */
   forceShare?: boolean;
+  /** `check -r`: a writable open is allowed even when the corrupt bit is set. */
+  forRepair?: boolean;
 }
 
 export class Qcow2Image implements BlockLayer {
@@ -78,7 +80,7 @@ export class Qcow2Image implements BlockLayer {
     }
     const header = decodeHeader(head, fileSize, path);
     if (!opts.metadataOnly) assertReadable(header, path);
-    if (opts.writable && header.incompatibleFeatures & INCOMPAT_CORRUPT)
+    if (opts.writable && !opts.forRepair && header.incompatibleFeatures & INCOMPAT_CORRUPT)
       throw new QcowError('CORRUPT', 'Image is corrupt; cannot be opened read/write (run check -r all first)', path);
     const cs = 2 ** header.clusterBits;
 
@@ -186,7 +188,9 @@ export class Qcow2Image implements BlockLayer {
     }
     if (extent.compressed) {
       const cluster = await this.#readCompressed(extent);
-      dst.set(cluster.subarray(offsetInExtent, offsetInExtent + dst.length));
+      // The extent may start inside the cluster (a read that doesn't begin on a cluster boundary).
+      const from = (extent.start + offsetInExtent) % this.clusterSize;
+      dst.set(cluster.subarray(from, from + dst.length));
       return;
     }
     await this.file.readAt(dst, extent.offset! + offsetInExtent);
@@ -202,7 +206,10 @@ export class Qcow2Image implements BlockLayer {
     const src = new Uint8Array(length);
     await Promise.all([this.file.readAt(src, offset), loadDecoder(this.header.compressionType)]);
     const data = new Uint8Array(this.clusterSize);
-    decompressCluster(src, data, this.header.compressionType, this.path, extent.start);
+    // QEMU packs compressed clusters byte by byte: the sectors read may end with the start of the
+    // next cluster's zstd frame, which QEMU never decodes (it stops once the cluster is full).
+    const input = this.header.compressionType === 1 ? src.subarray(0, zstdFrameLength(src)) : src;
+    decompressCluster(input, data, this.header.compressionType, this.path, extent.start);
     this.#lastCompressed = { offset, data };
     return data;
   }
@@ -211,6 +218,29 @@ export class Qcow2Image implements BlockLayer {
     this.#l2.clear();
     await this.file.close();
   }
+}
+
+/**
+ * Length of the zstd frame at the start of `src` (header, blocks, optional checksum), found from
+ * the block headers without decoding; src.length when it can't tell (the decoder then complains).
+ */
+export function zstdFrameLength(src: Uint8Array): number {
+  if (src.length < 6 || src[0] !== 0x28 || src[1] !== 0xb5 || src[2] !== 0x2f || src[3] !== 0xfd) return src.length;
+  const fhd = src[4]!;
+  const fcsFlag = fhd >> 6;
+  const singleSegment = (fhd >> 5) & 1;
+  const dictIdFlag = fhd & 3;
+  let pos = 5 + (singleSegment ? 0 : 1) + [0, 1, 2, 4][dictIdFlag]! + (fcsFlag === 0 ? singleSegment : 2 ** fcsFlag);
+  for (;;) {
+    if (pos + 3 > src.length) return src.length;
+    const bh = src[pos]! | (src[pos + 1]! << 8) | (src[pos + 2]! << 16);
+    const type = (bh >> 1) & 3;
+    pos += 3 + (type === 1 ? 1 : type === 3 ? 0 : bh >>> 3);
+    if (type === 3) return src.length; // reserved block type: corrupt
+    if (bh & 1) break;
+  }
+  if (fhd & 4) pos += 4; // content checksum
+  return Math.min(pos, src.length);
 }
 
 function assertReadable(h: Qcow2Header, path: string): void {

@@ -58,7 +58,8 @@ export class RefcountWriter {
     this.clusterSize = 2 ** layout.clusterBits;
     this.refcountOrder = layout.refcountOrder;
     this.perBlock = refcountBlockEntries(layout.clusterBits, layout.refcountOrder);
-    this.maxRefcount = maxRefcount(layout.refcountOrder);
+    // 64-bit counts are handled as doubles: exact up to 2^53 - 1, which is plenty.
+    this.maxRefcount = Math.min(maxRefcount(layout.refcountOrder), Number.MAX_SAFE_INTEGER);
     this.#tableOffset = layout.tableOffset;
     this.#tableClusters = layout.tableClusters;
     this.#table = tableBytes;
