@@ -226,6 +226,11 @@ export function l2AccountRefs(table: usize, entryCount: u32, extended: bool, clu
   outOfRange = 0;
   for (let i: u32 = 0; i < entryCount; i++) {
     const p = entryPtr(table, i, extended);
+    // Sparse tables are mostly empty entries: skip 16 zero bytes (1 or 2 entries) at a time.
+    if ((extended || i + 1 < entryCount) && !v128.any_true(v128.load(p))) {
+      if (!extended) i++;
+      continue;
+    }
     const kind = classify(loadBE(p), bitmapWord(p, extended), extended, clusterBits);
     if (kind == INVALID) {
       invalidCount++;
@@ -250,4 +255,42 @@ export function l2AccountRefs(table: usize, entryCount: u32, extended: bool, clu
   store<f64>(stats, 0, 40);
   store<f64>(stats, 0, 48);
   store<f64>(stats, 0, 56);
+}
+
+// --- COPIED flag audit ----------------------------------------------------------------------------
+
+/**
+ * Lists the entries whose COPIED flag disagrees with their cluster's stored refcount
+ * (refs: u32 per host cluster; COPIED must be set exactly when it is 1). Compressed entries and
+ * entries without a host cluster are skipped, as are clusters whose refcount equals `skipValue`
+ * (unreadable). An entry whose cluster is >= nRefs is listed as (index | 0x80000000) for the
+ * caller's slow path. Returns the number of indices written to `out` (room for entryCount).
+ */
+export function l2CopiedMismatches(table: usize, entryCount: u32, extended: bool, clusterBits: u32, refs: usize, nRefs: u32, skipValue: u32, out: usize): u32 {
+  let n: u32 = 0;
+  const shift = extended ? 4 : 3;
+  for (let j: u32 = 0; j < entryCount; j++) {
+    const p = table + (<usize>j << shift);
+    // Skip 16 zero bytes (1 or 2 entries) at a time: sparse tables are mostly empty.
+    if ((extended || j + 1 < entryCount) && !v128.any_true(v128.load(p))) {
+      if (!extended) j++;
+      continue;
+    }
+    const word = loadBE(p);
+    const host = word & HOST_MASK;
+    if (host == 0 || word & COMPRESSED_BIT) continue;
+    const cluster = host >> <u64>clusterBits;
+    if (cluster >= <u64>nRefs) {
+      store<u32>(out + (<usize>n << 2), j | 0x80000000);
+      n++;
+      continue;
+    }
+    const r = load<u32>(refs + (<usize>cluster << 2));
+    if (r == skipValue) continue;
+    if ((r == 1) != ((word >> 63) != 0)) {
+      store<u32>(out + (<usize>n << 2), j);
+      n++;
+    }
+  }
+  return n;
 }

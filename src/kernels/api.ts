@@ -69,6 +69,13 @@ export interface Kernels {
    * range touches) and writes L2Stat values to `stats` (8 f64, overwritten).
    */
   l2AccountRefs(table: number, entryCount: number, extended: boolean, clusterBits: number, refs: number, nClusters: number, stats: number): void;
+  /**
+   * COPIED audit of an active L2 table: writes to `out` (u32, room for entryCount) the index of
+   * every entry with a host cluster (not compressed) whose COPIED flag disagrees with
+   * refs[cluster] == 1 (refs: stored refcounts, u32); clusters >= nRefs are listed as
+   * (index | 0x80000000); clusters whose refcount equals skipValue are ignored. Returns the count.
+   */
+  l2CopiedMismatches(table: number, entryCount: number, extended: boolean, clusterBits: number, refs: number, nRefs: number, skipValue: number, out: number): number;
 
   // --- refcounts ------------------------------------------------------------------------------
   /** refs[c] += 1 for c in [firstCluster, firstCluster+count) (saturating); returns how many were >= nClusters. */

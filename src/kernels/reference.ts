@@ -170,6 +170,25 @@ export function referenceKernels(base: Kernels): Kernels {
     },
     scanConsumed: () => consumed,
 
+    l2CopiedMismatches(table, entryCount, extended, clusterBits, refs, nRefs, skipValue, out) {
+      const dv = view();
+      let n = 0;
+      for (let e = 0; e < entryCount; e++) {
+        const [word] = readEntry(dv, table, e, extended);
+        const host = Number(word & 0x00fffffffffffe00n);
+        if (host === 0 || word & (1n << 62n)) continue;
+        const cluster = Math.floor(host / 2 ** clusterBits);
+        if (cluster >= nRefs) {
+          dv.setUint32(out + 4 * n++, (e | 0x80000000) >>> 0, true);
+          continue;
+        }
+        const r = dv.getUint32(refs + 4 * cluster, true);
+        if (r === skipValue >>> 0) continue;
+        if ((r === 1) !== word >= 1n << 63n) dv.setUint32(out + 4 * n++, e, true);
+      }
+      return n;
+    },
+
     l2AccountRefs(table, entryCount, extended, clusterBits, refs, nClusters, stats) {
       const dv = view();
       const cs = 2 ** clusterBits;

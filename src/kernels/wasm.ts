@@ -156,6 +156,7 @@ interface RawExports {
   l2Scan(table: number, firstEntry: number, entryCount: number, extended: number, clusterBits: number, out: number, maxRuns: number): number;
   scanConsumed(): number;
   l2AccountRefs(table: number, entryCount: number, extended: number, clusterBits: number, refs: number, nClusters: number, stats: number): void;
+  l2CopiedMismatches(table: number, entryCount: number, extended: number, clusterBits: number, refs: number, nRefs: number, skipValue: number, out: number): number;
   refsAddRange(refs: number, nClusters: number, firstCluster: number, count: number): number;
   refcountCompare(refs: number, firstCluster: number, count: number, block: number, refcountOrder: number, out: number, maxOut: number): number;
   refcountGet(block: number, index: number, refcountOrder: number): number;
@@ -217,6 +218,8 @@ export function createWasmKernels(): Kernels {
     scanConsumed: () => x.scanConsumed() >>> 0,
     l2AccountRefs: (table, entryCount, extended, clusterBits, refs, nClusters, stats) =>
       x.l2AccountRefs(table, entryCount, extended ? 1 : 0, clusterBits, refs, nClusters, stats),
+    l2CopiedMismatches: (table, entryCount, extended, clusterBits, refs, nRefs, skipValue, out) =>
+      x.l2CopiedMismatches(table, entryCount, extended ? 1 : 0, clusterBits, refs, nRefs, skipValue | 0, out) >>> 0,
 
     refsAddRange: x.refsAddRange,
     refcountCompare: (refs, firstCluster, count, block, refcountOrder, out, maxOut) =>

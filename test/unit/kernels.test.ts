@@ -363,6 +363,38 @@ describe('l2AccountRefs', () => {
   });
 });
 
+function copiedMismatches(impl: typeof k, table: number, entries: number, extended: boolean, cb: number, refsInit: Uint32Array, skip: number): number[] {
+  const refs = alloc(refsInit.length * 4);
+  k.u8(refs, refsInit.length * 4).set(new Uint8Array(refsInit.buffer));
+  const out = alloc(entries * 4);
+  const n = impl.l2CopiedMismatches(table, entries, extended, cb, refs, refsInit.length, skip, out);
+  return Array.from(new Uint32Array(k.u8(out, n * 4).slice().buffer));
+}
+
+describe('l2CopiedMismatches', () => {
+  it('lists entries whose COPIED flag disagrees with refcount == 1', () => {
+    const cs = 0x10000n;
+    const compressed = COMPRESSED | 0x50000n;
+    // 0: COPIED, rc 1 (ok); 1: no COPIED, rc 1 (bad); 2: COPIED, rc 2 (bad); 3: rc 2 no COPIED (ok);
+    // 4: compressed (skipped); 5: unallocated; 6: zero-alloc COPIED rc 1 (ok); 7: past refs; 8: unreadable
+    const t = putWords([COPIED | (1n * cs), 2n * cs, COPIED | (3n * cs), 4n * cs, compressed, 0n, COPIED | (5n * cs) | 1n, 50n * cs, COPIED | (6n * cs)]);
+    const refs = new Uint32Array([0, 1, 1, 2, 2, 1, 0xfffffffe]);
+    expect(copiedMismatches(k, t, 9, false, 16, refs, 0xfffffffe)).toEqual([1, 2, (7 | 0x80000000) >>> 0]);
+  });
+
+  it.each([false, true])('matches the reference on random tables (extended=%s)', (extended) => {
+    const r = prng(extended ? 8 : 7);
+    for (let round = 0; round < 150; round++) {
+      const cb = extended ? 14 + r.int(8) : 9 + r.int(13);
+      const entries = 1 + r.int(600);
+      const table = randomTable(r, entries, extended, cb);
+      const refs = new Uint32Array(1 + r.int(5000)).map(() => r.int(3));
+      expect(copiedMismatches(k, table, entries, extended, cb, refs, 2)).toEqual(copiedMismatches(ref, table, entries, extended, cb, refs, 2));
+      release();
+    }
+  });
+});
+
 // --- refcounts --------------------------------------------------------------------------------
 
 describe('refcount blocks', () => {

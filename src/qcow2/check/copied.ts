@@ -62,89 +62,106 @@ export async function checkOflagCopied(
   }
 
   const k = kernels();
-  await forEachTable(ctx, offsets, 'ERROR: Could not read L2 table: Input/output error', async (n, ptr) => {
-    const i = indices[n]!;
-    const l2Offset = offsets[n]!;
-    const hi = l1.getUint32(i * 8);
-    const lo = l1.getUint32(i * 8 + 4);
-    const rc = await stored(Math.floor(l2Offset / cs));
-    if (rc !== undefined && (rc === 1) !== hi >>> 31 > 0) {
-      res.corruptions++;
-      ctx.report(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(big64(hi, lo))} refcount=${bigStored.get(Math.floor(l2Offset / cs)) ?? rc}`);
-      if (repair) {
-        l1.setUint32(i * 8, rc === 1 ? (hi | 0x80000000) >>> 0 : hi & 0x7fffffff);
-        try {
-          await writeL1Entry(ctx, i);
-        } catch (e) {
-          res.checkErrors++;
-          throw e instanceof CheckAborted ? e : new CheckAborted('Input/output error', { cause: e });
-        }
-        res.corruptions--;
-        res.corruptionsFixed++;
-      }
-    }
-
-    // Entries whose COPIED bit disagrees with the refcount of their cluster.
-    const bad: number[] = [];
-    const badRc: (number | string)[] = [];
-    const slow: number[] = [];
-    {
-      const v = new DataView(k.memory.buffer, ptr, cs);
-      if (ctx.dataFile) scanDataFile(v, ctx.l2Entries, ctx.entryBytes, bad, badRc);
-      else scanEntries(v, ctx.l2Entries, ctx.entryBytes, ctx.cb, imrt.view(), denseEnd, bad, badRc, slow);
-      for (let m = 0; m < badRc.length; m++) {
-        if (badRc[m] !== UNREADABLE - 1) continue;
-        const at = bad[m]! * ctx.entryBytes;
-        const c = (v.getUint32(at) & 0xffffff) * 2 ** (32 - ctx.cb) + ((v.getUint32(at + 4) & 0xfffffe00) >>> ctx.cb);
-        badRc[m] = bigStored.get(c) ?? badRc[m]!;
-      }
-    }
-    for (const j of slow) {
-      const v = new DataView(k.memory.buffer, ptr, cs);
-      const ehi = v.getUint32(j * ctx.entryBytes);
-      const elo = v.getUint32(j * ctx.entryBytes + 4);
-      const r = await storedSlow(Math.floor(((ehi & 0x00ffffff) * TWO32 + ((elo & 0xfffffe00) >>> 0)) / cs));
-      if (r !== undefined && (r === 1) !== ehi >>> 31 > 0) {
-        bad.push(j);
-        badRc.push(r);
-      }
-    }
-    if (slow.length) {
-      const order = bad.map((_, x) => x).sort((a, b) => bad[a]! - bad[b]!);
-      const b2 = order.map((x) => bad[x]!);
-      const r2 = order.map((x) => badRc[x]!);
-      bad.splice(0, bad.length, ...b2);
-      badRc.splice(0, badRc.length, ...r2);
-    }
-    if (!bad.length) return;
-
-    {
-      const v = new DataView(k.memory.buffer, ptr, cs);
-      for (let m = 0; m < bad.length; m++) {
-        const at = bad[m]! * ctx.entryBytes;
-        const ehi = v.getUint32(at);
+  const mismatches = k.alloc(ctx.l2Entries * 4);
+  try {
+    await forEachTable(ctx, offsets, 'ERROR: Could not read L2 table: Input/output error', async (n, ptr) => {
+      const i = indices[n]!;
+      const l2Offset = offsets[n]!;
+      const hi = l1.getUint32(i * 8);
+      const lo = l1.getUint32(i * 8 + 4);
+      const rc = await stored(Math.floor(l2Offset / cs));
+      if (rc !== undefined && (rc === 1) !== hi >>> 31 > 0) {
         res.corruptions++;
-        ctx.report(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex(big64(ehi, v.getUint32(at + 4)))} refcount=${badRc[m]}`);
-        if (repair) v.setUint32(at, badRc[m] === 1 ? (ehi | 0x80000000) >>> 0 : ehi & 0x7fffffff);
+        ctx.report(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(big64(hi, lo))} refcount=${bigStored.get(Math.floor(l2Offset / cs)) ?? rc}`);
+        if (repair) {
+          l1.setUint32(i * 8, rc === 1 ? (hi | 0x80000000) >>> 0 : hi & 0x7fffffff);
+          try {
+            await writeL1Entry(ctx, i);
+          } catch (e) {
+            res.checkErrors++;
+            throw e instanceof CheckAborted ? e : new CheckAborted('Input/output error', { cause: e });
+          }
+          res.corruptions--;
+          res.corruptionsFixed++;
+        }
       }
-    }
-    if (!repair) return;
-    if (!(await preWriteCheck(ctx, OL_ACTIVE_L2, l2Offset, cs))) {
-      ctx.report('ERROR: Could not write L2 table; metadata overlap check failed: Input/output error');
-      res.checkErrors++;
-      throw new CheckAborted('Input/output error');
-    }
-    try {
-      await beginWrite(ctx);
-      await ctx.file.writeAt(k.u8(ptr, cs), l2Offset);
-    } catch (e) {
-      ctx.report(`ERROR: Could not write L2 table: ${errnoText(e)}`);
-      res.checkErrors++;
-      throw new CheckAborted('Input/output error', { cause: e });
-    }
-    res.corruptions -= bad.length;
-    res.corruptionsFixed += bad.length;
-  });
+
+      // Entries whose COPIED bit disagrees with the refcount of their cluster.
+      const bad: number[] = [];
+      const badRc: (number | string)[] = [];
+      const slow: number[] = [];
+      {
+        const v = new DataView(k.memory.buffer, ptr, cs);
+        if (ctx.dataFile) scanDataFile(v, ctx.l2Entries, ctx.entryBytes, bad, badRc);
+        else {
+          // The kernel lists the disagreeing entries; JS only looks at those.
+          const n = k.l2CopiedMismatches(ptr, ctx.l2Entries, ctx.entryBytes === 16, ctx.cb, imrt.ptr, denseEnd, UNREADABLE, mismatches);
+          const found = new Uint32Array(k.memory.buffer, mismatches, n).slice();
+          const refs = imrt.view();
+          for (const x of found) {
+            if (x & 0x80000000) slow.push(x & 0x7fffffff);
+            else {
+              bad.push(x);
+              badRc.push(refs[entryCluster(v, x * ctx.entryBytes, ctx.cb)]!);
+            }
+          }
+        }
+        for (let m = 0; m < badRc.length; m++) {
+          if (badRc[m] !== UNREADABLE - 1) continue;
+          const at = bad[m]! * ctx.entryBytes;
+          const c = (v.getUint32(at) & 0xffffff) * 2 ** (32 - ctx.cb) + ((v.getUint32(at + 4) & 0xfffffe00) >>> ctx.cb);
+          badRc[m] = bigStored.get(c) ?? badRc[m]!;
+        }
+      }
+      for (const j of slow) {
+        const v = new DataView(k.memory.buffer, ptr, cs);
+        const ehi = v.getUint32(j * ctx.entryBytes);
+        const elo = v.getUint32(j * ctx.entryBytes + 4);
+        const r = await storedSlow(Math.floor(((ehi & 0x00ffffff) * TWO32 + ((elo & 0xfffffe00) >>> 0)) / cs));
+        if (r !== undefined && (r === 1) !== ehi >>> 31 > 0) {
+          bad.push(j);
+          badRc.push(r);
+        }
+      }
+      if (slow.length) {
+        const order = bad.map((_, x) => x).sort((a, b) => bad[a]! - bad[b]!);
+        const b2 = order.map((x) => bad[x]!);
+        const r2 = order.map((x) => badRc[x]!);
+        bad.splice(0, bad.length, ...b2);
+        badRc.splice(0, badRc.length, ...r2);
+      }
+      if (!bad.length) return;
+
+      {
+        const v = new DataView(k.memory.buffer, ptr, cs);
+        for (let m = 0; m < bad.length; m++) {
+          const at = bad[m]! * ctx.entryBytes;
+          const ehi = v.getUint32(at);
+          res.corruptions++;
+          ctx.report(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex(big64(ehi, v.getUint32(at + 4)))} refcount=${badRc[m]}`);
+          if (repair) v.setUint32(at, badRc[m] === 1 ? (ehi | 0x80000000) >>> 0 : ehi & 0x7fffffff);
+        }
+      }
+      if (!repair) return;
+      if (!(await preWriteCheck(ctx, OL_ACTIVE_L2, l2Offset, cs))) {
+        ctx.report('ERROR: Could not write L2 table; metadata overlap check failed: Input/output error');
+        res.checkErrors++;
+        throw new CheckAborted('Input/output error');
+      }
+      try {
+        await beginWrite(ctx);
+        await ctx.file.writeAt(k.u8(ptr, cs), l2Offset);
+      } catch (e) {
+        ctx.report(`ERROR: Could not write L2 table: ${errnoText(e)}`);
+        res.checkErrors++;
+        throw new CheckAborted('Input/output error', { cause: e });
+      }
+      res.corruptions -= bad.length;
+      res.corruptionsFixed += bad.length;
+    });
+  } finally {
+    k.free(mismatches);
+  }
   if (ctx.wroteSomething) await ctx.file.flush();
 }
 
@@ -163,25 +180,9 @@ async function writeL1Entry(ctx: CheckContext, i: number): Promise<void> {
  * The hot loop: entries (normal or zero-allocated) whose COPIED bit disagrees with "stored
  * refcount == 1" (refs: the stored view). Entries beyond the compared range go to `slow`.
  */
-function scanEntries(v: DataView, n: number, eb: number, cb: number, refs: Uint32Array, denseEnd: number, bad: number[], badRc: (number | string)[], slow: number[]): void {
-  const hiMul = 2 ** (32 - cb);
-  for (let j = 0, at = 0; j < n; j++, at += eb) {
-    const ehi = v.getUint32(at);
-    if (ehi & 0x40000000) continue; // compressed
-    const offHi = ehi & 0x00ffffff;
-    const offLo = v.getUint32(at + 4) & 0xfffffe00;
-    if (offHi === 0 && offLo === 0) continue; // unallocated or zero without a host cluster
-    const c = offHi * hiMul + (offLo >>> cb);
-    if (c >= denseEnd) {
-      slow.push(j);
-      continue;
-    }
-    const r = refs[c]!;
-    if ((r === 1) !== ehi >= 0x80000000 && r !== UNREADABLE) {
-      bad.push(j);
-      badRc.push(r);
-    }
-  }
+/** Host cluster of the L2 entry at byte `at` of a table. */
+function entryCluster(v: DataView, at: number, cb: number): number {
+  return (v.getUint32(at) & 0x00ffffff) * 2 ** (32 - cb) + ((v.getUint32(at + 4) & 0xfffffe00) >>> cb);
 }
 
 /** With an external data file every cluster has refcount 1: COPIED must be set on all of them. */
