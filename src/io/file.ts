@@ -48,6 +48,7 @@ class NodeImageFile implements ImageFile {
     readonly path: string,
     readonly writable: boolean,
     private readonly handle: FileHandle,
+    private readonly openSize?: number,
   ) {}
 
   get fd(): number {
@@ -55,6 +56,8 @@ class NodeImageFile implements ImageFile {
   }
 
   async size(): Promise<number> {
+    // A file opened read-only is not ours to change: the size seen at open is kept.
+    if (!this.writable && this.openSize !== undefined) return this.openSize;
     try {
       return (await this.handle.stat()).size;
     } catch (e) {
@@ -142,15 +145,17 @@ export async function openImageFile(path: string, opts: OpenFileOptions = {}): P
   } catch (e) {
     throw fromSystemError(e, path, 'Could not open');
   }
+  let size: number;
   try {
     const st = await handle.stat();
+    size = st.size;
     if (st.isDirectory()) throw new QcowError('NOT_QCOW2', 'Could not open: Is a directory', path);
     if (st.isFile()) await lockImage(handle.fd, st.dev, st.ino, opts.lock ?? (writable ? 'write' : 'read'), path);
   } catch (e) {
     await handle.close();
     throw fromSystemError(e, path, 'Could not open');
   }
-  return new NodeImageFile(path, writable, handle);
+  return new NodeImageFile(path, writable, handle, size);
 }
 
 /** Runs `worker` over `items` with at most `concurrency` promises in flight, in order of start. */

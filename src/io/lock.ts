@@ -26,14 +26,26 @@ const PLANS: Record<Exclude<LockMode, 'none'>, LockPlan> = {
   write: { hold: [PERM_READ, PERM_WRITE, PERM_RESIZE], forbid: [PERM_WRITE, PERM_RESIZE] },
 };
 
-/** Byte offsets other processes hold locks on for this inode (from /proc/locks). */
-async function lockedBytes(dev: number, ino: number): Promise<Set<number>> {
-  let text: string;
+// Opening a long backing chain checks every layer: one read of /proc/locks serves them all.
+const SNAPSHOT_MS = 250;
+let snapshot: { text: string; at: number } | undefined;
+
+async function procLocks(): Promise<string> {
+  const now = performance.now();
+  if (snapshot && now - snapshot.at < SNAPSHOT_MS) return snapshot.text;
+  let text = '';
   try {
     text = await readFile('/proc/locks', 'utf8');
   } catch {
-    return new Set();
+    /* not Linux, or no procfs: nothing to learn */
   }
+  snapshot = { text, at: now };
+  return text;
+}
+
+/** Byte offsets other processes hold locks on for this inode (from /proc/locks). */
+async function lockedBytes(dev: number, ino: number): Promise<Set<number>> {
+  const text = await procLocks();
   const major = ((dev >>> 8) & 0xfff) | (Math.floor(dev / 2 ** 32) & ~0xfff);
   const minor = (dev & 0xff) | ((dev >>> 12) & 0xfff00);
   const id = `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}:${ino}`;

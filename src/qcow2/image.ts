@@ -69,11 +69,12 @@ export class Qcow2Image implements BlockLayer {
 
   static async #load(path: string, file: ImageFile, opts: OpenQcow2Options): Promise<Qcow2Image> {
     const fileSize = await file.size();
-    let head = new Uint8Array(Math.min(fileSize, 4096));
+    // One read covers cluster 0 of the common cluster sizes; larger ones take a second.
+    let head = new Uint8Array(Math.min(fileSize, 65536));
     await file.readAt(head, 0);
     if (head.length >= 24) {
       const bits = dataView(head).getUint32(20);
-      if (bits > 12 && bits <= 21 && fileSize > head.length) {
+      if (bits > 16 && bits <= 21 && fileSize > head.length) {
         head = new Uint8Array(Math.min(fileSize, 2 ** bits));
         await file.readAt(head, 0);
       }
@@ -156,12 +157,16 @@ export class Qcow2Image implements BlockLayer {
     const end = Math.min(start + length, this.virtualSize);
     const out: LayerExtent[] = [];
     if (start >= end) return out;
-    const probe = opts.probeHost === true && (await this.metadataPreallocated());
-    await this.#l2.scan(this, start, end, (e) => {
-      if (probe && e.data && !e.compressed && e.offset !== undefined) this.#splitByHostHoles(e, out);
-      else pushExtent(out, e);
-    });
-    return out;
+    await this.#l2.scan(this, start, end, (e) => pushExtent(out, e));
+    const plainData = (e: LayerExtent) => e.data && !e.compressed && e.offset !== undefined;
+    // The preallocation heuristic reads refcounts: only worth it when there is data to refine.
+    if (!opts.probeHost || !out.some(plainData) || !(await this.metadataPreallocated())) return out;
+    const refined: LayerExtent[] = [];
+    for (const e of out) {
+      if (plainData(e)) this.#splitByHostHoles(e, refined);
+      else pushExtent(refined, e);
+    }
+    return refined;
   }
 
   #splitByHostHoles(e: LayerExtent, out: LayerExtent[]): void {
