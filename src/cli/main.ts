@@ -2,7 +2,7 @@
  * Entry point of the `qcowkit` command. Only the module of the command that runs is loaded
  * (start-up time is most of a short command's cost).
  */
-import { fail } from './util.js';
+import { fail } from './fail.js';
 
 const COMMANDS: Record<string, string> = {
   create: 'create a new image (qcow2 or raw), optionally over a backing file',

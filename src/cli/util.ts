@@ -1,34 +1,15 @@
 /** Shared CLI plumbing: errors and exit codes, sizes, output format, progress. */
-import { Command, CommanderError, Option } from 'commander';
-import { EXIT_CODES, QcowError } from '../errors.js';
-
-/** Prints `qcowkit: FILE: message` (no stack unless QCOWKIT_DEBUG=1) and sets the exit code. */
-export function fail(e: unknown, exitCode?: number): void {
-  if (e instanceof CommanderError) {
-    process.exitCode = e.exitCode === 0 ? 0 : (exitCode ?? 1);
-    return;
-  }
-  if (process.env.QCOWKIT_DEBUG === '1' && e instanceof Error) process.stderr.write(`${e.stack}\n`);
-  if (e instanceof QcowError) {
-    const where = e.file !== undefined ? `${e.file}: ` : '';
-    process.stderr.write(`qcowkit: ${where}${oneLine(e.message)}\n`);
-    process.exitCode = exitCode ?? EXIT_CODES[e.code];
-    return;
-  }
-  const msg = e instanceof Error ? e.message : String(e);
-  process.stderr.write(`qcowkit: ${oneLine(msg)}\n`);
-  process.exitCode = exitCode ?? 1;
-}
-
-const oneLine = (s: string): string => s.replace(/\s*\n\s*/g, '; ');
+import { Command, Option } from 'commander';
+import { QcowError } from '../errors.js';
+export { fail } from './fail.js';
 
 /** A subcommand with qcowkit's conventions: errors via `fail`, examples in --help. */
 export function newCommand(name: string, description: string, examples: string[]): Command {
   const cmd = new Command(`qcowkit ${name}`)
     .description(description)
     .exitOverride()
-    .configureOutput({ writeErr: (s) => process.stderr.write(s.replace(/^error: /, 'qcowkit: ')) })
-    .showHelpAfterError("(run with --help for usage)")
+    // Usage errors stay one line, with the way to more help on it.
+    .configureOutput({ writeErr: (s) => process.stderr.write(s.replace(/^error: /, 'qcowkit: ').replace(/\n$/, ` (see 'qcowkit ${name} --help')\n`)) })
     .allowExcessArguments(false);
   if (examples.length) cmd.addHelpText('after', `\nExamples:\n${examples.map((e) => `  $ ${e}`).join('\n')}\n`);
   return cmd;

@@ -28,24 +28,43 @@ export function command() {
         if (out.length) process.stdout.write(out.join(''));
         out.length = 0;
       };
-      if (!json) out.push(`${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`);
+      if (!json) out.push(MAP_HUMAN_HEADER);
       const emit = (e: MapEntry) => {
         if (json) {
-          out.push(`${first ? '[' : ',\n'}${jsonEntry(e)}`);
+          out.push(`${first ? '[' : ',\n'}${mapJsonEntry(e)}`);
           first = false;
-        } else if (e.data) {
-          if (e.offset === undefined) throw new QcowError('UNSUPPORTED', 'File contains external, encrypted or compressed clusters.', filename);
-          out.push(`${hex(e.start).padEnd(16)}${hex(e.length).padEnd(16)}${hex(e.offset).padEnd(16)}${e.filename}\n`);
+        } else {
+          if (e.data && e.offset === undefined) {
+            flush(); // qemu-img has printed the header and the entries before the failing one
+            throw new QcowError('UNSUPPORTED', 'File contains external, encrypted or compressed clusters.', filename);
+          }
+          const line = mapHumanLine(e);
+          if (line) out.push(line);
         }
         if (out.length > 4096) flush();
       };
       await mapImage(filename, emit, { format: o.format, forceShare: o.forceShare === true, start, ...(length !== undefined ? { length } : {}), onWarning: warn });
-      if (json) out.push(first ? '[]\n' : ']\n');
+      // Nothing to map (empty image, start at or past the end): qemu-img still prints its
+      // initial, empty entry.
+      if (json) out.push(first ? `[${mapJsonEntry({ start, length: 0, depth: 0, present: false, zero: false, data: false, filename })}]\n` : ']\n');
       flush();
     });
 }
 
-function jsonEntry(e: MapEntry): string {
+export const MAP_HUMAN_HEADER = `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`;
+
+/** One entry of `map --output json`, as qemu-img prints it (no separators). */
+export function mapJsonEntry(e: MapEntry): string {
   const off = e.offset !== undefined ? `, "offset": ${e.offset}` : '';
   return `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${off}}`;
+}
+
+/**
+ * One line of the human `map`, or '' for entries qemu-img leaves out: only ranges read from a
+ * file are listed (not zeros, not unallocated ranges, not holes inside allocated clusters).
+ * Data without an offset (compressed) is an error the caller reports.
+ */
+export function mapHumanLine(e: MapEntry): string {
+  if (!e.data || e.zero || e.offset === undefined) return '';
+  return `${hex(e.start).padEnd(16)}${hex(e.length).padEnd(16)}${hex(e.offset).padEnd(16)}${e.filename}\n`;
 }
