@@ -214,7 +214,71 @@ export class BackingChain {
     }
   }
 
+  /**
+   * QEMU's bdrv_block_status_above(top, NULL, offset, bytes): the status flags of the range
+   * starting at `offset` through the whole chain and how far it extends (`pnum`), with QEMU's
+   * extent boundaries (a qcow2 answer stops at the end of an L2 table and after one compressed
+   * cluster) and its EOF flag. `compare -s` compares exactly these values.
+   */
+  async statusAbove(offset: number, bytes: number): Promise<{ status: number; pnum: number }> {
+    let { status, pnum } = await this.#layerStatus(0, offset, bytes);
+    if (pnum === 0 || status & BDRV_BLOCK_ALLOCATED) return { status, pnum };
+    const eof = status & BDRV_BLOCK_EOF ? offset + pnum : -1;
+    bytes = pnum;
+    for (let depth = 1; depth < this.layers.length; depth++) {
+      ({ status, pnum } = await this.#layerStatus(depth, offset, bytes));
+      if (pnum === 0) {
+        // Past the end of a shorter backing file: zeros that count as allocated there.
+        pnum = bytes;
+        status = BDRV_BLOCK_ZERO | BDRV_BLOCK_ALLOCATED;
+        break;
+      }
+      if (status & BDRV_BLOCK_ALLOCATED) {
+        status &= ~BDRV_BLOCK_EOF;
+        break;
+      }
+      bytes = pnum;
+    }
+    if (offset + pnum === eof) status |= BDRV_BLOCK_EOF;
+    return { status, pnum };
+  }
+
+  /** QEMU's bdrv_co_block_status of one layer (want_zero). */
+  async #layerStatus(depth: number, offset: number, bytes: number): Promise<{ status: number; pnum: number }> {
+    const layer = this.layers[depth]!;
+    const total = layer.virtualSize;
+    if (offset >= total) return { status: BDRV_BLOCK_EOF, pnum: 0 };
+    let limit = Math.min(bytes, total - offset);
+    // qcow2 answers for at most INT_MAX bytes and never past the end of the current L2 table.
+    if (layer instanceof Qcow2Image) limit = Math.min(limit, 0x7fffffff, (Math.floor(offset / layer.l2Span) + 1) * layer.l2Span - offset);
+    // Only the first extent matters: look at a few clusters first, more only while it runs on.
+    let window = layer instanceof Qcow2Image ? 64 * layer.clusterSize : limit;
+    let e = (await layer.status(offset, Math.min(window, limit), { probeHost: true }))[0]!;
+    while (e.length === window && window < limit) {
+      window = Math.min(limit, window * 8);
+      e = (await layer.status(offset, window, { probeHost: true }))[0]!;
+    }
+    let status = 0;
+    if (e.data) status |= BDRV_BLOCK_DATA;
+    if (e.zero) status |= BDRV_BLOCK_ZERO;
+    if (e.allocated && e.offset !== undefined) status |= BDRV_BLOCK_OFFSET_VALID;
+    if (e.allocated) status |= BDRV_BLOCK_ALLOCATED;
+    else {
+      const backing = this.layers[depth + 1];
+      if (!backing || offset >= backing.virtualSize) status |= BDRV_BLOCK_ZERO;
+    }
+    if (offset + e.length === total) status |= BDRV_BLOCK_EOF;
+    return { status, pnum: e.length };
+  }
+
   async close(): Promise<void> {
     await Promise.all(this.layers.map((l) => l.close()));
   }
 }
+
+/** QEMU's BDRV_BLOCK_* status bits (include/block/block-common.h). */
+export const BDRV_BLOCK_DATA = 0x01;
+export const BDRV_BLOCK_ZERO = 0x02;
+export const BDRV_BLOCK_OFFSET_VALID = 0x04;
+export const BDRV_BLOCK_ALLOCATED = 0x10;
+export const BDRV_BLOCK_EOF = 0x20;

@@ -32,7 +32,21 @@ export interface Qcow2SpecificInfo {
   'extended-l2'?: boolean;
   'data-file'?: string;
   'data-file-raw'?: boolean;
-  encrypt?: { format: string };
+  encrypt?: { format: 'aes' | 'luks' } | LuksInfo;
+}
+
+/** QEMU's QCryptoBlockInfoLUKS: what the (unencrypted) LUKS1 header of a qcow2+LUKS image says. */
+export interface LuksInfo {
+  format: 'luks';
+  'cipher-alg': string;
+  'cipher-mode': string;
+  'ivgen-alg': string;
+  'ivgen-hash-alg'?: string;
+  'hash-alg': string;
+  'payload-offset': number;
+  'master-key-iters': number;
+  uuid: string;
+  slots: { active: boolean; iters?: number; stripes?: number; 'key-offset': number }[];
 }
 
 export interface ImageInfo {
@@ -127,8 +141,60 @@ async function layerInfo(layer: BlockLayer): Promise<ImageInfo> {
       data['data-file-raw'] = (h.autoclearFeatures & 2n) !== 0n;
     }
   }
-  if (h.cryptMethod) data.encrypt = { format: h.cryptMethod === 1 ? 'aes' : 'luks' };
+  if (h.cryptMethod === 1) data.encrypt = { format: 'aes' };
+  else if (h.cryptMethod === 2) data.encrypt = await luksInfo(layer);
   out['format-specific'] = { type: 'qcow2', data };
   return out;
 }
 
+const LUKS_MAGIC = [0x4c, 0x55, 0x4b, 0x53, 0xba, 0xbe];
+const LUKS_HEADER_BYTES = 208 + 8 * 48;
+const LUKS_SLOT_ACTIVE = 0x00ac71f3;
+/** Key sizes (bytes) of the ciphers QEMU accepts in a LUKS header. */
+const LUKS_CIPHERS: Record<string, number[]> = { aes: [16, 24, 32], cast5: [16], serpent: [16, 24, 32], twofish: [16, 24, 32], sm4: [16] };
+
+/**
+ * The LUKS1 header of a qcow2+LUKS image (header extension 0x0537be77 says where), decoded like
+ * QEMU's qcrypto_block_luks_get_info. A header qcowkit can't decode reports just the format.
+ */
+async function luksInfo(layer: Qcow2Image): Promise<{ format: 'luks' } | LuksInfo> {
+  const where = layer.header.encryption;
+  if (!where || where.length < LUKS_HEADER_BYTES) return { format: 'luks' };
+  const b = new Uint8Array(LUKS_HEADER_BYTES);
+  await layer.file.readAt(b, where.offset);
+  const v = new DataView(b.buffer);
+  if (!LUKS_MAGIC.every((m, i) => b[i] === m) || v.getUint16(6) !== 1) return { format: 'luks' };
+  const str = (from: number, len: number): string => {
+    const f = b.subarray(from, from + len);
+    const nul = f.indexOf(0);
+    return new TextDecoder().decode(nul < 0 ? f : f.subarray(0, nul));
+  };
+  const cipherName = str(8, 32);
+  const [mode = '', ivSpec = ''] = str(40, 32).split('-', 2) as [string?, string?];
+  const [ivgen = '', ivHash] = ivSpec.split(':', 2) as [string, string?];
+  // XTS keys are two cipher keys.
+  const keyBytes = v.getUint32(108) / (mode === 'xts' ? 2 : 1);
+  if (!LUKS_CIPHERS[cipherName]?.includes(keyBytes)) return { format: 'luks' };
+  const out: LuksInfo = {
+    format: 'luks',
+    'cipher-alg': cipherName === 'sm4' ? 'sm4' : `${cipherName}-${keyBytes * 8}`,
+    'cipher-mode': mode,
+    'ivgen-alg': ivgen,
+    'hash-alg': str(72, 32),
+    'payload-offset': v.getUint32(104) * 512,
+    'master-key-iters': v.getUint32(164),
+    uuid: str(168, 40),
+    slots: [],
+  };
+  if (ivgen === 'essiv' && ivHash !== undefined) out['ivgen-hash-alg'] = ivHash;
+  for (let i = 0; i < 8; i++) {
+    const at = 208 + i * 48;
+    const active = v.getUint32(at) === LUKS_SLOT_ACTIVE;
+    out.slots.push(
+      active
+        ? { active, iters: v.getUint32(at + 4), stripes: v.getUint32(at + 44), 'key-offset': v.getUint32(at + 40) * 512 }
+        : { active, 'key-offset': v.getUint32(at + 40) * 512 },
+    );
+  }
+  return out;
+}

@@ -1,5 +1,13 @@
-import { compare } from '../../ops/compare.js';
-import { fail, formatOption, newCommand, progressPrinter, warn } from '../util.js';
+import { Option } from 'commander';
+import { QcowError } from '../../errors.js';
+import { compare, comparePhase } from '../../ops/compare.js';
+import { fail, newCommand, progressPrinter, warn } from '../util.js';
+
+/** -f/-F: checked when the images are opened, so an unknown format is an open error (exit 2) as in qemu-img. */
+function imageFormat(fmt: string | undefined, file: string): 'qcow2' | 'raw' | undefined {
+  if (fmt === undefined || fmt === 'qcow2' || fmt === 'raw') return fmt;
+  throw new QcowError('UNSUPPORTED', `Unknown or unsupported format '${fmt}' (qcow2 and raw are)`, file);
+}
 
 export function command() {
   return newCommand('compare', 'Compare the guest-visible contents of FILE1 and FILE2 (exit 0 identical, 1 different, 2 error).', [
@@ -7,20 +15,20 @@ export function command() {
     'qcowkit compare -f qcow2 -F raw disk.qcow2 disk.raw',
     'qcowkit compare -s a.qcow2 b.qcow2   # strict: sizes and allocation must match too',
   ])
-    .addOption(formatOption('-f, --format <fmt>', 'format of FILE1 (qcow2 or raw); probed when omitted'))
-    .addOption(formatOption('-F, --format2 <fmt>', 'format of FILE2 (qcow2 or raw); probed when omitted'))
+    .addOption(new Option('-f, --format <fmt>', 'format of FILE1 (qcow2 or raw); probed when omitted'))
+    .addOption(new Option('-F, --format2 <fmt>', 'format of FILE2 (qcow2 or raw); probed when omitted'))
     .option('-s, --strict', 'strict mode: fail on size or allocation-status mismatch')
     .option('-p, --progress', 'show progress')
     .option('-q, --quiet', 'print nothing; the exit code tells')
     .option('-U, --force-share', 'open the images even if another process uses them')
     .argument('<file1>')
     .argument('<file2>')
-    .action(async (file1: string, file2: string, o: { format?: 'qcow2' | 'raw'; format2?: 'qcow2' | 'raw'; strict?: boolean; progress?: boolean; quiet?: boolean; forceShare?: boolean }) => {
+    .action(async (file1: string, file2: string, o: { format?: string; format2?: string; strict?: boolean; progress?: boolean; quiet?: boolean; forceShare?: boolean }) => {
       const say = (s: string) => o.quiet || process.stdout.write(s + '\n');
       try {
         const r = await compare(file1, file2, {
-          format1: o.format,
-          format2: o.format2,
+          format1: imageFormat(o.format, file1),
+          format2: imageFormat(o.format2, file2),
           strict: o.strict === true,
           forceShare: o.forceShare === true,
           onProgress: progressPrinter(o.progress === true && !o.quiet),
@@ -41,7 +49,8 @@ export function command() {
           process.exitCode = 1;
         }
       } catch (e) {
-        fail(e, 2);
+        // as qemu-img: 2 open error, 3 allocation-status (metadata) error, 4 read error
+        fail(e, { open: 2, status: 3, read: 4 }[comparePhase(e)]);
       }
     });
 }
