@@ -28,6 +28,11 @@ check: 2 corruptions, 3 leaks only; compare: 1 images differ, 2 error.
 `;
 
 export async function main(argv: string[]): Promise<void> {
+  // `qcowkit map big.qcow2 | head`: a closed pipe ends the output quietly, as for any tool.
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+    throw e;
+  });
   const name = argv[0];
   if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
     process.stdout.write(HELP);

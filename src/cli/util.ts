@@ -2,6 +2,7 @@
 import { Command, Option } from 'commander';
 import { QcowError } from '../errors.js';
 export { fail } from './fail.js';
+import { qemuJson } from './qemu-output.js';
 
 /** A subcommand with qcowkit's conventions: errors via `fail`, examples in --help. */
 export function newCommand(name: string, description: string, examples: string[]): Command {
@@ -31,15 +32,6 @@ export function parseSize(text: string, what = 'size'): number {
   return Math.round(v);
 }
 
-/** QEMU's size_to_str: 3 significant digits with a binary unit, e.g. "216 KiB", "1.5 GiB". */
-export function humanSize(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
-  let i = 0;
-  while (i < units.length - 1 && bytes / 1024 ** i >= 1000) i++;
-  const v = bytes / 1024 ** i;
-  return `${Number(v.toPrecision(3))} ${units[i]}`;
-}
-
 /** `-p`: a progress line on stderr like qemu-img's "(12.34/100%)". */
 export function progressPrinter(enabled: boolean): ((done: number, total: number) => void) | undefined {
   if (!enabled) return undefined;
@@ -53,8 +45,9 @@ export function progressPrinter(enabled: boolean): ((done: number, total: number
   };
 }
 
+/** JSON exactly as qemu-img prints it (key order, layout). */
 export function printJson(value: unknown): void {
-  process.stdout.write(JSON.stringify(value, null, 4) + '\n');
+  process.stdout.write(qemuJson(value) + '\n');
 }
 
 export const warn = (msg: string): void => void process.stderr.write(`qcowkit: warning: ${msg}\n`);

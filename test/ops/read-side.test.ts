@@ -6,7 +6,8 @@ import { createHash } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BackingChain, compare, info, mapImage, QcowError, type ImageInfo } from '../../src/index.js';
 import type { MapEntry } from '../../src/chain/chain.js';
-import { humanInfo, qemuJson, sizeToStr } from '../../src/cli/commands/info.js';
+import { humanInfo } from '../../src/cli/commands/info.js';
+import { qemuJson, sizeToStr } from '../../src/cli/qemu-output.js';
 import { MAP_HUMAN_HEADER, mapHumanLine, mapJsonEntry } from '../../src/cli/commands/map.js';
 import { fixtureManifest, fixturePath, fixtureText, IMAGES_DIR, sha256, type FixtureSample } from '../helpers/tmp.js';
 
