@@ -11,40 +11,12 @@ import { join, relative } from 'node:path';
 import { beforeAll, expect, it } from 'vitest';
 import { buildMatrix, type MatrixImage } from '../helpers/matrix.js';
 import { describeQemu, qemuImg, qemuIo, run } from '../helpers/qemu.js';
-import { runCli } from '../helpers/cli.js';
+import { runCli, runCommandInProcess } from '../helpers/cli.js';
 import { sha256, tmpDir } from '../helpers/tmp.js';
 import { command as compareCommand } from '../../src/cli/commands/compare.js';
-import { fail } from '../../src/cli/util.js';
 
-interface Out {
-  stdout: string;
-  stderr: string;
-  status: number;
-}
-
-/** `qcowkit compare ARGS` in this process with `cwd`: stdout, stderr, exit code. */
-async function cli(args: string[], cwd: string): Promise<Out> {
-  const out: string[] = [];
-  const err: string[] = [];
-  const write = (sink: string[]) => ((chunk: string | Uint8Array) => (sink.push(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString()), true)) as typeof process.stdout.write;
-  const [ow, ew, oldCwd, oldCode] = [process.stdout.write, process.stderr.write, process.cwd(), process.exitCode];
-  process.chdir(cwd);
-  process.exitCode = undefined;
-  process.stdout.write = write(out);
-  process.stderr.write = write(err);
-  try {
-    await compareCommand().parseAsync(args, { from: 'user' });
-  } catch (e) {
-    fail(e);
-  } finally {
-    process.stdout.write = ow;
-    process.stderr.write = ew;
-    process.chdir(oldCwd);
-  }
-  const status = Number(process.exitCode ?? 0);
-  process.exitCode = oldCode;
-  return { stdout: out.join(''), stderr: err.join(''), status };
-}
+/** `qcowkit` with ARGS in this process with `cwd`: stdout, stderr, exit code. */
+const cli = (args: string[], cwd: string) => runCommandInProcess(compareCommand, args, cwd);
 
 const K = 1024;
 const M = 1024 * K;

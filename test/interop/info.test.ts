@@ -10,45 +10,14 @@ import { join, relative } from 'node:path';
 import { beforeAll, expect, it } from 'vitest';
 import { buildMatrix, type MatrixImage } from '../helpers/matrix.js';
 import { describeQemu, qemuImg, qemuIo, run } from '../helpers/qemu.js';
-import { runCli } from '../helpers/cli.js';
+import { runCli, runCommandInProcess } from '../helpers/cli.js';
 import { sha256, tmpDir } from '../helpers/tmp.js';
 import { command as infoCommand } from '../../src/cli/commands/info.js';
-import { fail } from '../../src/cli/util.js';
 
 const COMMANDS: Record<string, () => ReturnType<typeof infoCommand>> = { info: infoCommand };
 
-interface Out {
-  stdout: string;
-  stderr: string;
-  status: number;
-}
-
-/**
- * Runs a CLI command in this process with `cwd` (what src/cli/main.ts does, minus the dynamic
- * import), capturing stdout/stderr and the exit code.
- */
-async function cli(args: string[], cwd: string): Promise<Out> {
-  const out: string[] = [];
-  const err: string[] = [];
-  const write = (sink: string[]) => ((chunk: string | Uint8Array) => (sink.push(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString()), true)) as typeof process.stdout.write;
-  const [ow, ew, oldCwd, oldCode] = [process.stdout.write, process.stderr.write, process.cwd(), process.exitCode];
-  process.chdir(cwd);
-  process.exitCode = undefined;
-  process.stdout.write = write(out);
-  process.stderr.write = write(err);
-  try {
-    await COMMANDS[args[0]!]!().parseAsync(args.slice(1), { from: 'user' });
-  } catch (e) {
-    fail(e);
-  } finally {
-    process.stdout.write = ow;
-    process.stderr.write = ew;
-    process.chdir(oldCwd);
-  }
-  const status = Number(process.exitCode ?? 0);
-  process.exitCode = oldCode;
-  return { stdout: out.join(''), stderr: err.join(''), status };
-}
+/** `qcowkit ARGS` in this process with `cwd`: stdout, stderr, exit code. */
+const cli = (args: string[], cwd: string) => runCommandInProcess(COMMANDS[args[0]!]!, args.slice(1), cwd);
 
 const K = 1024;
 const M = 1024 * K;
