@@ -3,13 +3,32 @@
 // prints ONE summary line at the end of the run, e.g.
 //   !!! qcowkit tests: qemu-img not found — 12 interop suites SKIPPED !!!
 // Without it, describeQemu() prints its warning directly (once per run, from the first file).
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+// Not from ./tmp.js: that module registers vitest hooks, which a global setup can't.
+const IMAGES_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'images');
+
+/**
+ * A checkout may write the committed samples sparsely (zero blocks left as holes). qemu-img map
+ * reports host holes in metadata-preallocated-looking images, and the saved oracles were made
+ * from fully allocated files: rewrite sparse samples in place (same bytes, all blocks allocated).
+ */
+function densifySamples(dir: string): void {
+  for (const name of readdirSync(dir)) {
+    const path = join(dir, name);
+    const st = statSync(path);
+    if (st.isDirectory()) densifySamples(path);
+    else if (st.isFile() && st.blocks * 512 < st.size) writeFileSync(path, readFileSync(path));
+  }
+}
 
 let dir: string | undefined;
 
 export function setup(): void {
+  densifySamples(IMAGES_DIR);
   dir = mkdtempSync(join(tmpdir(), 'qcowkit-tally-'));
   const tally = join(dir, 'skipped');
   writeFileSync(tally, '');
