@@ -20,7 +20,18 @@ declare global {
 
 let shared: Kernels | undefined;
 
+/**
+ * Address space set aside at start. Growing wasm memory detaches every view of it, and views are
+ * handed to in-flight reads (data lands straight in wasm memory), so growth must not happen in
+ * normal work. Untouched pages cost no RSS: the OS backs them only when written.
+ */
+const INITIAL_HEAP_BYTES = 1024 * 1024 * 1024;
+
 /** The process-wide kernels instance (lazy singleton). */
 export function kernels(): Kernels {
-  return (shared ??= createWasmKernels());
+  if (!shared) {
+    shared = createWasmKernels();
+    shared.reserve(INITIAL_HEAP_BYTES);
+  }
+  return shared;
 }
