@@ -89,8 +89,3 @@ export function encodeBitmapDirectory(entries: BitmapDirectoryEntry[]): Uint8Arr
   });
   return buf;
 }
-
-/** Host offset of a bitmap table entry's data cluster (0 = all zeros or all ones per bit 0). */
-export function bitmapTableEntryOffset(view: DataView, index: number): number {
-  return u64(view, index * 8) - (view.getUint32(index * 8 + 4) & 0x1ff);
-}

@@ -16,7 +16,5 @@ export function dataView(buf: Uint8Array): DataView {
 export const alignUp = (v: number, a: number): number => Math.ceil(v / a) * a;
 export const isAligned = (v: number, a: number): boolean => v % a === 0;
 
-const latin1 = new TextDecoder('latin1');
 const utf8 = new TextDecoder('utf-8');
 export const decodeUtf8 = (b: Uint8Array): string => utf8.decode(b);
-export const decodeLatin1 = (b: Uint8Array): string => latin1.decode(b);

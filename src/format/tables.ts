@@ -53,11 +53,6 @@ export function decodeRefcountTable(buf: Uint8Array, entries: number, clusterSiz
   return decodeOffsetTable(buf, entries, clusterSize, false);
 }
 
-export function encodeOffsetEntry(view: DataView, index: number, offset: number, copied: boolean): void {
-  view.setUint32(index * 8, Math.floor(offset / TWO32) | (copied ? 0x80000000 : 0));
-  view.setUint32(index * 8 + 4, offset >>> 0);
-}
-
 /** Entries per refcount block for a cluster size and refcount order. */
 export function refcountBlockEntries(clusterBits: number, refcountOrder: number): number {
   return 2 ** (clusterBits + 3 - refcountOrder);
