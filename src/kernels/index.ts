@@ -31,7 +31,15 @@ const INITIAL_HEAP_BYTES = 1024 * 1024 * 1024;
 export function kernels(): Kernels {
   if (!shared) {
     shared = createWasmKernels();
-    shared.reserve(INITIAL_HEAP_BYTES);
+    // Where address space is scarce (strict overcommit), settle for less rather than fail.
+    for (let bytes = INITIAL_HEAP_BYTES; bytes >= 16 * 1024 * 1024; bytes /= 4) {
+      try {
+        shared.reserve(bytes);
+        break;
+      } catch {
+        /* try a smaller reservation */
+      }
+    }
   }
   return shared;
 }
