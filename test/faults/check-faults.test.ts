@@ -15,7 +15,8 @@ import { openImageFile, type ImageFile } from '../../src/io/file.js';
 import { runCli } from '../helpers/cli.js';
 import { describeQemu, qemuImg, qemuIo } from '../helpers/qemu.js';
 import { tmpDir } from '../helpers/tmp.js';
-import { activeL2Entries, geometry, getRefcount, mutate, prng, setRefcount } from '../interop/check-support.js';
+import { activeL2Entries, geometry, getRefcount, mutate, setRefcount } from '../interop/check-support.js';
+import { prng } from '../helpers/prng.js';
 
 class Crash extends Error {}
 

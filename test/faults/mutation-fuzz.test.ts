@@ -10,22 +10,11 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { QcowError, info, mapImage, compare, BackingChain } from '../../src/index.js';
+import { prng } from '../helpers/prng.js';
 
 const root = resolve(__dirname, '../..');
 const dir = mkdtempSync(join(tmpdir(), 'qcowkit-fuzz-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-/** Small PRNG so every run mutates the same bytes. */
-function prng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 const sha = (f: string): string => createHash('sha256').update(readFileSync(f)).digest('hex');
 

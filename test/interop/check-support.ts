@@ -5,6 +5,8 @@ import { closeSync, copyFileSync, fstatSync, openSync, readSync, writeSync } fro
 import { basename } from 'node:path';
 import { runCli } from '../helpers/cli.js';
 import { qemuImg, type RunResult } from '../helpers/qemu.js';
+import { prng } from '../helpers/prng.js';
+
 
 export interface Geometry {
   version: number;
@@ -136,17 +138,6 @@ export const COPIED = 1n << 63n;
 export const COMPRESSED = 1n << 62n;
 export const OFFSET_MASK = 0x00fffffffffffe00n;
 const isData = (e: bigint) => e !== 0n && !(e & COMPRESSED) && (e & OFFSET_MASK) !== 0n;
-
-/** Deterministic PRNG. */
-export function prng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(s ^ (s >>> 15), s | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 export type Mutation =
   | 'refcount-up'

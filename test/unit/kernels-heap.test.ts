@@ -3,19 +3,9 @@ import { existsSync, readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { kernels } from '../../src/kernels/index.js';
 import { createWasmKernels, WasmHeap, wasmPath } from '../../src/kernels/wasm.js';
+import { prng } from '../helpers/prng.js';
 
 const PAGE = 65536;
-
-/** mulberry32: small deterministic PRNG. */
-function prng(seed: number) {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(s ^ (s >>> 15), s | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 function memory(initial: number, maximum?: number): WebAssembly.Memory {
   return new WebAssembly.Memory(maximum === undefined ? { initial } : { initial, maximum });
