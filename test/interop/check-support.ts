@@ -7,7 +7,6 @@ import { runCli } from '../helpers/cli.js';
 import { qemuImg, type RunResult } from '../helpers/qemu.js';
 import { prng } from '../helpers/prng.js';
 
-
 export interface Geometry {
   version: number;
   cb: number;
