@@ -7,7 +7,7 @@
 import { realpath } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
 import { QcowError, throwIfAborted } from '../errors.js';
-import { openImageFile, inParallel } from '../io/file.js';
+import { openImageFile, inParallel, type FileOpener } from '../io/file.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { RawLayer } from './raw.js';
 import type { BlockLayer, LayerExtent, LayerFormat } from './layer.js';
@@ -27,6 +27,8 @@ export interface OpenChainOptions {
   forceShare?: boolean | undefined;
   onWarning?: (message: string) => void;
   signal?: AbortSignal | undefined;
+  /** Opens the layers' files (tests inject faulty files here); default openImageFile. */
+  openFile?: FileOpener | undefined;
 }
 
 /** One entry of `map`, with qemu-img's semantics (depth = layer index that answered). */
@@ -71,10 +73,16 @@ export async function probeFormat(path: string): Promise<LayerFormat> {
   }
 }
 
-export async function openLayer(path: string, format: LayerFormat, opts: { metadataOnly?: boolean | undefined; forceShare?: boolean | undefined } = {}): Promise<BlockLayer> {
+export async function openLayer(path: string, format: LayerFormat, opts: { metadataOnly?: boolean | undefined; forceShare?: boolean | undefined; openFile?: FileOpener | undefined } = {}): Promise<BlockLayer> {
   const forceShare = opts.forceShare === true;
-  if (format === 'raw') return RawLayer.open(path, { forceShare });
-  return Qcow2Image.open(path, { metadataOnly: opts.metadataOnly ?? false, forceShare });
+  const file = opts.openFile ? await opts.openFile(path, { writable: false, lock: forceShare ? 'read-shared' : 'read' }) : undefined;
+  try {
+    if (format === 'raw') return await RawLayer.open(path, { forceShare, ...(file ? { file } : {}) });
+    return await Qcow2Image.open(path, { metadataOnly: opts.metadataOnly ?? false, forceShare, ...(file ? { file } : {}) });
+  } catch (e) {
+    await file?.close();
+    throw e;
+  }
 }
 
 export class BackingChain {

@@ -137,6 +137,9 @@ class NodeImageFile implements ImageFile {
   }
 }
 
+/** How files get opened; tests pass a fault-injecting opener through every operation's options. */
+export type FileOpener = (path: string, opts: OpenFileOptions) => Promise<ImageFile>;
+
 export async function openImageFile(path: string, opts: OpenFileOptions = {}): Promise<ImageFile> {
   const writable = opts.writable ?? false;
   let handle: FileHandle;
