@@ -1,8 +1,8 @@
 // Entry point of the kernels module: pure functions over linear memory, no allocation.
 // The JS side (src/kernels/wasm.ts) owns the heap above heapBase().
 
-export { l2Scan, scanConsumed, l2AccountRefs, l2CopiedMismatches } from "./l2";
-export { refsAddRange, refcountCompare, refcountGet, refcountSet } from "./refcount";
+export { l2Scan, scanConsumed, l2AccountRefs, l2CopiedMismatches, l2Fill } from "./l2";
+export { refsAddRange, refcountCompare, refcountGet, refcountSet, refcountAddRange, refcountFind } from "./refcount";
 export { bitmapOr, bitmapAnd, bitmapAndNot, popcount, setBits, clearBits, extents, extentsNext } from "./bitmap";
 export { isZero, firstNonZero, firstDifference, zeroBlocks } from "./zero";
 

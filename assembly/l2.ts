@@ -92,7 +92,8 @@ function record(i: u32): usize {
 function emit(unit: u32, count: u32, kind: u32, reason: u32, host: u64, unitSize: u64, extra: u64): bool {
   if (kind < COMPRESSED && runN > 0) {
     const last = record(runN - 1);
-    if (load<u32>(last, 8) == kind) {
+    // For valid kinds `reason` carries the COPIED flag: runs never mix COPIED and shared entries.
+    if (load<u32>(last, 8) == kind && load<u32>(last, 12) == reason) {
       const lastCount = load<u32>(last, 4);
       const lastHost = <u64>load<f64>(last, 16);
       const contiguous = host == 0 ? lastHost == 0 : lastHost != 0 && host == lastHost + <u64>lastCount * unitSize;
@@ -116,9 +117,10 @@ function emit(unit: u32, count: u32, kind: u32, reason: u32, host: u64, unitSize
 /** Emits the runs of one entry; false when `out` filled up part-way. */
 function scanEntry(index: u32, word: u64, bitmap: u64, extended: bool, clusterBits: u32): bool {
   const kind = classify(word, bitmap, extended, clusterBits);
-  if (!extended) return emit(index, 1, kind, cReason, cHost, <u64>1 << <u64>clusterBits, cExtra);
+  const reason = kind == INVALID ? cReason : <u32>(word >> 63);
+  if (!extended) return emit(index, 1, kind, reason, cHost, <u64>1 << <u64>clusterBits, cExtra);
   const first = index * SUBCLUSTERS;
-  if (kind >= COMPRESSED) return emit(first, SUBCLUSTERS, kind, cReason, cHost, 0, cExtra);
+  if (kind >= COMPRESSED) return emit(first, SUBCLUSTERS, kind, reason, cHost, 0, cExtra);
   const host = cHost;
   const sub = <u64>1 << <u64>(clusterBits - 5);
   let i: u32 = 0;
@@ -127,7 +129,7 @@ function scanEntry(index: u32, word: u64, bitmap: u64, extended: bool, clusterBi
     const k = subKind(bitmap, i, host);
     let j = i + 1;
     while (j < SUBCLUSTERS && subKind(bitmap, j, host) == k) j++;
-    if (!emit(first + i, j - i, k, 0, host ? host + <u64>i * sub : 0, sub, 0)) return false;
+    if (!emit(first + i, j - i, k, reason, host ? host + <u64>i * sub : 0, sub, 0)) return false;
     i = j;
   }
   return true;
@@ -293,4 +295,22 @@ export function l2CopiedMismatches(table: usize, entryCount: u32, extended: bool
     }
   }
   return n;
+}
+
+/**
+ * Writes entries [first, first+count) of an L2 table: entry i gets host + i*step (0 stays 0) with
+ * flag bits flagsHi (upper word: COPIED) and flagsLo (lower word: the zero flag); with extended L2
+ * the bitmap word becomes (zeroMask << 32) | allocMask.
+ */
+export function l2Fill(table: usize, first: u32, count: u32, extended: bool, host: f64, step: f64, flagsHi: u32, flagsLo: u32, allocMask: u32, zeroMask: u32): void {
+  let h = <u64>host;
+  const st = <u64>step;
+  const flags = (<u64>flagsHi << 32) | <u64>flagsLo;
+  const bitmap = (<u64>zeroMask << 32) | <u64>allocMask;
+  for (let i: u32 = 0; i < count; i++) {
+    const p = entryPtr(table, first + i, extended);
+    store<u64>(p, bswap<u64>(h | flags));
+    if (extended) store<u64>(p + 8, bswap<u64>(bitmap));
+    if (h) h += st;
+  }
 }

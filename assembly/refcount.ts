@@ -97,3 +97,41 @@ export function refcountCompare(refs: usize, firstCluster: u32, count: u32, bloc
   }
   return compareRange(r, block, refcountOrder, i, count, out, maxOut, found);
 }
+
+/**
+ * Adds delta to entries [first, first+count) of a refcount block. Nothing changes when any entry
+ * would leave [0, maxValue]: the index of the first such entry is returned, else -1.
+ */
+export function refcountAddRange(block: usize, first: u32, count: u32, refcountOrder: u32, delta: f64, maxValue: f64): i32 {
+  const end = first + count;
+  const d = <i64>delta;
+  const max = <i64>maxValue;
+  for (let i = first; i < end; i++) {
+    const v = <i64>getEntry(block, i, refcountOrder) + d;
+    if (v < 0 || v > max) return <i32>i;
+  }
+  for (let i = first; i < end; i++) setEntry(block, i, refcountOrder, <u64>(<i64>getEntry(block, i, refcountOrder) + d));
+  return -1;
+}
+
+/** First index in [from, to) whose entry is zero (wantZero) or non-zero (!wantZero); `to` when none. */
+export function refcountFind(block: usize, from: u32, to: u32, refcountOrder: u32, wantZero: bool): u32 {
+  let i = from;
+  if (refcountOrder >= 3) {
+    // Whole zero 16-byte groups decide 128 / width entries at once.
+    const perVec: u32 = 128 >> refcountOrder;
+    while (i < to && i % perVec != 0) {
+      if ((getEntry(block, i, refcountOrder) == 0) == wantZero) return i;
+      i++;
+    }
+    for (; i + perVec <= to; i += perVec) {
+      const allZero = !v128.any_true(v128.load(block + (<usize>i << (refcountOrder - 3))));
+      if (allZero == wantZero) break; // the answer is inside this group (or starts it)
+      if (!wantZero) continue; // all zero: no non-zero here
+      // wantZero and not all zero: check entries one by one
+      for (let j = i; j < i + perVec; j++) if (getEntry(block, j, refcountOrder) == 0) return j;
+    }
+  }
+  for (; i < to; i++) if ((getEntry(block, i, refcountOrder) == 0) == wantZero) return i;
+  return to;
+}

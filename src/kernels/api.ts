@@ -27,10 +27,12 @@ export const enum InvalidReason {
 
 /**
  * One L2 run record = 32 bytes: u32[0] firstUnit, u32[1] unitCount, u32[2] kind (RunKind),
- * u32[3] reason (InvalidReason, 0 otherwise), f64[2] hostOffset, f64[3] extra.
+ * u32[3] reason (Invalid: InvalidReason; otherwise the entry's COPIED flag, 1 or 0), f64[2]
+ * hostOffset, f64[3] extra.
  * A unit is a cluster (standard L2) or a subcluster (extended L2, cs/32 bytes).
  * Consecutive units merge into one run when kind matches and host offsets are contiguous
- * (or both 0). Compressed and Invalid records are never merged (one per entry).
+ * (or both 0) and the COPIED flag is the same. Compressed and Invalid records are never merged
+ * (one per entry).
  */
 export const L2_RUN_BYTES = 32;
 
@@ -77,6 +79,12 @@ export interface Kernels {
    */
   l2CopiedMismatches(table: number, entryCount: number, extended: boolean, clusterBits: number, refs: number, nRefs: number, skipValue: number, out: number): number;
 
+  /**
+   * Writes entries [first, first+count) of an L2 table: entry i = (host + i*step, or 0 when host is
+   * 0) | flagsHi << 32 | flagsLo; extended L2 also gets the bitmap word (zeroMask << 32) | allocMask.
+   */
+  l2Fill(table: number, first: number, count: number, extended: boolean, host: number, step: number, flagsHi: number, flagsLo: number, allocMask: number, zeroMask: number): void;
+
   // --- refcounts ------------------------------------------------------------------------------
   /** refs[c] += 1 for c in [firstCluster, firstCluster+count) (saturating); returns how many were >= nClusters. */
   refsAddRange(refs: number, nClusters: number, firstCluster: number, count: number): number;
@@ -90,6 +98,13 @@ export interface Kernels {
   refcountGet(block: number, index: number, refcountOrder: number): number;
   /** Sets entry `index` of a refcount block (value must fit the width). */
   refcountSet(block: number, index: number, refcountOrder: number, value: number): void;
+  /**
+   * Adds `delta` to entries [first, first+count) of a refcount block; when any entry would leave
+   * [0, maxValue] nothing changes and that entry's index is returned, else -1.
+   */
+  refcountAddRange(block: number, first: number, count: number, refcountOrder: number, delta: number, maxValue: number): number;
+  /** First index in [from, to) whose entry is zero (wantZero) or non-zero; `to` when none. */
+  refcountFind(block: number, from: number, to: number, refcountOrder: number, wantZero: boolean): number;
 
   // --- bitmaps (qcow2 bit order: bit n in byte n>>3 at position n&7, LSB first) -------------------
   bitmapOr(dst: number, src: number, nBytes: number): void;

@@ -65,7 +65,7 @@ function decodeEntry(word: bigint, bitmap: bigint, extended: boolean, clusterBit
 }
 
 function canMerge(last: Run, p: Piece, unitSize: number): boolean {
-  if (p.kind >= RunKind.Compressed || last.kind !== p.kind) return false;
+  if (p.kind >= RunKind.Compressed || last.kind !== p.kind || last.reason !== p.reason) return false;
   if (p.host === 0) return last.host === 0;
   return last.host !== 0 && p.host === last.host + last.count * unitSize;
 }
@@ -146,6 +146,7 @@ export function referenceKernels(base: Kernels): Kernels {
         const saved = runs.map((r) => ({ ...r }));
         let unit = e * (extended ? 32 : 1);
         for (const p of decodeEntry(word, bitmap, extended, clusterBits)) {
+          if (p.kind !== RunKind.Invalid) p.reason = Number(word >> 63n); // valid runs carry COPIED
           const last = runs[runs.length - 1];
           if (last && canMerge(last, p, unitSize)) last.count += p.count;
           else runs.push({ ...p, firstUnit: unit });
@@ -169,6 +170,17 @@ export function referenceKernels(base: Kernels): Kernels {
       return runs.length;
     },
     scanConsumed: () => consumed,
+
+    l2Fill(table, first, count, extended, host, step, flagsHi, flagsLo, allocMask, zeroMask) {
+      const dv = view();
+      const flags = (BigInt(flagsHi >>> 0) << 32n) | BigInt(flagsLo >>> 0);
+      for (let i = 0; i < count; i++) {
+        const at = table + (first + i) * (extended ? 16 : 8);
+        const h = host === 0 ? 0n : BigInt(host + i * step);
+        dv.setBigUint64(at, h | flags);
+        if (extended) dv.setBigUint64(at + 8, (BigInt(zeroMask >>> 0) << 32n) | BigInt(allocMask >>> 0));
+      }
+    },
 
     l2CopiedMismatches(table, entryCount, extended, clusterBits, refs, nRefs, skipValue, out) {
       const dv = view();
@@ -254,6 +266,20 @@ export function referenceKernels(base: Kernels): Kernels {
         b[block + (index * width) / 8 + i] = Number(v & 0xffn);
         v >>= 8n;
       }
+    },
+    refcountAddRange(block, first, count, refcountOrder, delta, maxValue) {
+      const b = bytes();
+      for (let i = first; i < first + count; i++) {
+        const v = Number(refcountEntry(b, block, i, refcountOrder)) + delta;
+        if (v < 0 || v > maxValue) return i;
+      }
+      for (let i = first; i < first + count; i++) this.refcountSet(block, i, refcountOrder, Number(refcountEntry(b, block, i, refcountOrder)) + delta);
+      return -1;
+    },
+    refcountFind(block, from, to, refcountOrder, wantZero) {
+      const b = bytes();
+      for (let i = from; i < to; i++) if ((refcountEntry(b, block, i, refcountOrder) === 0n) === wantZero) return i;
+      return to;
     },
 
     bitmapOr: (dst, src, n) => combine(dst, src, n, (a, b) => a | b),

@@ -157,7 +157,10 @@ interface RawExports {
   scanConsumed(): number;
   l2AccountRefs(table: number, entryCount: number, extended: number, clusterBits: number, refs: number, nClusters: number, stats: number): void;
   l2CopiedMismatches(table: number, entryCount: number, extended: number, clusterBits: number, refs: number, nRefs: number, skipValue: number, out: number): number;
+  l2Fill(table: number, first: number, count: number, extended: number, host: number, step: number, flagsHi: number, flagsLo: number, allocMask: number, zeroMask: number): void;
   refsAddRange(refs: number, nClusters: number, firstCluster: number, count: number): number;
+  refcountAddRange(block: number, first: number, count: number, refcountOrder: number, delta: number, maxValue: number): number;
+  refcountFind(block: number, from: number, to: number, refcountOrder: number, wantZero: number): number;
   refcountCompare(refs: number, firstCluster: number, count: number, block: number, refcountOrder: number, out: number, maxOut: number): number;
   refcountGet(block: number, index: number, refcountOrder: number): number;
   refcountSet(block: number, index: number, refcountOrder: number, value: number): void;
@@ -221,7 +224,12 @@ export function createWasmKernels(): Kernels {
     l2CopiedMismatches: (table, entryCount, extended, clusterBits, refs, nRefs, skipValue, out) =>
       x.l2CopiedMismatches(table, entryCount, extended ? 1 : 0, clusterBits, refs, nRefs, skipValue | 0, out) >>> 0,
 
+    l2Fill: (table, first, count, extended, host, step, flagsHi, flagsLo, allocMask, zeroMask) =>
+      x.l2Fill(table, first, count, extended ? 1 : 0, host, step, flagsHi | 0, flagsLo | 0, allocMask | 0, zeroMask | 0),
+
     refsAddRange: x.refsAddRange,
+    refcountAddRange: x.refcountAddRange,
+    refcountFind: (block, from, to, refcountOrder, wantZero) => x.refcountFind(block, from, to, refcountOrder, wantZero ? 1 : 0) >>> 0,
     refcountCompare: (refs, firstCluster, count, block, refcountOrder, out, maxOut) =>
       x.refcountCompare(refs, firstCluster, count, block, refcountOrder, out, maxOut) >>> 0,
     refcountGet: x.refcountGet,

@@ -119,7 +119,7 @@ describe('kernels loading', () => {
     expect(WebAssembly.Module.imports(module)).toEqual([]);
     expect(WebAssembly.Module.exports(module).map((e) => e.name).sort()).toEqual(
       [
-        'memory', 'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'refsAddRange', 'refcountCompare',
+        'memory', 'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'l2Fill', 'refsAddRange', 'refcountAddRange', 'refcountFind', 'refcountCompare',
         'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits',
         'clearBits', 'extents', 'extentsNext', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
       ].sort(),

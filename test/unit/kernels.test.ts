@@ -172,6 +172,7 @@ function mergeRuns(runs: RunRecord[], unitSize: number): RunRecord[] {
     const contiguous =
       last &&
       last.kind === r.kind &&
+      last.reason === r.reason &&
       r.kind < RunKind.Compressed &&
       (r.hostOffset === 0 ? last.hostOffset === 0 : last.hostOffset !== 0 && r.hostOffset === last.hostOffset + last.unitCount * unitSize);
     if (contiguous) last.unitCount += r.unitCount;
@@ -189,13 +190,15 @@ describe('l2Scan: spec examples', () => {
   it('classifies the standard cluster states and merges contiguous runs', () => {
     const cs = 0x10000;
     const t = putWords([0n, 0n, 1n, 1n, COPIED | 0x50000n, COPIED | 0x60000n, 0x80000n, COPIED | 0x90001n, 0xa0001n, COPIED, 1n]);
+    // Valid runs carry the COPIED flag in `reason` and never merge across a COPIED change.
     expect(scan(k, t, 0, 11, false, 16).runs).toEqual([
       run(0, 2, RunKind.Unallocated),
       run(2, 2, RunKind.ZeroPlain),
-      run(4, 2, RunKind.Data, 5 * cs),
+      run(4, 2, RunKind.Data, 5 * cs, 0, 1),
       run(6, 1, RunKind.Data, 8 * cs),
-      run(7, 2, RunKind.ZeroAlloc, 9 * cs),
-      run(9, 1, RunKind.Unallocated), // COPIED without an offset still maps nothing
+      run(7, 1, RunKind.ZeroAlloc, 9 * cs, 0, 1),
+      run(8, 1, RunKind.ZeroAlloc, 10 * cs),
+      run(9, 1, RunKind.Unallocated, 0, 0, 1), // COPIED without an offset still maps nothing
       run(10, 1, RunKind.ZeroPlain),
     ]);
   });
@@ -209,11 +212,11 @@ describe('l2Scan: spec examples', () => {
     const host = 0xa0000;
     const t = putWords([COPIED | 0xa0000n, 0b10n, COPIED | 0xc0000n, 0b1111n, 0n, 0b11n << 32n]);
     expect(scan(k, t, 0, 3, true, 17).runs).toEqual([
-      run(0, 1, RunKind.Unallocated, host),
-      run(1, 1, RunKind.Data, host + 4096),
-      run(2, 30, RunKind.Unallocated, host + 8192),
-      run(32, 4, RunKind.Data, 0xc0000),
-      run(36, 28, RunKind.Unallocated, 0xc0000 + 4 * 4096),
+      run(0, 1, RunKind.Unallocated, host, 0, 1),
+      run(1, 1, RunKind.Data, host + 4096, 0, 1),
+      run(2, 30, RunKind.Unallocated, host + 8192, 0, 1),
+      run(32, 4, RunKind.Data, 0xc0000, 0, 1),
+      run(36, 28, RunKind.Unallocated, 0xc0000 + 4 * 4096, 0, 1),
       run(64, 2, RunKind.ZeroPlain),
       run(66, 30, RunKind.Unallocated),
     ]);
