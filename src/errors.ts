@@ -12,7 +12,8 @@ export type QcowErrorCode =
   | 'BACKING_LOOP'
   | 'LOCKED' // another process holds a conflicting lock
   | 'IO' // read/write/flush failed
-  | 'ABORTED'; // AbortSignal fired
+  | 'ABORTED' // AbortSignal fired
+  | 'INTERNAL'; // an invariant of qcowkit itself failed (a bug: please report it)
 
 /** Exit codes the CLI uses for each error code (documented in the README). */
 export const EXIT_CODES: Record<QcowErrorCode, number> = {
@@ -26,6 +27,7 @@ export const EXIT_CODES: Record<QcowErrorCode, number> = {
   LOCKED: 1,
   IO: 1,
   ABORTED: 130,
+  INTERNAL: 70,
 };
 
 export class QcowError extends Error {

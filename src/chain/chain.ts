@@ -29,6 +29,11 @@ export interface OpenChainOptions {
   signal?: AbortSignal | undefined;
   /** Opens the layers' files (tests inject faulty files here); default openImageFile. */
   openFile?: FileOpener | undefined;
+  /**
+   * Layers to open read-write (with QEMU's write locks, taken on this first open): depths (0 =
+   * the top) or file paths (matched by real path). The others stay read-only.
+   */
+  write?: ReadonlyArray<number | string> | undefined;
 }
 
 /** One entry of `map`, with qemu-img's semantics (depth = layer index that answered). */
@@ -73,12 +78,18 @@ export async function probeFormat(path: string): Promise<LayerFormat> {
   }
 }
 
-export async function openLayer(path: string, format: LayerFormat, opts: { metadataOnly?: boolean | undefined; forceShare?: boolean | undefined; openFile?: FileOpener | undefined } = {}): Promise<BlockLayer> {
-  const forceShare = opts.forceShare === true;
-  const file = opts.openFile ? await opts.openFile(path, { writable: false, lock: forceShare ? 'read-shared' : 'read' }) : undefined;
+export async function openLayer(
+  path: string,
+  format: LayerFormat,
+  opts: { metadataOnly?: boolean | undefined; forceShare?: boolean | undefined; openFile?: FileOpener | undefined; writable?: boolean | undefined } = {},
+): Promise<BlockLayer> {
+  const forceShare = opts.forceShare === true && !opts.writable;
+  const writable = opts.writable === true;
+  const lock = writable ? ('write' as const) : forceShare ? ('read-shared' as const) : ('read' as const);
+  const file = await (opts.openFile ?? openImageFile)(path, { writable, lock });
   try {
-    if (format === 'raw') return await RawLayer.open(path, { forceShare, ...(file ? { file } : {}) });
-    return await Qcow2Image.open(path, { metadataOnly: opts.metadataOnly ?? false, forceShare, ...(file ? { file } : {}) });
+    if (format === 'raw') return await RawLayer.open(path, { forceShare, writable, file });
+    return await Qcow2Image.open(path, { metadataOnly: opts.metadataOnly ?? false, forceShare, writable, file });
   } catch (e) {
     await file?.close();
     throw e;
@@ -97,15 +108,27 @@ export class BackingChain {
 
   static async open(path: string, opts: OpenChainOptions = {}): Promise<BackingChain> {
     const layers: BlockLayer[] = [];
+    let chain: BackingChain;
     try {
       const format = opts.format ?? (await probeFormat(path));
-      layers.push(await openLayer(path, format, opts));
+      layers.push(await openLayer(path, format, { ...opts, writable: await wantsWrite(opts.write, 0, path) }));
       if (opts.openBacking !== false) await BackingChain.#openBacking(layers, opts);
+      chain = new BackingChain(layers);
+      chain.#connectWriters();
     } catch (e) {
       await Promise.all(layers.map((l) => l.close().catch(() => {})));
       throw e;
     }
-    return new BackingChain(layers);
+    return chain;
+  }
+
+  /** Copy-on-write in a writable qcow2 layer reads the guest view of the layers below it. */
+  #connectWriters(): void {
+    this.layers.forEach((layer, depth) => {
+      if (layer instanceof Qcow2Image && layer.file.writable) {
+        layer.backingReader = depth + 1 < this.layers.length ? (o, dst) => this.read(o, dst, depth + 1) : async (_o, dst) => void dst.fill(0);
+      }
+    });
   }
 
   static async #openBacking(layers: BlockLayer[], opts: OpenChainOptions): Promise<void> {
@@ -137,7 +160,7 @@ export class BackingChain {
       } else if (format !== 'qcow2' && format !== 'raw') {
         throw new QcowError('UNSUPPORTED', `backing file format '${format}' is not supported (qcow2 and raw are)`, layer.path);
       }
-      layers.push(await openLayer(path, format, opts));
+      layers.push(await openLayer(path, format, { ...opts, writable: await wantsWrite(opts.write, layers.length, path) }));
     }
   }
 
@@ -282,6 +305,16 @@ export class BackingChain {
   async close(): Promise<void> {
     await Promise.all(this.layers.map((l) => l.close()));
   }
+}
+
+async function wantsWrite(write: ReadonlyArray<number | string> | undefined, depth: number, path: string): Promise<boolean> {
+  if (!write?.length) return false;
+  if (write.includes(depth)) return true;
+  const names = write.filter((w): w is string => typeof w === 'string');
+  if (!names.length) return false;
+  const real = await realpath(path).catch(() => path);
+  for (const n of names) if ((await realpath(n).catch(() => n)) === real) return true;
+  return false;
 }
 
 /** QEMU's BDRV_BLOCK_* status bits (include/block/block-common.h). */

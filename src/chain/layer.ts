@@ -58,3 +58,15 @@ export interface BlockLayer {
   readExtent(extent: LayerExtent, offsetInExtent: number, dst: Uint8Array): Promise<void>;
   close(): Promise<void>;
 }
+
+/** What commit and rebase write through: a qcow2 image or a raw file opened read-write. */
+export interface WritableLayer extends BlockLayer {
+  write(offset: number, data: Uint8Array): Promise<void>;
+  /** The range reads as zeros afterwards; `unmap` releases host space where the format can. */
+  writeZeroes(offset: number, length: number, opts?: { unmap?: boolean }): Promise<void>;
+  flush(): Promise<void>;
+}
+
+export function isWritable(layer: BlockLayer): layer is WritableLayer {
+  return layer.file.writable && typeof (layer as Partial<WritableLayer>).write === 'function';
+}

@@ -10,7 +10,7 @@ export class RawLayer implements BlockLayer {
   private constructor(
     readonly path: string,
     readonly file: ImageFile,
-    readonly virtualSize: number,
+    public virtualSize: number,
   ) {}
 
   static async open(path: string, opts: { writable?: boolean; file?: ImageFile; forceShare?: boolean } = {}): Promise<RawLayer> {
@@ -43,6 +43,35 @@ export class RawLayer implements BlockLayer {
 
   async readExtent(extent: LayerExtent, offsetInExtent: number, dst: Uint8Array): Promise<void> {
     await this.file.readAt(dst, extent.start + offsetInExtent);
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.file.writeAt(data, offset);
+  }
+
+  /** Punches the range (reads as zeros, keeps the file size); plain zeroes without `unmap`. */
+  async writeZeroes(offset: number, length: number, opts: { unmap?: boolean } = {}): Promise<void> {
+    if (opts.unmap) {
+      try {
+        await this.file.punchHole(offset, length);
+        return;
+      } catch {
+        // No hole punching here: write the zeroes.
+      }
+    }
+    const CHUNK = 4 * 1024 * 1024;
+    const zeros = new Uint8Array(Math.min(CHUNK, length));
+    for (let at = offset; at < offset + length; at += CHUNK) await this.file.writeAt(zeros.subarray(0, Math.min(CHUNK, offset + length - at)), at);
+  }
+
+  async flush(): Promise<void> {
+    await this.file.flush();
+  }
+
+  /** Grows (or shrinks) the raw disk. */
+  async resize(size: number): Promise<void> {
+    await this.file.truncate(size);
+    this.virtualSize = size;
   }
 
   async close(): Promise<void> {

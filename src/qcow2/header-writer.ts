@@ -13,6 +13,8 @@ import type { ImageFile } from '../io/file.js';
 import type { Qcow2Header } from '../format/header.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/constants.js';
 
+const OFF_SIZE = 24;
+const OFF_L1 = 36; // u32 l1_size + u64 l1_table_offset: one 12-byte write switches both
 const OFF_REFCOUNT_TABLE = 48; // u64 offset + u32 clusters: one 12-byte write switches both
 const OFF_INCOMPATIBLE = 72;
 const OFF_AUTOCLEAR = 88;
@@ -98,13 +100,35 @@ export class HeaderWriter {
    */
   async setRefcountTable(offset: number, clusters: number): Promise<void> {
     if (!Number.isSafeInteger(offset) || offset <= 0 || !Number.isInteger(clusters) || clusters <= 0 || clusters > 0xffffffff)
-      throw new QcowError('INVALID_ARGUMENT', `internal error: bad refcount table ${offset}/${clusters}`, this.file.path);
+      throw new QcowError('INTERNAL', `bad refcount table ${offset}/${clusters}`, this.file.path);
     const buf = new Uint8Array(12);
     const v = new DataView(buf.buffer);
     v.setUint32(0, Math.floor(offset / 2 ** 32));
     v.setUint32(4, offset >>> 0);
     v.setUint32(8, clusters);
     await this.file.writeAt(buf, OFF_REFCOUNT_TABLE);
+    await this.file.flush();
+  }
+
+  /**
+   * Switches the image to another L1 table (size and offset in one write), durably. The new table
+   * must already be durable.
+   */
+  async setL1Table(offset: number, entries: number): Promise<void> {
+    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isInteger(entries) || entries < 0 || entries > 0xffffffff)
+      throw new QcowError('INTERNAL', `bad L1 table ${offset}/${entries}`, this.file.path);
+    const buf = new Uint8Array(12);
+    const v = new DataView(buf.buffer);
+    v.setUint32(0, entries);
+    v.setUint32(4, Math.floor(offset / 2 ** 32));
+    v.setUint32(8, offset >>> 0);
+    await this.file.writeAt(buf, OFF_L1);
+    await this.file.flush();
+  }
+
+  /** Sets the virtual disk size, durably (after the L1 table covers it). */
+  async setSize(size: number): Promise<void> {
+    await this.#writeU64(OFF_SIZE, BigInt(size));
     await this.file.flush();
   }
 

@@ -14,6 +14,10 @@ import { pushExtent, type BlockLayer, type LayerExtent } from '../chain/layer.js
 import { L2Tables } from './l2.js';
 import { RefcountReader } from './refcounts.js';
 import { decompressCluster, loadDecoder } from './compressed.js';
+import { Qcow2Writer, type ZeroOptions } from './writer.js';
+
+/** Reads the guest view below an image (its backing chain) for copy-on-write. */
+export type BackingReader = (offset: number, dst: Uint8Array) => Promise<void>;
 
 export interface OpenQcow2Options {
   writable?: boolean;
@@ -38,13 +42,17 @@ export class Qcow2Image implements BlockLayer {
   readonly #l2: L2Tables;
   #refcounts: RefcountReader | undefined;
   #metadataPrealloc: boolean | undefined;
+  #fileSize: number;
+  #writer: Qcow2Writer | undefined;
+  /** Set by the chain when the image is written: the guest view of its backing file. */
+  backingReader: BackingReader | undefined;
 
   private constructor(
     readonly path: string,
     readonly file: ImageFile,
     readonly header: Qcow2Header,
-    readonly fileSize: number,
-    readonly l1: DecodedTable,
+    fileSize: number,
+    public l1: DecodedTable,
     readonly snapshots: SnapshotEntry[],
     readonly snapshotTableBytes: number,
     readonly bitmaps: BitmapDirectoryEntry[],
@@ -55,6 +63,57 @@ export class Qcow2Image implements BlockLayer {
     this.l2Entries = this.clusterSize / (this.extendedL2 ? 16 : 8);
     this.l2Span = this.l2Entries * this.clusterSize;
     this.#l2 = new L2Tables(file, this.clusterSize);
+    this.#fileSize = fileSize;
+  }
+
+  /** File length as known to qcowkit (grows as the writer allocates past the end). */
+  get fileSize(): number {
+    return this.#fileSize;
+  }
+  /** The writer allocated up to `bytes`. */
+  noteFileEnd(bytes: number): void {
+    if (bytes > this.#fileSize) this.#fileSize = bytes;
+  }
+
+  // --- writing ---------------------------------------------------------------------------------
+
+  /** The write engine of an image opened with `writable: true` (created on first use). */
+  async writer(): Promise<Qcow2Writer> {
+    if (!this.#writer) {
+      this.#writer = await Qcow2Writer.open(this);
+      this.#l2.source = this.#writer.l2Cache; // reads see unwritten changes
+    }
+    return this.#writer;
+  }
+
+  /** Writes guest data (copy-on-write from the backing chain where clusters are partly written). */
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await (await this.writer()).write(offset, data);
+  }
+  /** Makes a guest range read as zeros: zero flags (v3) or unmapped clusters, data only at the edges. */
+  async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    await (await this.writer()).writeZeroes(offset, length, opts);
+  }
+  /** Drops whole clusters' data: the range reads from the backing file again. */
+  async discard(offset: number, length: number): Promise<void> {
+    await (await this.writer()).discard(offset, length);
+  }
+  /** Everything written so far is durable on return. */
+  async flush(): Promise<void> {
+    await this.#writer?.flush();
+  }
+
+  /** Reads the backing chain's guest view (zeros without a backing file). */
+  async readBacking(offset: number, dst: Uint8Array): Promise<void> {
+    if (this.backingReader) return this.backingReader(offset, dst);
+    if (this.backingName === undefined || this.backingName === '') return void dst.fill(0);
+    throw new QcowError('INTERNAL', 'copy-on-write needs the backing chain: open the image through openChain', this.path);
+  }
+
+  /** Drops read-side caches that may describe metadata the writer changed. */
+  invalidateReadCaches(): void {
+    this.#lastCompressed = undefined;
+    this.#l2.dropReadCache();
   }
 
   static async open(path: string, opts: OpenQcow2Options = {}): Promise<Qcow2Image> {
@@ -220,8 +279,17 @@ export class Qcow2Image implements BlockLayer {
   }
 
   async close(): Promise<void> {
-    this.#l2.clear();
-    await this.file.close();
+    try {
+      if (this.#writer) await this.#writer.close();
+    } catch (e) {
+      this.#writer?.abandon();
+      throw e;
+    } finally {
+      this.#writer = undefined;
+      this.#l2.source = undefined;
+      this.#l2.clear();
+      await this.file.close();
+    }
   }
 }
 

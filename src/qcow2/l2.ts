@@ -8,6 +8,7 @@ import type { ImageFile } from '../io/file.js';
 import { inParallel } from '../io/file.js';
 import { kernels, L2_RUN_BYTES, RunKind, InvalidReason } from '../kernels/index.js';
 import type { LayerExtent } from '../chain/layer.js';
+import type { MetadataCache } from './cache.js';
 
 const WINDOW_BYTES = 16 * 1024 * 1024;
 const MAX_READ_BYTES = 8 * 1024 * 1024;
@@ -38,6 +39,8 @@ const REASONS: Record<number, string> = {
 export class L2Tables {
   readonly #cache = new Map<number, number>();
   #runs = 0;
+  /** When the image is being written: tables come from the writer's metadata cache. */
+  source: MetadataCache | undefined;
 
   constructor(
     private readonly file: ImageFile,
@@ -115,6 +118,13 @@ export class L2Tables {
       const offsets = Array.from({ length: n }, (_, i) => g.l2Offset(w + i));
       let ptrs: number[];
       let release = (): void => {};
+      if (this.source) {
+        for (let i = 0; i < n; i++) {
+          if (!offsets[i]) this.#scanMissing(g, w + i, start, end, emit);
+          else this.#scanTable(g, await this.source.get(offsets[i]!), (w + i) * g.l2Span, Math.max(start, (w + i) * g.l2Span), Math.min(end, (w + i + 1) * g.l2Span), emit);
+        }
+        continue;
+      }
       if (n === 1 && offsets[0]) ptrs = [await this.table(offsets[0])];
       else ({ ptrs, release } = await this.load(offsets));
       try {
@@ -122,13 +132,26 @@ export class L2Tables {
           const tableStart = (w + i) * g.l2Span;
           const s = Math.max(start, tableStart);
           const e = Math.min(end, tableStart + g.l2Span);
-          if (!ptrs[i]) emit({ start: s, length: e - s, allocated: false, data: false, zero: false, offset: undefined });
+          if (!ptrs[i]) this.#scanMissing(g, w + i, start, end, emit);
           else this.#scanTable(g, ptrs[i]!, tableStart, s, e, emit);
         }
       } finally {
         release();
       }
     }
+  }
+
+  #scanMissing(g: L2Geometry, l1Index: number, start: number, end: number, emit: (e: LayerExtent) => void): void {
+    const s = Math.max(start, l1Index * g.l2Span);
+    const e = Math.min(end, (l1Index + 1) * g.l2Span);
+    emit({ start: s, length: e - s, allocated: false, data: false, zero: false, offset: undefined });
+  }
+
+  /** Forgets the single-table read cache (tables may have changed on disk). */
+  dropReadCache(): void {
+    const k = kernels();
+    for (const p of this.#cache.values()) k.free(p);
+    this.#cache.clear();
   }
 
   #scanTable(g: L2Geometry, ptr: number, tableStart: number, s: number, e: number, emit: (e: LayerExtent) => void): void {

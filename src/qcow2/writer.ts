@@ -1,0 +1,609 @@
+/**
+ * Qcow2Writer: everything an image opened for writing needs, owned in one place — the metadata
+ * caches (L2 tables, refcount blocks) with their declared ordering, the refcount manager, the
+ * allocator, the discard queue and the header writer — and the guest-level primitives built on
+ * them: write, writeZeroes, discard. COPIED flags, subclusters (extended L2), compressed clusters
+ * (always replaced, never written in place) and copy-on-write from the backing chain are handled
+ * here and nowhere else.
+ *
+ * Crash safety comes from the order of durable states, never from where a caller flushes:
+ * - new clusters: refcount raised (refcount cache) -> data written -> L2 entry (the L2 cache
+ *   depends on the refcount cache and on a data flush);
+ * - dropped references: L2 entry changed -> refcount lowered (the refcount cache depends on the
+ *   L2 cache) -> freed clusters punched only after the lowered refcount is durable;
+ * - L1 entries and header fields are written straight to the file, after the tables they point
+ *   at are durable, and flushed before anything they used to point at is released.
+ * The v3 dirty bit is set before the first change and cleared by a clean `close`.
+ */
+import { QcowError, throwIfAborted } from '../errors.js';
+import { inParallel, type ImageFile } from '../io/file.js';
+import { kernels, L2_RUN_BYTES, RunKind } from '../kernels/index.js';
+import { dataView, setU64 } from '../format/bytes.js';
+import { INCOMPAT_CORRUPT } from '../format/constants.js';
+import { MetadataCache } from './cache.js';
+import { ClusterAllocator, type ClusterRun } from './allocator.js';
+import { DiscardQueue } from './discard-queue.js';
+import { HeaderWriter } from './header-writer.js';
+import { RefcountManager } from './refcount-manager.js';
+import type { Qcow2Image } from './image.js';
+
+const COPIED_HI = 0x80000000;
+const L2_CACHE_TABLES = 256;
+const REFCOUNT_CACHE_BLOCKS = 256;
+const MAX_RUNS = 1024;
+const ALL_SUBCLUSTERS = 0xffffffff;
+const WRITES_IN_FLIGHT = 4;
+
+/** One L2 run as the scan kernel reports it. */
+interface Run {
+  unit: number;
+  units: number;
+  kind: RunKind;
+  copied: boolean;
+  host: number;
+  extra: number;
+}
+
+/** Consecutive clusters of one table that a write treats alike. */
+interface Segment {
+  firstCluster: number;
+  count: number;
+  /** Allocated here with refcount 1 (COPIED), not compressed: written where it is. */
+  inPlace: boolean;
+  /** In place: host offset of the first cluster (contiguous). */
+  host: number;
+  /** Standard L2 in place: the cluster carries the zero flag. */
+  zeroFlag: boolean;
+  /** References the new mapping drops: host cluster runs and compressed byte ranges. */
+  oldClusters: ClusterRun[];
+}
+
+export interface ZeroOptions {
+  /** Release the host clusters (the range reads as zeros either way). */
+  unmap?: boolean;
+}
+
+export class Qcow2Writer {
+  readonly l2Cache: MetadataCache;
+  readonly refcountCache: MetadataCache;
+  readonly discards: DiscardQueue;
+  readonly header: HeaderWriter;
+  readonly refcounts: RefcountManager;
+  readonly allocator: ClusterAllocator;
+  readonly cs: number;
+  readonly #img: Qcow2Image;
+  #queue: Promise<unknown> = Promise.resolve();
+  #started = false;
+  #failed = false;
+
+  private constructor(img: Qcow2Image, header: HeaderWriter, refcounts: RefcountManager, discards: DiscardQueue) {
+    this.#img = img;
+    this.cs = img.clusterSize;
+    this.header = header;
+    this.refcounts = refcounts;
+    this.discards = discards;
+    this.l2Cache = refcounts.l2Cache!;
+    this.refcountCache = refcounts.cache;
+    this.allocator = new ClusterAllocator(refcounts, discards, Math.ceil(img.fileSize / img.clusterSize), img.path);
+  }
+
+  static async open(img: Qcow2Image): Promise<Qcow2Writer> {
+    const file = img.file;
+    if (!file.writable) throw new QcowError('INTERNAL', 'image was not opened for writing', img.path);
+    if (img.header.incompatibleFeatures & INCOMPAT_CORRUPT)
+      throw new QcowError('CORRUPT', 'Image is marked corrupt; repair it first (qcowkit check -r all)', img.path);
+    const cs = img.clusterSize;
+    const header = HeaderWriter.for(file, img.header);
+    const l2Cache = new MetadataCache('L2', file, cs, L2_CACHE_TABLES);
+    const refcountCache = new MetadataCache('refcount', file, cs, REFCOUNT_CACHE_BLOCKS);
+    const discards = new DiscardQueue();
+    const refcounts = await RefcountManager.open(file, img.header, refcountCache, l2Cache, header, discards);
+    return new Qcow2Writer(img, header, refcounts, discards);
+  }
+
+  get file(): ImageFile {
+    return this.#img.file;
+  }
+
+  /** Runs one operation at a time (callers may fire several; the engine is not re-entrant). */
+  #serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#queue.then(async () => {
+      if (this.#failed) throw new QcowError('IO', 'an earlier write failed; the image must be reopened', this.#img.path);
+      try {
+        if (!this.#started) await this.#start();
+        return await fn();
+      } catch (e) {
+        this.#failed = true;
+        throw e;
+      }
+    });
+    this.#queue = run.catch(() => {});
+    return run;
+  }
+
+  /** Before the first change: the dirty bit (v3) and the spec's rule on unknown autoclear bits. */
+  async #start(): Promise<void> {
+    this.#started = true;
+    await this.header.clearUnknownAutoclear();
+    await this.header.markDirty();
+  }
+
+  // --- public primitives ---------------------------------------------------------------------------
+
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.#serial(async () => {
+      this.#checkRange(offset, data.length);
+      await this.#forEachTable(offset, data.length, (l1i, s, e) => this.#writeInTable(l1i, s, data.subarray(s - offset, e - offset)));
+    });
+  }
+
+  writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    return this.#serial(async () => {
+      this.#checkRange(offset, length);
+      await this.#zeroOrDiscard(offset, length, opts.unmap ? 'zero-unmap' : 'zero');
+    });
+  }
+
+  /** Drops the mapping of whole clusters (subclusters with extended L2): they read from the backing file again. */
+  discard(offset: number, length: number): Promise<void> {
+    return this.#serial(async () => {
+      this.#checkRange(offset, length);
+      await this.#zeroOrDiscard(offset, length, 'discard');
+    });
+  }
+
+  /** Makes everything written so far durable, then punches the clusters freed meanwhile. */
+  flush(): Promise<void> {
+    return this.#serial(() => this.#flushAll());
+  }
+
+  /** Flushes, clears the dirty bit and frees the caches. */
+  close(): Promise<void> {
+    return this.#serial(async () => {
+      await this.#flushAll();
+      await this.header.markClean();
+      this.l2Cache.clear();
+      this.refcountCache.clear();
+    });
+  }
+
+  /** After a failure: frees memory, writes nothing more (the image stays dirty: check -r repairs leaks). */
+  abandon(): void {
+    this.#failed = true;
+    this.l2Cache.discardAll();
+    this.refcountCache.discardAll();
+  }
+
+  async #flushAll(): Promise<void> {
+    await this.l2Cache.writeBack();
+    await this.refcountCache.writeBack();
+    await this.file.flush();
+    for (const [first, end] of this.discards.take()) {
+      try {
+        await this.file.punchHole(first * this.cs, (end - first) * this.cs);
+      } catch {
+        // Advisory: the clusters are free either way.
+      }
+      this.allocator.noteFreed(first);
+    }
+  }
+
+  // --- structure ------------------------------------------------------------------------------------
+
+  #checkRange(offset: number, length: number): void {
+    const size = this.#img.virtualSize;
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > size)
+      throw new QcowError('INVALID_ARGUMENT', `guest range ${offset}+${length} lies outside the disk (${size} bytes)`, this.#img.path);
+  }
+
+  async #forEachTable(offset: number, length: number, fn: (l1Index: number, start: number, end: number) => Promise<void>): Promise<void> {
+    const span = this.#img.l2Span;
+    for (let s = offset; s < offset + length; ) {
+      const l1i = Math.floor(s / span);
+      const e = Math.min(offset + length, (l1i + 1) * span);
+      await fn(l1i, s, e);
+      s = e;
+    }
+  }
+
+  /** Writes L1 entry i (its 512-byte sector) and flushes. */
+  async #setL1Entry(i: number, offset: number, copied: boolean): Promise<void> {
+    const img = this.#img;
+    img.l1.offsets[i] = offset;
+    img.l1.copied[i] = copied && offset ? 1 : 0;
+    const first = Math.floor(i / 64) * 64;
+    const n = Math.min(64, img.l1.offsets.length - first);
+    const buf = new Uint8Array(n * 8);
+    const v = dataView(buf);
+    for (let j = 0; j < n; j++) {
+      const off = img.l1.offsets[first + j]!;
+      if (!off) continue;
+      setU64(v, j * 8, off);
+      if (img.l1.copied[first + j]) v.setUint32(j * 8, v.getUint32(j * 8) | COPIED_HI);
+    }
+    await this.file.writeAt(buf, img.header.l1TableOffset + first * 8);
+    await this.file.flush();
+  }
+
+  /** The host offset of a writable (refcount 1) L2 table for L1 entry i, created or copied as needed. */
+  async #l2ForWrite(i: number): Promise<number> {
+    const img = this.#img;
+    if (i >= img.l1.offsets.length) throw new QcowError('INTERNAL', `L1 index ${i} beyond the L1 table`, img.path);
+    const old = img.l2Offset(i);
+    if (old && img.l1.copied[i]) return old;
+    if (old && (await this.refcounts.get(old / this.cs)) === 1) {
+      await this.#setL1Entry(i, old, true); // the COPIED flag was merely missing
+      return old;
+    }
+    // A new table: empty, or a copy of one shared with a snapshot (its data stays shared).
+    const at = await this.allocator.allocateBytes(this.cs);
+    img.noteFileEnd(at + this.cs);
+    const ptr = await this.l2Cache.create(at);
+    if (old) {
+      const src = await this.l2Cache.get(old);
+      kernels().u8(this.l2Cache.peek(at)!, this.cs).set(kernels().u8(src, this.cs));
+    }
+    void ptr;
+    await this.l2Cache.dependsOn(this.refcountCache);
+    await this.l2Cache.flush();
+    await this.#setL1Entry(i, at, true);
+    if (old) {
+      await this.refcounts.update(old / this.cs, 1, -1);
+    }
+    return at;
+  }
+
+  /** The kernel's runs for entries [first, first+count) of the table at ptr. */
+  #runs(ptr: number, first: number, count: number): Run[] {
+    const img = this.#img;
+    const k = kernels();
+    const out = k.alloc(MAX_RUNS * L2_RUN_BYTES);
+    const runs: Run[] = [];
+    try {
+      while (count > 0) {
+        const n = k.l2Scan(ptr, first, count, img.extendedL2, img.clusterBits, out, MAX_RUNS);
+        const consumed = k.scanConsumed();
+        const u32 = new Uint32Array(k.memory.buffer, out, n * 8);
+        const f64 = new Float64Array(k.memory.buffer, out, n * 4);
+        for (let r = 0; r < n; r++) {
+          const kind = u32[r * 8 + 2]! as RunKind;
+          if (kind === RunKind.Invalid) throw new QcowError('CORRUPT', `Invalid L2 entry (index ${Math.floor(u32[r * 8]! / (img.extendedL2 ? 32 : 1))})`, img.path);
+          runs.push({ unit: u32[r * 8]!, units: u32[r * 8 + 1]!, kind, copied: u32[r * 8 + 3] === 1, host: f64[r * 4 + 2]!, extra: f64[r * 4 + 3]! });
+        }
+        if (consumed === 0) throw new QcowError('INTERNAL', 'L2 scan made no progress', img.path);
+        first += consumed;
+        count -= consumed;
+      }
+    } finally {
+      k.free(out);
+    }
+    return runs;
+  }
+
+  /** Clusters [first, first+count) of a table grouped by how a write treats them. */
+  #segments(ptr: number, first: number, count: number): Segment[] {
+    const img = this.#img;
+    const cs = this.cs;
+    const per = img.extendedL2 ? 32 : 1;
+    const sub = cs / per;
+    const segs: Segment[] = [];
+    // oldHost: first old host cluster of a shared mapping, 0 for none, -1 for compressed.
+    const add = (cluster: number, n: number, inPlace: boolean, host: number, zeroFlag: boolean, old: ClusterRun[], oldHost: number) => {
+      const last = segs[segs.length - 1];
+      if (last && last.firstCluster + last.count > cluster) {
+        // Extended L2: another run of the same cluster (same host, same COPIED): already counted.
+        const overlap = last.firstCluster + last.count - cluster;
+        if (n <= overlap) return;
+        cluster += overlap;
+        n -= overlap;
+        if (inPlace) host += overlap * cs;
+        old = shiftRuns(old, overlap);
+        if (oldHost > 0) oldHost += overlap;
+      }
+      const lastOld = last?.oldClusters[0];
+      const mergeable =
+        last &&
+        last.firstCluster + last.count === cluster &&
+        last.inPlace === inPlace &&
+        last.zeroFlag === zeroFlag &&
+        (inPlace
+          ? host === last.host + last.count * cs
+          : oldHost === 0
+            ? last.oldClusters.length === 0
+            : oldHost > 0 && last.oldClusters.length === 1 && lastOld!.count === last.count && lastOld!.first + lastOld!.count === oldHost);
+      if (mergeable) {
+        last.count += n;
+        mergeRuns(last.oldClusters, old);
+        return;
+      }
+      segs.push({ firstCluster: cluster, count: n, inPlace, host, zeroFlag, oldClusters: old.map((r) => ({ ...r })) });
+    };
+    for (const r of this.#runs(ptr, first, count)) {
+      const c0 = Math.floor(r.unit / per);
+      const c1 = Math.ceil((r.unit + r.units) / per);
+      const n = c1 - c0;
+      if (r.kind === RunKind.Compressed) {
+        const firstHost = Math.floor(r.host / cs);
+        const lastHost = Math.floor((r.host + r.extra - 1) / cs);
+        add(c0, 1, false, 0, false, [{ first: firstHost, count: lastHost - firstHost + 1 }], -1);
+        continue;
+      }
+      // Host of the first cluster of the run (extended runs may start inside a cluster).
+      const clusterHost = r.host ? r.host - (r.unit % per) * sub : 0;
+      if (clusterHost && r.copied) {
+        add(c0, n, true, clusterHost, !img.extendedL2 && r.kind === RunKind.ZeroAlloc, [], 0);
+      } else {
+        add(c0, n, false, 0, false, clusterHost ? [{ first: clusterHost / cs, count: n }] : [], clusterHost / cs);
+      }
+    }
+    return segs;
+  }
+
+  /** Reads the image's current guest view of [offset, offset+dst.length) (for copy-on-write). */
+  async #readView(offset: number, dst: Uint8Array): Promise<void> {
+    if (!dst.length) return;
+    const img = this.#img;
+    for (const e of await img.status(offset, dst.length)) {
+      const part = dst.subarray(e.start - offset, e.start - offset + e.length);
+      if (e.allocated) await img.readExtent(e, 0, part);
+      else await img.readBacking(e.start, part);
+    }
+  }
+
+  // --- writes ---------------------------------------------------------------------------------------
+
+  async #writeInTable(l1i: number, s: number, data: Uint8Array): Promise<void> {
+    const img = this.#img;
+    const cs = this.cs;
+    const tableStart = l1i * img.l2Span;
+    const e = s + data.length;
+    const tableOff = await this.#l2ForWrite(l1i);
+    const firstCluster = Math.floor((s - tableStart) / cs);
+    const endCluster = Math.ceil((e - tableStart) / cs);
+    this.l2Cache.pin(tableOff);
+    try {
+      const ptr = await this.l2Cache.get(tableOff);
+      const segs = this.#segments(ptr, firstCluster, endCluster - firstCluster);
+      // Plan every segment (copy-on-write reads see the table before any entry changes).
+      const jobs: Array<() => Promise<void>> = [];
+      const fresh: Array<{ seg: Segment; buf: Uint8Array }> = [];
+      const inPlaceFixes: Array<{ seg: Segment; xs: number; xe: number }> = [];
+      const unit = img.extendedL2 ? cs / 32 : cs;
+      for (const seg of segs) {
+        const segStart = tableStart + seg.firstCluster * cs;
+        const segEnd = segStart + seg.count * cs;
+        const ws = Math.max(s, segStart);
+        const we = Math.min(e, segEnd);
+        if (seg.inPlace) {
+          // Only units that don't already hold data need their untouched part filled.
+          const expand = img.extendedL2 || seg.zeroFlag;
+          const xs = expand ? Math.floor(ws / unit) * unit : ws;
+          const xe = expand ? Math.ceil(we / unit) * unit : we;
+          const buf = await this.#assemble(xs, xe, ws, data.subarray(ws - s, we - s));
+          jobs.push(async () => {
+            await this.file.writeAt(buf, seg.host + (xs - segStart));
+          });
+          if (expand) inPlaceFixes.push({ seg, xs, xe });
+        } else {
+          const buf = await this.#assemble(segStart, segEnd, ws, data.subarray(ws - s, we - s));
+          fresh.push({ seg, buf });
+        }
+      }
+      // New clusters: refcounts raised now (cache), data written, entries switched after.
+      const newMaps: Array<{ seg: Segment; runs: ClusterRun[] }> = [];
+      for (const { seg, buf } of fresh) {
+        const runs = await this.allocator.allocate(seg.count);
+        newMaps.push({ seg, runs });
+        let at = 0;
+        for (const r of runs) {
+          const part = buf.subarray(at * cs, (at + r.count) * cs);
+          img.noteFileEnd((r.first + r.count) * cs);
+          jobs.push(async () => {
+            await this.file.writeAt(part, r.first * cs);
+          });
+          at += r.count;
+        }
+      }
+      await inParallel(jobs, WRITES_IN_FLIGHT, (job) => job());
+      if (!newMaps.length && !inPlaceFixes.length) return;
+      // Entries may now point at the data: it must be durable first, and so must the refcounts.
+      this.l2Cache.dependsOnFlush();
+      if (newMaps.length) await this.l2Cache.dependsOn(this.refcountCache);
+      const k = kernels();
+      const tptr = await this.l2Cache.get(tableOff);
+      for (const { seg, runs } of newMaps) {
+        let c = seg.firstCluster;
+        for (const r of runs) {
+          k.l2Fill(tptr, c, r.count, img.extendedL2, r.first * cs, cs, COPIED_HI, 0, img.extendedL2 ? ALL_SUBCLUSTERS : 0, 0);
+          c += r.count;
+        }
+      }
+      for (const fix of inPlaceFixes) this.#markWritten(tptr, fix.seg, tableStart, fix.xs, fix.xe);
+      this.l2Cache.markDirty(tableOff);
+      // Old references go only after the new entries (the refcount cache depends on the L2 cache).
+      for (const { seg } of newMaps) for (const r of seg.oldClusters) await this.refcounts.update(r.first, r.count, -1);
+      img.invalidateReadCaches();
+    } finally {
+      this.l2Cache.unpin(tableOff);
+    }
+  }
+
+  /** [from, to) as the guest will see it: `data` at `dataAt`, the current view around it. */
+  async #assemble(from: number, to: number, dataAt: number, data: Uint8Array): Promise<Uint8Array> {
+    if (from === dataAt && to === dataAt + data.length) return data;
+    const buf = new Uint8Array(to - from);
+    await this.#readView(from, buf.subarray(0, dataAt - from));
+    await this.#readView(dataAt + data.length, buf.subarray(dataAt + data.length - from));
+    buf.set(data, dataAt - from);
+    return buf;
+  }
+
+  /** In-place writes over [xs, xe): clear the zero flag / mark the subclusters allocated. */
+  #markWritten(tptr: number, seg: Segment, tableStart: number, xs: number, xe: number): void {
+    const img = this.#img;
+    const cs = this.cs;
+    const k = kernels();
+    const c0 = Math.floor((xs - tableStart) / cs);
+    const c1 = Math.ceil((xe - tableStart) / cs);
+    if (!img.extendedL2) {
+      k.l2Fill(tptr, c0, c1 - c0, false, seg.host + (c0 - seg.firstCluster) * cs, cs, COPIED_HI, 0, 0, 0);
+      return;
+    }
+    const sub = cs / 32;
+    const v = new DataView(k.memory.buffer);
+    for (let c = c0; c < c1; c++) {
+      const cStart = tableStart + c * cs;
+      const a = Math.max(0, Math.floor((xs - cStart) / sub));
+      const b = Math.min(32, Math.ceil((xe - cStart) / sub));
+      const mask = b - a >= 32 ? ALL_SUBCLUSTERS : (((2 ** (b - a) - 1) * 2 ** a) >>> 0);
+      const at = tptr + c * 16 + 8;
+      const zero = v.getUint32(at) & ~mask;
+      const alloc = (v.getUint32(at + 4) | mask) >>> 0;
+      v.setUint32(at, zero >>> 0);
+      v.setUint32(at + 4, alloc);
+    }
+  }
+
+  // --- zeroes and discards ----------------------------------------------------------------------------
+
+  async #zeroOrDiscard(offset: number, length: number, mode: 'zero' | 'zero-unmap' | 'discard'): Promise<void> {
+    const img = this.#img;
+    const unit = img.extendedL2 ? this.cs / 32 : this.cs;
+    const end = offset + length;
+    // Whole units get metadata changes; partial ones at the ends are written (zeroes) or left
+    // alone (a discard of part of a cluster is a no-op, as in QEMU).
+    const a = Math.min(end, Math.ceil(offset / unit) * unit);
+    let b = Math.max(a, Math.floor(end / unit) * unit);
+    if (end === img.virtualSize && end % unit) b = end; // the disk's partial last unit counts as whole
+    const zeroes = mode !== 'discard';
+    const canFlag = img.header.version === 3;
+    if (zeroes && a > offset) await this.#writeZeroData(offset, a - offset);
+    if (b > a) {
+      if (zeroes && !canFlag && img.backingName !== undefined) {
+        await this.#writeZeroData(a, b - a); // v2 over a backing file: zeroes must be data
+      } else {
+        const action = mode === 'discard' || (!canFlag && zeroes) ? 'discard' : mode;
+        await this.#forEachTable(a, b - a, (l1i, s, e) => this.#unitsInTable(l1i, s, e, action));
+      }
+    }
+    if (zeroes && end > b) await this.#writeZeroData(b, end - b);
+  }
+
+  async #writeZeroData(offset: number, length: number): Promise<void> {
+    const CHUNK = 4 * 1024 * 1024;
+    const zeros = new Uint8Array(Math.min(CHUNK, length));
+    for (let at = offset; at < offset + length; at += CHUNK) {
+      const n = Math.min(CHUNK, offset + length - at);
+      await this.#forEachTable(at, n, (l1i, s, e) => this.#writeInTable(l1i, s, zeros.subarray(0, e - s)));
+    }
+  }
+
+  /** Zero flags or unmapping for whole units [s, e) of one table. */
+  async #unitsInTable(l1i: number, s: number, e: number, mode: 'zero' | 'zero-unmap' | 'discard'): Promise<void> {
+    const img = this.#img;
+    const cs = this.cs;
+    const tableStart = l1i * img.l2Span;
+    const existing = img.l2Offset(l1i);
+    if (!existing && mode === 'discard') return; // nothing mapped here
+    const tableOff = await this.#l2ForWrite(l1i);
+    this.l2Cache.pin(tableOff);
+    try {
+      const ptr = await this.l2Cache.get(tableOff);
+      const k = kernels();
+      const c0 = Math.floor((s - tableStart) / cs);
+      const c1 = Math.ceil((e - tableStart) / cs);
+      const segs = this.#segments(ptr, c0, c1 - c0);
+      const drops: ClusterRun[] = [];
+      for (const seg of segs) {
+        for (const part of splitPartialClusters(seg, tableStart, cs, s, e)) {
+          const { first, count, from, to } = part;
+          const whole = from === tableStart + first * cs && to === tableStart + (first + count) * cs;
+          if (!img.extendedL2 || whole) {
+            // Whole clusters: the zero flag (or an empty entry), keeping an in-place allocation
+            // only for a plain zero write.
+            const keep = seg.inPlace && mode === 'zero';
+            const host = keep ? seg.host + (first - seg.firstCluster) * cs : 0;
+            if (img.extendedL2) k.l2Fill(ptr, first, count, true, host, cs, keep ? COPIED_HI : 0, 0, 0, mode === 'discard' ? 0 : ALL_SUBCLUSTERS);
+            else k.l2Fill(ptr, first, count, false, host, cs, keep ? COPIED_HI : 0, mode === 'discard' ? 0 : 1, 0, 0);
+            if (!keep) {
+              if (seg.inPlace) drops.push({ first: (seg.host + (first - seg.firstCluster) * cs) / cs, count });
+              else drops.push(...sliceRuns(seg, first, count));
+            }
+            continue;
+          }
+          // Extended L2, part of one cluster: subcluster bits when the entry allows it.
+          const sub = cs / 32;
+          const cStart = tableStart + first * cs;
+          const a = (from - cStart) / sub;
+          const b = (to - cStart) / sub;
+          const mask = (((2 ** (b - a) - 1) * 2 ** a) >>> 0);
+          const v = new DataView(k.memory.buffer);
+          const at = ptr + first * 16;
+          const word = v.getUint32(at) * 2 ** 32 + v.getUint32(at + 4);
+          const compressed = (v.getUint32(at) & 0x40000000) !== 0;
+          if (compressed || (!seg.inPlace && word !== 0)) {
+            // Shared or compressed: only a full rewrite can change part of it.
+            if (mode !== 'discard') await this.#writeInTable(l1i, from, new Uint8Array(to - from));
+            continue;
+          }
+          const zero = v.getUint32(at + 8);
+          const alloc = v.getUint32(at + 12);
+          v.setUint32(at + 8, (mode === 'discard' ? zero & ~mask : zero | mask) >>> 0);
+          v.setUint32(at + 12, (alloc & ~mask) >>> 0);
+        }
+      }
+      this.l2Cache.markDirty(tableOff);
+      for (const r of drops) await this.refcounts.update(r.first, r.count, -1);
+      img.invalidateReadCaches();
+    } finally {
+      this.l2Cache.unpin(tableOff);
+    }
+  }
+}
+
+/** The parts of a segment inside [s, e): whole-cluster runs, and partial single clusters. */
+function splitPartialClusters(seg: Segment, tableStart: number, cs: number, s: number, e: number): Array<{ first: number; count: number; from: number; to: number }> {
+  const out: Array<{ first: number; count: number; from: number; to: number }> = [];
+  const segStart = tableStart + seg.firstCluster * cs;
+  const from = Math.max(s, segStart);
+  const to = Math.min(e, segStart + seg.count * cs);
+  let c = Math.floor((from - tableStart) / cs);
+  const cEnd = Math.ceil((to - tableStart) / cs);
+  if (from > tableStart + c * cs) {
+    out.push({ first: c, count: 1, from, to: Math.min(to, tableStart + (c + 1) * cs) });
+    c++;
+  }
+  const wholeEnd = Math.floor((to - tableStart) / cs);
+  if (wholeEnd > c) {
+    out.push({ first: c, count: wholeEnd - c, from: tableStart + c * cs, to: tableStart + wholeEnd * cs });
+    c = wholeEnd;
+  }
+  if (c < cEnd) out.push({ first: c, count: 1, from: tableStart + c * cs, to });
+  return out;
+}
+
+/** The old references of clusters [first, first+count) of a not-in-place segment. */
+function sliceRuns(seg: Segment, first: number, count: number): ClusterRun[] {
+  if (!seg.oldClusters.length || (first === seg.firstCluster && count === seg.count)) return seg.oldClusters;
+  // Segments that drop references are either one compressed cluster or host-contiguous runs.
+  if (seg.oldClusters.length === 1 && seg.oldClusters[0]!.count === seg.count) {
+    const r = seg.oldClusters[0]!;
+    return [{ first: r.first + (first - seg.firstCluster), count }];
+  }
+  if (seg.count === 1) return seg.oldClusters;
+  throw new QcowError('INTERNAL', 'cannot split the references of a merged segment');
+}
+
+function mergeRuns(into: ClusterRun[], more: ClusterRun[]): void {
+  for (const r of more) {
+    const last = into[into.length - 1];
+    if (last && last.first + last.count === r.first) last.count += r.count;
+    else into.push({ ...r });
+  }
+}
+
+function shiftRuns(runs: ClusterRun[], by: number): ClusterRun[] {
+  if (!runs.length) return runs;
+  const [r] = runs;
+  return r!.count > by ? [{ first: r!.first + by, count: r!.count - by }] : [];
+}
