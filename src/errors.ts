@@ -12,6 +12,7 @@ export type QcowErrorCode =
   | 'BACKING_LOOP'
   | 'LOCKED' // another process holds a conflicting lock
   | 'IO' // read/write/flush failed
+  | 'NO_SPACE' // the filesystem has no room for what an operation would write (checked before writing)
   | 'ABORTED' // AbortSignal fired
   | 'INTERNAL'; // an invariant of qcowkit itself failed (a bug: please report it)
 
@@ -26,6 +27,7 @@ export const EXIT_CODES: Record<QcowErrorCode, number> = {
   BACKING_LOOP: 1,
   LOCKED: 1,
   IO: 1,
+  NO_SPACE: 1,
   ABORTED: 130,
   INTERNAL: 70,
 };

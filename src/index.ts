@@ -11,6 +11,10 @@ export { mapImage, type MapOptions } from './ops/map.js';
 export { compare, type CompareOptions, type CompareResult } from './ops/compare.js';
 export { check, type CheckResult, type CheckOptions } from './ops/check.js';
 export { create, type CreateOptions } from './ops/create.js';
+export { commit, type CommitOptions, type CommitResult } from './ops/commit.js';
+export { makeEmpty, type MakeEmptyOptions, type MakeEmptyResult } from './ops/make-empty.js';
+export type { WritableLayer } from './chain/layer.js';
+export type { ZeroOptions } from './qcow2/writer.js';
 
 import { BackingChain, type OpenChainOptions } from './chain/chain.js';
 import { Qcow2Image, type OpenQcow2Options } from './qcow2/image.js';
@@ -20,7 +24,7 @@ export function openImage(path: string, opts?: OpenQcow2Options): Promise<Qcow2I
   return Qcow2Image.open(path, opts);
 }
 
-/** Opens an image with its whole backing chain, read-only. */
+/** Opens an image with its whole backing chain (read-only unless `write` names layers). */
 export function openChain(path: string, opts?: OpenChainOptions): Promise<BackingChain> {
   return BackingChain.open(path, opts);
 }

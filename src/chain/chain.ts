@@ -49,6 +49,16 @@ export interface MapEntry {
   filename: string;
 }
 
+/** One extent of `statusAboveDepth`. */
+export interface ChainExtent {
+  start: number;
+  length: number;
+  /** Provided by layer `depth` (< the depth asked about); false: falls through below. */
+  allocated: boolean;
+  zero: boolean;
+  depth: number;
+}
+
 /** `proto:...` names (json:, nbd:, file:, http: ...) would make qcowkit reach beyond files. */
 export function hasProtocolPrefix(name: string): boolean {
   const colon = name.indexOf(':');
@@ -242,6 +252,43 @@ export class BackingChain {
         const cut = below - e.start;
         push({ ...base, start: below, length: eEnd - below, present: false, zero: true, data: false, offset: e.offset === undefined ? undefined : e.offset + cut });
       }
+    }
+  }
+
+  /**
+   * What the layers above `depth` (0 .. depth-1) provide for [start, start+length), in order:
+   * `allocated` extents name the top-most layer that has them (data or zero; past the end of a
+   * shorter layer the range reads as zeros and counts as that layer's), the rest falls through to
+   * layer `depth` and below. This is what commit copies and what a rebase onto `depth` keeps.
+   */
+  async statusAboveDepth(depth: number, start: number, length: number, emit: (e: ChainExtent) => void): Promise<void> {
+    const found: ChainExtent[] = [];
+    const walk = async (d: number, s: number, len: number): Promise<void> => {
+      if (d >= depth) return void found.push({ start: s, length: len, allocated: false, zero: false, depth: d });
+      const layer = this.layers[d]!;
+      const inside = Math.max(0, Math.min(len, layer.virtualSize - s));
+      if (inside < len) found.push({ start: s + inside, length: len - inside, allocated: true, zero: true, depth: d });
+      if (!inside) return;
+      for (const e of await layer.status(s, inside)) {
+        if (e.allocated) found.push({ start: e.start, length: e.length, allocated: true, zero: e.zero, depth: d });
+        else await walk(d + 1, e.start, e.length);
+      }
+    };
+    const WINDOW = 1024 ** 3; // bounded memory at any disk size
+    for (let pos = start; pos < start + length; pos += WINDOW) {
+      await walk(0, pos, Math.min(WINDOW, start + length - pos));
+      // A layer's past-the-end piece was found before what lies inside it: restore guest order.
+      found.sort((x, y) => x.start - y.start);
+      let last: ChainExtent | undefined;
+      for (const e of found) {
+        if (last && last.start + last.length === e.start && last.allocated === e.allocated && last.zero === e.zero && last.depth === e.depth) last.length += e.length;
+        else {
+          if (last) emit(last);
+          last = { ...e };
+        }
+      }
+      if (last) emit(last);
+      found.length = 0;
     }
   }
 

@@ -10,6 +10,8 @@ const COMMANDS: Record<string, string> = {
   map: 'show how guest ranges map to the files of the backing chain',
   check: 'check an image for consistency, optionally repairing leaks and errors',
   compare: 'compare the guest-visible contents of two images',
+  commit: 'commit an overlay into its backing file, then empty the overlay',
+  'make-empty': 'drop all guest data of an overlay and give its space back',
 };
 
 const HELP = `Usage: qcowkit <command> [options]
@@ -24,7 +26,8 @@ ${Object.entries(COMMANDS)
 Run 'qcowkit <command> --help' for a command's options and examples.
 
 Exit codes: 0 success; 1 error (a one-line 'qcowkit: FILE: message' on stderr);
-check: 2 corruptions, 3 leaks only; compare: 1 images differ, 2 error.
+check: 2 corruptions, 3 leaks only; compare: 1 images differ, 2 error;
+130 aborted; 70 internal error (a bug: please report it).
 `;
 
 export async function main(argv: string[]): Promise<void> {

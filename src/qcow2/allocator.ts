@@ -66,6 +66,12 @@ export class ClusterAllocator implements FreeClusterSource {
     return run!.first * cs;
   }
 
+  /** Where a contiguous run of `count` clusters would go if allocated now (from the front). */
+  async peekRun(count: number): Promise<number> {
+    this.#hint = 1;
+    return (await this.#findRun(count, true)).first;
+  }
+
   async claimOne(): Promise<number> {
     const r = await this.#findRun(1, true);
     this.#claims.push([r.first, r.first + 1]);

@@ -11,11 +11,12 @@
 import { QcowError } from '../errors.js';
 import type { ImageFile } from '../io/file.js';
 import type { Qcow2Header } from '../format/header.js';
-import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/constants.js';
+import { ExtensionType, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/constants.js';
 
 const OFF_SIZE = 24;
 const OFF_L1 = 36; // u32 l1_size + u64 l1_table_offset: one 12-byte write switches both
 const OFF_REFCOUNT_TABLE = 48; // u64 offset + u32 clusters: one 12-byte write switches both
+const OFF_SNAPSHOTS = 60; // u32 nb_snapshots + u64 snapshots_offset
 const OFF_INCOMPATIBLE = 72;
 const OFF_AUTOCLEAR = 88;
 const KNOWN_AUTOCLEAR = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
@@ -34,8 +35,13 @@ export class HeaderWriter {
     this.#autoclear = autoclear;
   }
 
+  /** The decoded header is kept in step with every field written. */
+  #decoded: Qcow2Header | undefined;
+
   static for(file: ImageFile, header: Qcow2Header): HeaderWriter {
-    return new HeaderWriter(file, header.version, header.incompatibleFeatures, header.autoclearFeatures);
+    const w = new HeaderWriter(file, header.version, header.incompatibleFeatures, header.autoclearFeatures);
+    w.#decoded = header;
+    return w;
   }
 
   get incompatibleFeatures(): bigint {
@@ -59,6 +65,7 @@ export class HeaderWriter {
     await this.#writeU64(OFF_INCOMPATIBLE, next);
     await this.file.flush();
     this.#incompatible = next;
+    if (this.#decoded) this.#decoded.incompatibleFeatures = next;
   }
 
   /** Sets the dirty bit durably before metadata changes whose refcounts may be in flux. */
@@ -91,6 +98,7 @@ export class HeaderWriter {
     await this.#writeU64(OFF_AUTOCLEAR, next);
     await this.file.flush();
     this.#autoclear = next;
+    if (this.#decoded) this.#decoded.autoclearFeatures = next;
   }
 
   /**
@@ -108,6 +116,10 @@ export class HeaderWriter {
     v.setUint32(8, clusters);
     await this.file.writeAt(buf, OFF_REFCOUNT_TABLE);
     await this.file.flush();
+    if (this.#decoded) {
+      this.#decoded.refcountTableOffset = offset;
+      this.#decoded.refcountTableClusters = clusters;
+    }
   }
 
   /**
@@ -124,12 +136,53 @@ export class HeaderWriter {
     v.setUint32(8, offset >>> 0);
     await this.file.writeAt(buf, OFF_L1);
     await this.file.flush();
+    if (this.#decoded) {
+      this.#decoded.l1TableOffset = offset;
+      this.#decoded.l1Size = entries;
+    }
+  }
+
+  /** Switches the snapshot table (count and offset in one write), durably. */
+  async setSnapshotTable(offset: number, count: number): Promise<void> {
+    const buf = new Uint8Array(12);
+    const v = new DataView(buf.buffer);
+    v.setUint32(0, count);
+    v.setUint32(4, Math.floor(offset / 2 ** 32));
+    v.setUint32(8, offset >>> 0);
+    await this.file.writeAt(buf, OFF_SNAPSHOTS);
+    await this.file.flush();
+    if (this.#decoded) {
+      this.#decoded.snapshotsOffset = offset;
+      this.#decoded.nbSnapshots = count;
+    }
+  }
+
+  /** Points the bitmaps extension at another directory (one 8-byte field), durably. */
+  async setBitmapDirectory(offset: number): Promise<void> {
+    const h = this.#decoded;
+    if (!h?.bitmaps) throw new QcowError('INTERNAL', 'the image has no bitmaps extension', this.file.path);
+    let pos = h.headerLength;
+    for (const e of h.extensions) {
+      if (e.type === ExtensionType.Bitmaps) {
+        const buf = new Uint8Array(8);
+        new DataView(buf.buffer).setBigUint64(0, BigInt(offset));
+        await this.file.writeAt(buf, pos + 8 + 16);
+        await this.file.flush();
+        h.bitmaps.directoryOffset = offset;
+        const data = new DataView(e.data.buffer, e.data.byteOffset, e.data.byteLength);
+        data.setBigUint64(16, BigInt(offset));
+        return;
+      }
+      pos += 8 + Math.ceil(e.data.length / 8) * 8;
+    }
+    throw new QcowError('INTERNAL', 'bitmaps extension not found in the header', this.file.path);
   }
 
   /** Sets the virtual disk size, durably (after the L1 table covers it). */
   async setSize(size: number): Promise<void> {
     await this.#writeU64(OFF_SIZE, BigInt(size));
     await this.file.flush();
+    if (this.#decoded) this.#decoded.size = size;
   }
 
   async #writeU64(at: number, value: bigint): Promise<void> {

@@ -98,9 +98,31 @@ export class Qcow2Image implements BlockLayer {
   async discard(offset: number, length: number): Promise<void> {
     await (await this.writer()).discard(offset, length);
   }
+  /** Grows the virtual disk (a bigger L1 table when needed). */
+  async resize(size: number): Promise<void> {
+    await (await this.writer()).resize(size);
+  }
   /** Everything written so far is durable on return. */
   async flush(): Promise<void> {
     await this.#writer?.flush();
+  }
+
+  /**
+   * Finishes a batch of writes: everything durable, the dirty bit cleared, caches freed. The
+   * image stays open (a later write starts a new batch).
+   */
+  async endWrites(): Promise<void> {
+    const w = this.#writer;
+    if (!w) return;
+    this.#writer = undefined;
+    this.#l2.source = undefined;
+    try {
+      await w.close();
+    } catch (e) {
+      w.abandon();
+      throw e;
+    }
+    this.invalidateReadCaches();
   }
 
   /** Reads the backing chain's guest view (zeros without a backing file). */

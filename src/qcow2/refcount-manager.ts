@@ -312,6 +312,75 @@ export class RefcountManager {
     return start * cs;
   }
 
+  // --- compaction ---------------------------------------------------------------------------------
+
+  /** Table indices that have a block, with the block's host offset. */
+  blockList(): Array<{ ti: number; offset: number }> {
+    const out: Array<{ ti: number; offset: number }> = [];
+    for (let ti = 0; ti < this.tableEntries; ti++) {
+      const off = this.blockOffset(ti);
+      if (off) out.push({ ti, offset: off });
+    }
+    return out;
+  }
+
+  /** Points entry ti at a copy of its block (written and flushed by the caller), durably. */
+  async repointBlock(ti: number, from: number, to: number): Promise<void> {
+    await this.#writeTableEntry(ti, to);
+    this.cache.forget(from);
+  }
+
+  /**
+   * Removes block ti when nothing in its range is in use but itself: its table entry is cleared
+   * durably, then its cluster (if another block counts it) is released. Returns whether it went.
+   */
+  async dropIdleBlock(ti: number): Promise<boolean> {
+    const off = this.blockOffset(ti);
+    if (!off) return false;
+    const k = kernels();
+    const ptr = await this.cache.get(off);
+    const own = off / this.clusterSize;
+    const selfIndex = Math.floor(own / this.perBlock) === ti ? own % this.perBlock : -1;
+    for (let i = 0; i < this.perBlock; ) {
+      const nz = k.refcountFind(ptr, i, this.perBlock, this.refcountOrder, false);
+      if (nz >= this.perBlock) break;
+      if (nz !== selfIndex) return false;
+      i = nz + 1;
+    }
+    await this.cache.flush();
+    await this.#writeTableEntry(ti, 0);
+    this.cache.forget(off);
+    if (selfIndex < 0) await this.update(own, 1, -1);
+    return true;
+  }
+
+  /**
+   * Moves the refcount table to `at` (clusters allocated by the caller), keeping only the first
+   * `clusters` clusters of entries (the rest must be empty), durably; the old table is released.
+   */
+  async moveTable(at: number, clusters: number): Promise<void> {
+    for (let ti = (clusters * this.clusterSize) / 8; ti < this.tableEntries; ti++)
+      if (this.blockOffset(ti)) throw new QcowError('INTERNAL', 'refcount table would drop a block', this.file.path);
+    await this.cache.flush(); // the new table's own refcounts
+    const table = this.#table.slice(0, clusters * this.clusterSize);
+    await this.file.writeAt(table, at);
+    await this.file.flush();
+    await this.header.setRefcountTable(at, clusters);
+    const oldOffset = this.#tableOffset;
+    const oldClusters = this.#tableClusters;
+    this.#table = table;
+    this.#tableOffset = at;
+    this.#tableClusters = clusters;
+    await this.update(oldOffset / this.clusterSize, oldClusters, -1);
+  }
+
+  /** Clusters the table needs for the blocks it has (at least one). */
+  neededTableClusters(): number {
+    let last = -1;
+    for (let ti = 0; ti < this.tableEntries; ti++) if (this.blockOffset(ti)) last = ti;
+    return Math.max(1, Math.ceil(((last + 1) * 8) / this.clusterSize));
+  }
+
   /**
    * Replaces the whole refcount structure by one already written and flushed at `tableOffset`
    * (check -r's rebuild): one header write switches, the caches forget the old blocks.

@@ -20,6 +20,7 @@ import { inParallel, type ImageFile } from '../io/file.js';
 import { kernels, L2_RUN_BYTES, RunKind } from '../kernels/index.js';
 import { dataView, setU64 } from '../format/bytes.js';
 import { INCOMPAT_CORRUPT } from '../format/constants.js';
+import { minL1Size } from '../format/header.js';
 import { MetadataCache } from './cache.js';
 import { ClusterAllocator, type ClusterRun } from './allocator.js';
 import { DiscardQueue } from './discard-queue.js';
@@ -149,6 +150,120 @@ export class Qcow2Writer {
     return this.#serial(async () => {
       this.#checkRange(offset, length);
       await this.#zeroOrDiscard(offset, length, 'discard');
+    });
+  }
+
+  /**
+   * Grows the virtual disk to `size` bytes: a bigger L1 table when needed (written, made durable,
+   * then switched to by one header write; the old one is released after), then the size field.
+   */
+  resize(size: number): Promise<void> {
+    return this.#serial(async () => {
+      const img = this.#img;
+      if (size < img.virtualSize) throw new QcowError('UNSUPPORTED', 'shrinking an image is not supported', img.path);
+      if (size === img.virtualSize) return;
+      if (img.bitmaps.length) throw new QcowError('UNSUPPORTED', `cannot grow an image that has persistent bitmaps (${img.bitmaps.length})`, img.path);
+      if (img.header.version === 2 && img.snapshots.length) throw new QcowError('UNSUPPORTED', "can't resize a v2 image which has snapshots", img.path);
+      const need = minL1Size(size, img.clusterBits, img.extendedL2);
+      const oldSize = img.l1.offsets.length;
+      if (need > oldSize) {
+        const at = await this.allocator.allocateBytes(need * 8);
+        img.noteFileEnd(at + Math.ceil((need * 8) / this.cs) * this.cs);
+        const buf = new Uint8Array(Math.ceil((need * 8) / this.cs) * this.cs);
+        const v = dataView(buf);
+        const offsets = new Float64Array(need);
+        const copied = new Uint8Array(need);
+        offsets.set(img.l1.offsets);
+        copied.set(img.l1.copied);
+        for (let i = 0; i < oldSize; i++) {
+          if (!offsets[i]) continue;
+          setU64(v, i * 8, offsets[i]!);
+          if (copied[i]) v.setUint32(i * 8, v.getUint32(i * 8) | COPIED_HI);
+        }
+        // The new table's clusters are counted durably before the header points at them.
+        await this.refcountCache.flush();
+        await this.file.writeAt(buf, at);
+        await this.file.flush();
+        await this.header.setL1Table(at, need);
+        const oldOffset = img.header.l1TableOffset;
+        img.l1 = { offsets, copied, invalid: img.l1.invalid };
+        if (oldOffset && oldSize) await this.refcounts.update(oldOffset / this.cs, Math.ceil((oldSize * 8) / this.cs), -1);
+      }
+      await this.header.setSize(size);
+    });
+  }
+
+  /**
+   * Drops every guest mapping of the active L1 table (snapshots keep theirs): the L1 table is
+   * zeroed durably first, then the L2 tables and the data clusters they reached lose one
+   * reference each (clusters a snapshot still uses stay), and what reaches 0 is punched after the
+   * lowered refcounts are durable. Returns the guest-visible clusters dropped.
+   */
+  emptyActive(opts: { signal?: AbortSignal | undefined } = {}): Promise<{ tables: number; clusters: number }> {
+    return this.#serial(async () => {
+      const img = this.#img;
+      const tables: Array<{ offset: number; refs: ClusterRun[] }> = [];
+      let clusters = 0;
+      for (let i = 0; i < img.l1.offsets.length; i++) {
+        throwIfAborted(opts.signal, img.path);
+        const off = img.l2Offset(i);
+        if (!off) continue;
+        const ptr = await this.l2Cache.get(off);
+        const refs: ClusterRun[] = [];
+        for (const seg of this.#segments(ptr, 0, img.l2Entries)) {
+          if (seg.inPlace) mergeRuns(refs, [{ first: seg.host / this.cs, count: seg.count }]);
+          else mergeRuns(refs, seg.oldClusters);
+        }
+        for (const r of refs) clusters += r.count;
+        tables.push({ offset: off, refs });
+      }
+      if (!tables.length) return { tables: 0, clusters: 0 };
+      // Unreachable first (a crash from here on leaks, never corrupts).
+      const l1Bytes = img.l1.offsets.length * 8;
+      await this.file.writeAt(new Uint8Array(l1Bytes), img.header.l1TableOffset);
+      await this.file.flush();
+      img.l1.offsets.fill(0);
+      img.l1.copied.fill(0);
+      for (const t of tables) {
+        throwIfAborted(opts.signal, img.path);
+        for (const r of t.refs) await this.refcounts.update(r.first, r.count, -1);
+        await this.refcounts.update(t.offset / this.cs, 1, -1);
+        if ((await this.refcounts.get(t.offset / this.cs)) === 0) this.l2Cache.forget(t.offset);
+      }
+      img.invalidateReadCaches();
+      await this.#flushAll();
+      return { tables: tables.length, clusters };
+    });
+  }
+
+  /**
+   * Gives unused space back: the file is cut after the last cluster in use, and every free range
+   * inside is punched. Returns the new file length.
+   */
+  trim(): Promise<number> {
+    return this.#serial(async () => {
+      await this.#flushAll();
+      const cs = this.cs;
+      const holes: ClusterRun[] = [];
+      const fileClusters = Math.ceil((await this.file.size()) / cs);
+      for (let c = 1; c < fileClusters; ) {
+        const z = await this.refcounts.zeroRun(c, fileClusters - c);
+        if (z.start >= fileClusters || z.length <= 0) break;
+        holes.push({ first: z.start, count: Math.min(z.length, fileClusters - z.start) });
+        c = z.start + z.length;
+      }
+      const end = lastUsed(holes, fileClusters);
+      for (const h of holes) {
+        if (h.first >= end) break;
+        try {
+          await this.file.punchHole(h.first * cs, Math.min(h.count, end - h.first) * cs);
+        } catch {
+          // advisory
+        }
+      }
+      const length = end * cs;
+      if (length < (await this.file.size())) await this.file.truncate(length);
+      return length;
     });
   }
 
@@ -592,6 +707,17 @@ function sliceRuns(seg: Segment, first: number, count: number): ClusterRun[] {
   }
   if (seg.count === 1) return seg.oldClusters;
   throw new QcowError('INTERNAL', 'cannot split the references of a merged segment');
+}
+
+/** One past the last cluster not inside a hole (holes sorted, disjoint). */
+function lastUsed(holes: ClusterRun[], fileClusters: number): number {
+  let end = fileClusters;
+  for (let i = holes.length - 1; i >= 0; i--) {
+    const h = holes[i]!;
+    if (h.first + h.count >= end) end = h.first;
+    else break;
+  }
+  return Math.max(1, end);
 }
 
 function mergeRuns(into: ClusterRun[], more: ClusterRun[]): void {

@@ -1,0 +1,322 @@
+/**
+ * `commit`: copies what the top image (and every layer above BASE) holds into BASE, as qemu-img
+ * commit 7.2 does, then empties the top unless -d/-b.
+ *
+ * Nothing is written before every image involved has been checked (a corrupt overlay is refused
+ * with all files untouched) and the base's filesystem has room for what it will receive. The copy
+ * is zero-aware (zero ranges, and data that reads as zeros, become zero flags or unmapped ranges
+ * in the base, never written zero data), runs in large coalesced chunks with several reads in
+ * flight, and is durable in the base (dirty bit cleared) before the top is emptied. An abort
+ * stops between chunks with the base consistent; running the commit again completes it.
+ */
+import { statfs, realpath } from 'node:fs/promises';
+import { dirname, isAbsolute, join } from 'node:path';
+import { QcowError, throwIfAborted } from '../errors.js';
+import type { FileOpener } from '../io/file.js';
+import { BackingChain, resolveBackingPath, type ChainExtent } from '../chain/chain.js';
+import { isWritable, type BlockLayer, type LayerFormat, type WritableLayer } from '../chain/layer.js';
+import { RawLayer } from '../chain/raw.js';
+import { Qcow2Image } from '../qcow2/image.js';
+import { kernels } from '../kernels/index.js';
+import { BME_FLAG_AUTO } from '../format/bitmap.js';
+import type { OperationOptions } from './options.js';
+import { validateForWrite } from './validate.js';
+import { emptyOpenImage, type MakeEmptyResult } from './make-empty.js';
+
+export interface CommitOptions extends OperationOptions {
+  /** -f: format of the top image; probed when omitted. */
+  format?: LayerFormat | undefined;
+  /** -b: the layer to commit into (a name as stored in the chain, or a path); implies `drop`. */
+  base?: string | undefined;
+  /** -d: leave the top image as it is (don't empty it). */
+  drop?: boolean | undefined;
+  /** Report what would be done; write nothing. */
+  dryRun?: boolean | undefined;
+  openFile?: FileOpener | undefined;
+}
+
+export interface CommitResult {
+  top: string;
+  base: string;
+  /** Depth of the base in the top's chain (1 = the immediate backing file). */
+  baseDepth: number;
+  dryRun: boolean;
+  /** Guest bytes the layers above the base provide (data and zeros). */
+  allocatedBytes: number;
+  /** Guest bytes written to the base as data. */
+  dataBytes: number;
+  /** Guest bytes made to read as zeros in the base without writing data (zero ranges, and data that was all zeros). */
+  zeroBytes: number;
+  /** Base clusters that receive data (estimate before the copy, exact count of chunks after). */
+  dataClusters: number;
+  /** How much the base's file grows (estimated for a dry run). */
+  baseGrowth: number;
+  /** The base's virtual size before and after (it grows to the top's size when smaller). */
+  baseSizeBefore: number;
+  baseSizeAfter: number;
+  /** The top's emptying (absent with -d/-b). */
+  emptied?: MakeEmptyResult | undefined;
+  seconds: number;
+}
+
+const CHUNK = 8 * 1024 * 1024;
+const READS_AHEAD = 3;
+
+export async function commit(top: string, opts: CommitOptions = {}): Promise<CommitResult> {
+  const t0 = performance.now();
+  const dryRun = opts.dryRun === true;
+  const drop = opts.drop === true || opts.base !== undefined;
+  const baseDepth = await findBase(top, opts);
+  const write = dryRun ? [] : drop ? [baseDepth] : [0, baseDepth];
+  const chain = await BackingChain.open(top, { format: opts.format, openFile: opts.openFile, write, signal: opts.signal, onWarning: opts.onWarning });
+  try {
+    const topLayer = chain.top;
+    const base = chain.layers[baseDepth]!;
+    for (let d = 0; d <= baseDepth; d++) await validateForWrite(chain.layers[d]!, { repairLeaks: !dryRun });
+    if (base instanceof Qcow2Image && base.bitmaps.some((b) => b.flags & BME_FLAG_AUTO))
+      throw new QcowError('UNSUPPORTED', 'the base has enabled persistent bitmaps; marking them dirty is not supported yet, nothing was written', base.path);
+
+    const size = topLayer.virtualSize;
+    const plan = await planCopy(chain, baseDepth, size, opts.signal);
+    const cs = base instanceof Qcow2Image ? base.clusterSize : 4096;
+    const growth = await estimateGrowth(base, plan, size, cs);
+    const result: CommitResult = {
+      top: topLayer.path,
+      base: base.path,
+      baseDepth,
+      dryRun,
+      allocatedBytes: plan.data + plan.zero,
+      dataBytes: plan.data,
+      zeroBytes: plan.zero,
+      dataClusters: Math.ceil(growth.dataClusters),
+      baseGrowth: growth.bytes,
+      baseSizeBefore: base.virtualSize,
+      baseSizeAfter: Math.max(base.virtualSize, size),
+      seconds: 0,
+    };
+    if (dryRun) {
+      if (!drop && topLayer instanceof Qcow2Image) result.emptied = await emptyOpenImage(topLayer, { dryRun: true });
+      result.seconds = (performance.now() - t0) / 1000;
+      return result;
+    }
+    await checkFreeSpace(base.path, growth.bytes);
+    if (!isWritable(base)) throw new QcowError('INTERNAL', 'base not opened for writing', base.path);
+    if (base.virtualSize < size) await grow(base, size);
+
+    const copied = await copyExtents(chain, base, plan, cs, opts);
+    result.dataBytes = copied.data;
+    result.zeroBytes = copied.zero;
+    // The base holds the data durably, clean, before anything of the top goes.
+    if (base instanceof Qcow2Image) await base.endWrites();
+    else await base.flush();
+    if (!drop && topLayer instanceof Qcow2Image) result.emptied = await emptyOpenImage(topLayer, { signal: opts.signal });
+    result.seconds = (performance.now() - t0) / 1000;
+    return result;
+  } finally {
+    await chain.close();
+  }
+}
+
+/** The depth of the base: the immediate backing file, or the layer -b names (as qemu-img matches it). */
+async function findBase(top: string, opts: CommitOptions): Promise<number> {
+  const chain = await BackingChain.open(top, { format: opts.format, openFile: opts.openFile, signal: opts.signal, onWarning: opts.onWarning });
+  try {
+    if (chain.layers.length < 2) throw new QcowError('INVALID_ARGUMENT', 'Image does not have a backing file', top);
+    if (opts.base === undefined) return 1;
+    const want = opts.base;
+    for (let d = 1; d < chain.layers.length; d++) {
+      const parent = chain.layers[d - 1]!;
+      if (parent.backingName === want) return d;
+      // A path resolved against the directory of the image that refers to the layer.
+      const candidate = isAbsolute(want) ? want : join(dirname(parent.path), want);
+      const [a, b] = await Promise.all([realpath(candidate).catch(() => undefined), realpath(resolveBackingPath(parent.path, parent.backingName!)).catch(() => undefined)]);
+      if (a !== undefined && a === b) return d;
+    }
+    throw new QcowError('INVALID_ARGUMENT', `Did not find '${want}' in the backing chain of '${top}'`, top);
+  } finally {
+    await chain.close();
+  }
+}
+
+interface CopyPlan {
+  extents: ChainExtent[];
+  data: number;
+  zero: number;
+}
+
+/** What the layers above the base provide, by guest range (metadata only, no data read). */
+async function planCopy(chain: BackingChain, baseDepth: number, size: number, signal: AbortSignal | undefined): Promise<CopyPlan> {
+  const plan: CopyPlan = { extents: [], data: 0, zero: 0 };
+  await chain.statusAboveDepth(baseDepth, 0, size, (e) => {
+    if (!e.allocated) return;
+    throwIfAborted(signal, chain.top.path);
+    const last = plan.extents[plan.extents.length - 1];
+    if (last && last.zero === e.zero && last.start + last.length === e.start) last.length += e.length;
+    else plan.extents.push({ ...e });
+    if (e.zero) plan.zero += e.length;
+    else plan.data += e.length;
+  });
+  return plan;
+}
+
+/** New base clusters the data needs: data ranges not already backed by base data clusters. */
+async function estimateGrowth(base: BlockLayer, plan: CopyPlan, size: number, cs: number): Promise<{ bytes: number; dataClusters: number }> {
+  let clusters = 0;
+  for (const e of plan.extents) {
+    if (e.zero) continue;
+    const first = Math.floor(e.start / cs);
+    const end = Math.ceil((e.start + e.length) / cs);
+    let owned = 0;
+    if (base instanceof Qcow2Image) {
+      const inside = Math.min(end * cs, base.virtualSize) - first * cs;
+      if (inside > 0) for (const s of await base.status(first * cs, inside)) if (s.allocated && s.data && !s.compressed) owned += s.length;
+    } else if (base instanceof RawLayer) {
+      owned = (end - first) * cs; // a raw file is written in place
+    }
+    clusters += Math.max(0, end - first - Math.floor(owned / cs));
+  }
+  // Metadata: an L2 table per 512 MiB-ish of new data at most, and refcount blocks; bounded above.
+  const metadata = base instanceof Qcow2Image ? Math.ceil(clusters / (cs / 8)) * cs * 2 + cs * 4 : 0;
+  void size;
+  return { bytes: clusters * cs + metadata, dataClusters: clusters };
+}
+
+async function checkFreeSpace(path: string, need: number): Promise<void> {
+  let avail: number;
+  try {
+    const st = await statfs(dirname(path));
+    avail = st.bavail * st.bsize;
+  } catch {
+    return; // unknown: let the writes tell
+  }
+  if (need > avail)
+    throw new QcowError(
+      'NO_SPACE',
+      `the base needs up to ${need} more bytes but its filesystem has ${avail} free; nothing was written (free space or commit elsewhere)`,
+      path,
+    );
+}
+
+async function grow(base: WritableLayer, size: number): Promise<void> {
+  if (base instanceof Qcow2Image) await base.resize(size);
+  else if (base instanceof RawLayer) await base.resize(size);
+  else throw new QcowError('UNSUPPORTED', 'cannot grow this base', base.path);
+}
+
+/**
+ * The copy: chunks of allocated ranges are read through the chain (several in flight, straight
+ * into wasm memory), split at base-cluster granularity into zero and data runs by a kernel, and
+ * written to the base in order.
+ */
+async function copyExtents(chain: BackingChain, base: WritableLayer, plan: CopyPlan, cs: number, opts: CommitOptions): Promise<{ data: number; zero: number }> {
+  const total = plan.data + plan.zero;
+  const chunks: Array<{ start: number; length: number; zero: boolean }> = [];
+  for (const e of plan.extents) {
+    if (e.zero) chunks.push({ start: e.start, length: e.length, zero: true });
+    else for (let s = e.start; s < e.start + e.length; ) {
+      // Chunk ends on base cluster boundaries so zero detection sees whole clusters.
+      const end = Math.min(e.start + e.length, Math.max(s + cs, Math.floor((s + CHUNK) / cs) * cs));
+      chunks.push({ start: s, length: end - s, zero: false });
+      s = end;
+    }
+  }
+  const k = kernels();
+  k.reserve((READS_AHEAD + 1) * (CHUNK + cs) + 64 * 1024 * 1024); // no memory growth while reads are in flight
+  let done = 0;
+  let data = 0;
+  let zero = 0;
+  const reads = new Map<number, Promise<number>>();
+  const startRead = (i: number) => {
+    const c = chunks[i];
+    if (!c || c.zero || reads.has(i)) return;
+    const ptr = k.alloc(c.length);
+    reads.set(
+      i,
+      chain.read(c.start, k.u8(ptr, c.length)).then(
+        () => ptr,
+        (e) => {
+          k.free(ptr);
+          throw e;
+        },
+      ),
+    );
+  };
+  try {
+    for (let i = 0; i < chunks.length; i++) {
+      throwIfAborted(opts.signal, chain.top.path);
+      for (let j = i; j <= i + READS_AHEAD; j++) startRead(j);
+      const c = chunks[i]!;
+      if (c.zero) {
+        await base.writeZeroes(c.start, c.length, { unmap: true });
+        zero += c.length;
+      } else {
+        const ptr = await reads.get(i)!;
+        reads.delete(i);
+        try {
+          const w = await writeDataChunk(base, c.start, c.length, ptr, cs);
+          data += w.data;
+          zero += w.zero;
+        } finally {
+          k.free(ptr);
+        }
+      }
+      done += c.length;
+      opts.onProgress?.(done, total);
+    }
+  } finally {
+    for (const p of reads.values()) await p.then((ptr) => k.free(ptr)).catch(() => {});
+  }
+  if (!total) opts.onProgress?.(0, 0);
+  return { data, zero };
+}
+
+/** Writes one chunk read into wasm memory: all-zero whole clusters as zeroes, the rest as data. */
+async function writeDataChunk(base: WritableLayer, start: number, length: number, ptr: number, cs: number): Promise<{ data: number; zero: number }> {
+  const k = kernels();
+  // Whole base clusters inside the chunk: [a, b).
+  const a = Math.ceil(start / cs) * cs;
+  const b = Math.floor((start + length) / cs) * cs;
+  const runs: Array<{ start: number; length: number; zero: boolean }> = [];
+  const push = (s: number, e: number, z: boolean) => {
+    if (e <= s) return;
+    const last = runs[runs.length - 1];
+    if (last && last.zero === z && last.start + last.length === s) last.length += e - s;
+    else runs.push({ start: s, length: e - s, zero: z });
+  };
+  push(start, Math.min(a, start + length), false);
+  if (b > a) {
+    const blocks = (b - a) / cs;
+    const bits = k.allocZeroed(Math.ceil(blocks / 8) + 16);
+    const ext = k.alloc(16 * Math.max(1, blocks));
+    try {
+      k.zeroBlocks(ptr + (a - start), b - a, Math.log2(cs), bits);
+      let prev = 0;
+      const n = k.extents(bits, 0, blocks, ext, blocks);
+      const pairs = new Float64Array(k.memory.buffer, ext, n * 2).slice();
+      for (let i = 0; i < n; i++) {
+        const zs = pairs[i * 2]!;
+        const zl = pairs[i * 2 + 1]!;
+        push(a + prev * cs, a + zs * cs, false);
+        push(a + zs * cs, a + (zs + zl) * cs, true);
+        prev = zs + zl;
+      }
+      push(a + prev * cs, b, false);
+    } finally {
+      k.free(bits);
+      k.free(ext);
+    }
+  }
+  push(Math.max(b, a, start), start + length, false);
+  let data = 0;
+  let zero = 0;
+  for (const r of runs) {
+    if (r.zero) {
+      await base.writeZeroes(r.start, r.length, { unmap: true });
+      zero += r.length;
+    } else {
+      await base.write(r.start, k.u8(ptr + (r.start - start), r.length));
+      data += r.length;
+    }
+  }
+  return { data, zero };
+}
