@@ -68,7 +68,7 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
   const drop = opts.drop === true || opts.base !== undefined;
   const baseDepth = await findBase(top, opts);
   const write = dryRun ? [] : drop ? [baseDepth] : [0, baseDepth];
-  const chain = await BackingChain.open(top, { format: opts.format, openFile: opts.openFile, write, signal: opts.signal, onWarning: opts.onWarning });
+  const chain = await BackingChain.open(top, { format: opts.format, openFile: opts.openFile, write, writeOperation: !dryRun, signal: opts.signal, onWarning: opts.onWarning });
   try {
     const topLayer = chain.top;
     const base = chain.layers[baseDepth]!;
@@ -119,7 +119,8 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
 
 /** The depth of the base: the immediate backing file, or the layer -b names (as qemu-img matches it). */
 async function findBase(top: string, opts: CommitOptions): Promise<number> {
-  const chain = await BackingChain.open(top, { format: opts.format, openFile: opts.openFile, signal: opts.signal, onWarning: opts.onWarning });
+  // Names only: a shared look (the locking open that follows refuses images in use).
+  const chain = await BackingChain.open(top, { format: opts.format, forceShare: true, signal: opts.signal, onWarning: opts.onWarning });
   try {
     if (chain.layers.length < 2) throw new QcowError('INVALID_ARGUMENT', 'Image does not have a backing file', top);
     if (opts.base === undefined) return 1;
