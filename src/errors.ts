@@ -12,6 +12,7 @@ export type QcowErrorCode =
   | 'BACKING_LOOP'
   | 'LOCKED' // another process holds a conflicting lock
   | 'IO' // read/write/flush failed
+  | 'KERNELS' // the package's WebAssembly kernels (wasm/kernels.wasm) are missing or broken
   | 'ABORTED'; // AbortSignal fired
 
 /** Exit codes the CLI uses for each error code (documented in the README). */
@@ -25,6 +26,7 @@ export const EXIT_CODES: Record<QcowErrorCode, number> = {
   BACKING_LOOP: 1,
   LOCKED: 1,
   IO: 1,
+  KERNELS: 1,
   ABORTED: 130,
 };
 
