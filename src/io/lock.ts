@@ -30,9 +30,9 @@ const PLANS: Record<Exclude<LockMode, 'none'>, LockPlan> = {
 const SNAPSHOT_MS = 250;
 let snapshot: { text: string; at: number } | undefined;
 
-async function procLocks(): Promise<string> {
+async function procLocks(fresh = false): Promise<string> {
   const now = performance.now();
-  if (snapshot && now - snapshot.at < SNAPSHOT_MS) return snapshot.text;
+  if (!fresh && snapshot && now - snapshot.at < SNAPSHOT_MS) return snapshot.text;
   let text = '';
   try {
     text = await readFile('/proc/locks', 'utf8');
@@ -81,8 +81,8 @@ async function lockHolders(id: string): Promise<string[]> {
 }
 
 /** Byte offsets other processes hold locks on for this inode (from /proc/locks). */
-async function lockedBytes(dev: number, ino: number): Promise<Set<number>> {
-  const text = await procLocks();
+async function lockedBytes(dev: number, ino: number, fresh = false): Promise<Set<number>> {
+  const text = await procLocks(fresh);
   const id = inodeId(dev, ino);
   const out = new Set<number>();
   for (const line of text.split('\n')) {
@@ -105,7 +105,11 @@ async function lockedBytes(dev: number, ino: number): Promise<Set<number>> {
 export async function lockImage(fd: number, dev: number, ino: number, mode: LockMode, path: string, forWrite = mode === 'write'): Promise<void> {
   if (mode === 'none') return;
   const plan = PLANS[mode];
-  const taken = await lockedBytes(dev, ino);
+  let taken = await lockedBytes(dev, ino);
+  // A remembered /proc/locks may name an inode number since freed and reused: look again before
+  // calling anything a conflict.
+  const conflicts = (t: Set<number>) => plan.hold.some((p) => t.has(200 + p)) || plan.forbid.some((p) => t.has(100 + p));
+  if (conflicts(taken)) taken = await lockedBytes(dev, ino, true);
   const conflict = async (what: string) => lockError(path, what, forWrite, await lockHolders(inodeId(dev, ino)));
   for (const p of plan.hold) if (taken.has(200 + p)) throw await conflict(`Failed to get "${PERM_NAMES[p]}" lock`);
   for (const p of plan.forbid) if (taken.has(100 + p)) throw await conflict(`Failed to get shared "${PERM_NAMES[p]}" lock`);
