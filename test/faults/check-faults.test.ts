@@ -157,9 +157,10 @@ describeQemu('check -r: interrupted repairs never lower a refcount below its ref
           expect(before.status, 'the scenario starts damaged').not.toBe(0);
         },
         operation: ({ path, openFile }) => check(path(IMG), { repair: s.repair, openFile }),
-        // Every op (write, truncate, punch) and every flush; at each: process death (all
-        // unflushed ops kept), power loss (none kept), and a random subset kept.
-        points: { ops: 'all', flushes: true, modes: ['all', 'none', { random: 7 + id }] },
+        // Every op (write, truncate, punch) and flush: crash before it (and after each flush); at
+        // each, process death (all unflushed ops kept), power loss (none kept), only the newest
+        // unflushed op kept, and a random subset kept.
+        points: { ops: 'all', flushes: true, modes: ['all', 'none', 'latest', { random: 7 + id }] },
         // An I/O error at each op: the check fails with an I/O error — or, when the failed op was
         // the resize of the file, carries on and rebuilds instead, as QEMU does.
         ioErrors: { errnos: ['EIO'], points: 'all' },

@@ -4,7 +4,7 @@
  *
  * ## FaultJournal: one journal for every file an operation opens
  *
- *   const j = new FaultJournal(crashAtWrite(7));          // or none(), crashAtOp(n),
+ *   const j = new FaultJournal(crashAtWrite(7));          // or none(), crashAtOp(n), crashAtFlush(k),
  *   await commit(top, { openFile: j.opener() });          //   crashAfterFlush(k), failAt(n, 'EIO' | 'ENOSPC', filter?)
  *   await j.closeAll();                                   // files the crashed operation left open
  *   j.crashStates(new Map([[top, topCopy], [base, baseCopy]]), j.end, 'none');
@@ -20,6 +20,7 @@
  *     none()                    just record (the counting dry run: read `j.counts` afterwards)
  *     crashAtWrite(n)           throws a `Crash` instead of performing the nth write
  *     crashAtOp(n)              the same at the nth mutating op (write, truncate or punch)
+ *     crashAtFlush(n)           throws a `Crash` instead of performing the nth flush
  *     crashAfterFlush(n)        the nth flush completes, then it throws a `Crash`
  *     failAt(n, errno, filter?) the nth mutating op for which filter(path, offset, length, kind)
  *                               holds (default: every op) fails, once, with QcowError('IO',
@@ -36,8 +37,10 @@
  *   a power loss at `point` could leave: start from the pristine copy, apply every op made durable
  *   by that file's last flush before `point` (fdatasync semantics: a flush covers that file's ops
  *   completed before the flush was issued), then of the file's not-yet-durable ops: 'none', 'all'
- *   (= process death, page cache survives) or `{ random: seed, p? }` (each kept with probability
- *   p, default 0.5, test/helpers/prng.ts). Ops are applied in completion order; a punch writes
+ *   (= process death, page cache survives), 'latest' (only the file's newest one: the adversary
+ *   for "pointer written before what it points to was flushed") or `{ random: seed, p? }` (each
+ *   kept with probability p, default 0.5, test/helpers/prng.ts). Flushes of read-only files are
+ *   not recorded. Ops are applied in completion order; a punch writes
  *   zeros inside the current size (keeps the size); a truncate sets the size. Throws if the
  *   journal touched a file missing from `originals`. Returns per-file counts.
  *
@@ -48,14 +51,14 @@
  *                                                                     // restored for each state
  *     operation: ({ path, openFile }) => commit(path('top.qcow2'), { openFile }),
  *     check: async (s) => { ...invariant on s.path('top.qcow2'), s.pristine(...), s.after(...) },
- *     points: { ops: 24, flushes: true, modes: ['none', 'all', { random: 1 }], end: true },
+ *     points: { ops: 24, flushes: true, modes: ['none', 'all', 'latest', { random: 1 }], end: true },
  *     ioErrors: { errnos: ['EIO', 'ENOSPC'], points: 8, filter },      // or omit
  *   });
  *
  * 1. setup(pristineDir) builds the image set; 2. a dry run (plan none) on a copy counts writes,
  * ops and flushes, and its result is kept as the after-set (`s.after(rel)`), then checked as
  * kind 'complete'; 3. with `end`, power loss right after the operation returned (modes except
- * 'all'); 4. for every flush k: crashAfterFlush(k); for a deterministic sample of `points.ops`
+ * 'all'); 4. for every flush k: crashAtFlush(k) and crashAfterFlush(k); for a deterministic sample of `points.ops`
  * mutating ops (default 24, evenly spread, first and last included; 'all' for every one):
  * crashAtOp(n). Each run works on a fresh copy of the set; the operation must end with the Crash
  * (directly or as a `cause`), else the matrix fails. Every mode's state is written in place and
@@ -98,12 +101,14 @@ export type FaultPlan =
   | { kind: 'none' }
   | { kind: 'crashAtWrite'; n: number }
   | { kind: 'crashAtOp'; n: number }
+  | { kind: 'crashAtFlush'; n: number }
   | { kind: 'crashAfterFlush'; n: number }
   | { kind: 'failAt'; n: number; errno: Errno; filter?: OpFilter | undefined };
 
 export const none = (): FaultPlan => ({ kind: 'none' });
 export const crashAtWrite = (n: number): FaultPlan => ({ kind: 'crashAtWrite', n: positive(n) });
 export const crashAtOp = (n: number): FaultPlan => ({ kind: 'crashAtOp', n: positive(n) });
+export const crashAtFlush = (n: number): FaultPlan => ({ kind: 'crashAtFlush', n: positive(n) });
 export const crashAfterFlush = (n: number): FaultPlan => ({ kind: 'crashAfterFlush', n: positive(n) });
 export const failAt = (n: number, errno: Errno, filter?: OpFilter): FaultPlan => ({ kind: 'failAt', n: positive(n), errno, filter });
 
@@ -120,6 +125,8 @@ export function describePlan(p: FaultPlan): string {
       return `crash before write ${p.n}`;
     case 'crashAtOp':
       return `crash before op ${p.n}`;
+    case 'crashAtFlush':
+      return `crash before flush ${p.n}`;
     case 'crashAfterFlush':
       return `crash after flush ${p.n}`;
     case 'failAt':
@@ -175,10 +182,13 @@ export interface JournalEntry {
   covers?: number;
 }
 
-export type CrashMode = 'none' | 'all' | { random: number; p?: number };
+export type CrashMode = 'none' | 'all' | 'latest' | { random: number; p?: number };
 
 export function describeMode(m: CrashMode): string {
-  return m === 'none' ? 'unflushed ops lost' : m === 'all' ? 'unflushed ops kept (process death)' : `random unflushed ops kept (seed ${m.random})`;
+  if (m === 'none') return 'unflushed ops lost';
+  if (m === 'all') return 'unflushed ops kept (process death)';
+  if (m === 'latest') return "only each file's latest unflushed op kept";
+  return `random unflushed ops kept (seed ${m.random})`;
 }
 
 export interface FileCrashState {
@@ -280,10 +290,12 @@ export class FaultJournal {
       if (orig === null) rmSync(live, { force: true });
       else copyFileSync(orig, live);
       const st: FileCrashState = { path: live, durable: 0, kept: 0, dropped: 0 };
+      let latest = -1;
+      for (const e of mine) if (e.kind !== 'flush' && e.index >= durableBelow) latest = e.index;
       const apply = mine.filter((e) => {
         if (e.kind === 'flush') return false;
         if (e.index < durableBelow) return (st.durable++, true);
-        const keep = mode === 'all' || (rnd !== undefined && rnd() < keepP);
+        const keep = mode === 'all' || (mode === 'latest' && e.index === latest) || (rnd !== undefined && rnd() < keepP);
         if (keep) st.kept++;
         else st.dropped++;
         return keep;
@@ -337,12 +349,18 @@ export class FaultJournal {
     this.entries.push({ ...e, index: this.entries.length });
   }
 
-  beforeFlush(): void {
+  /** Called before a flush of a writable file is issued: numbers it, crashes per the plan. */
+  beforeFlush(): number {
     if (this.crashed) throw new Crash(this.crashed.at);
+    const flush = this.counts.flushes + 1;
+    if (this.plan.kind === 'crashAtFlush' && flush === this.plan.n) {
+      this.crashed = new Crash(describePlan(this.plan));
+      throw this.crashed;
+    }
+    return (this.counts.flushes = flush);
   }
 
-  afterFlush(path: string, covers: number): void {
-    const flush = ++this.counts.flushes;
+  afterFlush(path: string, flush: number, covers: number): void {
     this.record({ path, kind: 'flush', offset: 0, length: 0, flush, covers });
     if (this.plan.kind === 'crashAfterFlush' && flush === this.plan.n) {
       this.crashed = new Crash(describePlan(this.plan));
@@ -405,10 +423,10 @@ class JournalFile implements ImageFile {
   }
   async flush() {
     if (!this.inner.writable) return this.inner.flush();
-    this.journal.beforeFlush();
+    const n = this.journal.beforeFlush();
     const covers = this.journal.entries.length;
     await this.inner.flush();
-    this.journal.afterFlush(this.resolved, covers);
+    this.journal.afterFlush(this.resolved, n, covers);
   }
 }
 
@@ -493,9 +511,9 @@ export interface CrashMatrixOptions {
   points?: {
     /** How many mutating ops to crash before (deterministic sample), or 'all'. Default 24. */
     ops?: number | 'all';
-    /** Crash right after every flush. Default true. */
+    /** Crash right before and right after every flush. Default true. */
     flushes?: boolean;
-    /** Power-loss modes checked at each point. Default ['none', 'all', { random: 1 }]. */
+    /** Power-loss modes checked at each point. Default ['none', 'all', 'latest', { random: 1 }]. */
     modes?: CrashMode[];
     /** Also check power loss right after the operation returned (modes other than 'all'). Default true. */
     end?: boolean;
@@ -517,7 +535,7 @@ export interface CrashMatrixReport {
   statesChecked: number;
 }
 
-const DEFAULT_MODES: CrashMode[] = ['none', 'all', { random: 1 }];
+const DEFAULT_MODES: CrashMode[] = ['none', 'all', 'latest', { random: 1 }];
 
 export async function runCrashMatrix(o: CrashMatrixOptions): Promise<CrashMatrixReport> {
   const root = tmpDir('qcowkit-crash-matrix-');
@@ -588,7 +606,7 @@ export async function runCrashMatrix(o: CrashMatrixOptions): Promise<CrashMatrix
   rmSync(dry.dir, { recursive: true, force: true });
 
   const crashPlans: FaultPlan[] = [
-    ...((o.points?.flushes ?? true) ? range(1, report.counts.flushes).map(crashAfterFlush) : []),
+    ...((o.points?.flushes ?? true) ? range(1, report.counts.flushes).flatMap((k) => [crashAtFlush(k), crashAfterFlush(k)]) : []),
     ...samplePoints(report.counts.ops, o.points?.ops ?? 24).map(crashAtOp),
   ];
   for (const plan of crashPlans) {
