@@ -123,7 +123,7 @@ async function execute(steps: Step[], open: FileOpener, live: [string, string]):
  */
 function modelAt(steps: Step[], issued: number): { durable: Buffer[]; all: Buffer[]; latest: Buffer[]; unflushed: number[] } {
   const all = INITIAL.map((b) => new Model(Buffer.from(b)));
-  const durable = INITIAL.map((b) => Buffer.from(b));
+  const durable: Buffer[] = INITIAL.map((b) => Buffer.from(b));
   const pending: Step[][] = [[], []];
   for (const s of steps.slice(0, issued)) {
     if (s.kind === 'flush') {

@@ -39,10 +39,10 @@
  *   completed before the flush was issued), then of the file's not-yet-durable ops: 'none', 'all'
  *   (= process death, page cache survives), 'latest' (only the file's newest one: the adversary
  *   for "pointer written before what it points to was flushed") or `{ random: seed, p? }` (each
- *   kept with probability p, default 0.5, test/helpers/prng.ts). Flushes of read-only files are
- *   not recorded. Ops are applied in completion order; a punch writes
- *   zeros inside the current size (keeps the size); a truncate sets the size. Throws if the
- *   journal touched a file missing from `originals`. Returns per-file counts.
+ *   kept with probability p, default 0.5, test/helpers/prng.ts). Ops are applied in completion
+ *   order; a punch writes zeros inside the current size (keeps the size); a truncate sets the
+ *   size. Flushes of read-only files are not recorded. Throws if the journal touched a file
+ *   missing from `originals`. Returns per-file counts { path, durable, kept, dropped }.
  *
  * ## runCrashMatrix: the driver (knows nothing about the operation)
  *
@@ -55,17 +55,25 @@
  *     ioErrors: { errnos: ['EIO', 'ENOSPC'], points: 8, filter },      // or omit
  *   });
  *
- * 1. setup(pristineDir) builds the image set; 2. a dry run (plan none) on a copy counts writes,
- * ops and flushes, and its result is kept as the after-set (`s.after(rel)`), then checked as
- * kind 'complete'; 3. with `end`, power loss right after the operation returned (modes except
- * 'all'); 4. for every flush k: crashAtFlush(k) and crashAfterFlush(k); for a deterministic sample of `points.ops`
- * mutating ops (default 24, evenly spread, first and last included; 'all' for every one):
- * crashAtOp(n). Each run works on a fresh copy of the set; the operation must end with the Crash
- * (directly or as a `cause`), else the matrix fails. Every mode's state is written in place and
- * handed to `check` (kind 'crash'); 5. `ioErrors`: failAt(n, errno, filter) for a sample of the
- * matching ops, the files left as the failed operation left them (kind 'io-error', `s.error` =
- * what it threw, undefined if it completed). `check` throws (e.g. a failed `expect`) to fail the
- * matrix; the state's `label` says which point and mode. Returns counts of what ran.
+ *   1. setup(pristineDir) builds the set once (every regular file under dir belongs to it).
+ *   2. A dry run (plan none) on a copy counts writes, ops and flushes (`report.counts`); its
+ *      result is kept as the after-set (`s.after(rel)`) and checked as kind 'complete'.
+ *   3. `end` (default true): power loss right after the operation returned (modes but 'all').
+ *   4. For every flush k: crashAtFlush(k) and crashAfterFlush(k) (`flushes`, default true); for a
+ *      deterministic sample of `ops` mutating ops (default 24, evenly spread, first and last
+ *      included; 'all' = every one): crashAtOp(n). Each run gets a fresh copy of the set; the
+ *      operation must end with the Crash (thrown, or as a `cause`), else the matrix fails. For
+ *      each of `modes` (default ['none', 'all', 'latest', { random: 1 }]) the state is written in
+ *      place (crashStates) and handed to `check` (kind 'crash').
+ *   5. `ioErrors` (optional): failAt(n, errno, filter) for a sample (default 16) of the ops the
+ *      filter matches in the dry run, e.g. metadata only: (p, off, len) => len < clusterSize;
+ *      files as the failed operation left them (kind 'io-error'; `s.error` = what it threw,
+ *      undefined if it completed anyway).
+ * `check` throws (a failed `expect`) to fail the matrix; put `s.label` (point and mode) in its
+ * messages. The operation must be deterministic (same ops for the same input). Returns
+ * { counts, crashRuns, ioRuns, statesChecked }. `operation` gets { dir, path(rel), openFile,
+ * journal }; `check` gets a CrashState { kind, label, plan, mode, dir, path(rel), pristine(rel),
+ * after(rel), files, error, result, journal } (both typed below).
  *
  * ## runKillMatrix: real process death
  *
@@ -77,7 +85,9 @@
  * kth write, whatever file) for each k of `points` (default 1, 2, ... up to 1000); the files are
  * exactly as the kill left them (real page cache). `check(s)` gets s.killed === true, or false
  * for a run that completed first (then, by default, the matrix stops: `stopWhenComplete`).
- * Returns { killed: k[], completedAt }.
+ * Returns { killed: k[], completedAt }. The CLI runs dist/: `npm run build` after changing src/.
+ * KillState: { k, killed, label, result (stdout, stderr, status, signal), dir, path(rel),
+ * pristine(rel), files }.
  */
 import { cpSync, closeSync, copyFileSync, ftruncateSync, fstatSync, mkdirSync, openSync, readdirSync, realpathSync, rmSync, writeSync } from 'node:fs';
 import { spawn } from 'node:child_process';
