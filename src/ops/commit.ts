@@ -32,6 +32,8 @@ export interface CommitOptions extends OperationOptions {
   drop?: boolean | undefined;
   /** Report what would be done; write nothing. */
   dryRun?: boolean | undefined;
+  /** -r: at most this many bytes per second are copied (0 or absent: no limit). */
+  rateLimit?: number | undefined;
   openFile?: FileOpener | undefined;
 }
 
@@ -223,6 +225,7 @@ async function copyExtents(chain: BackingChain, base: WritableLayer, plan: CopyP
   }
   const k = kernels();
   k.reserve((READS_AHEAD + 1) * (CHUNK + cs) + 64 * 1024 * 1024); // no memory growth while reads are in flight
+  const started = performance.now();
   let done = 0;
   let data = 0;
   let zero = 0;
@@ -263,6 +266,11 @@ async function copyExtents(chain: BackingChain, base: WritableLayer, plan: CopyP
       }
       done += c.length;
       opts.onProgress?.(done, total);
+      if (opts.rateLimit) {
+        // Sleep until the average since the start is back under the limit.
+        const ahead = (done / opts.rateLimit) * 1000 - (performance.now() - started);
+        if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
+      }
     }
   } finally {
     for (const p of reads.values()) await p.then((ptr) => k.free(ptr)).catch(() => {});
