@@ -221,7 +221,12 @@ export interface BitmapInfo {
 
 /** Persistent bitmaps of a qcow2 image (qemu-img info), sorted by name. */
 export function bitmapsOf(path: string, opts: ImgOptions = {}): BitmapInfo[] {
-  const bms = (qemuImgInfo(path, opts)['format-specific']?.data?.bitmaps ?? []) as BitmapInfo[];
+  return bitmapsFromInfo(qemuImgInfo(path, opts));
+}
+
+/** Bitmaps (sorted by name, flags sorted) from a parsed `qemu-img info --output=json` entry. */
+export function bitmapsFromInfo(info: any): BitmapInfo[] {
+  const bms = (info?.['format-specific']?.data?.bitmaps ?? []) as BitmapInfo[];
   return bms.map((b) => ({ name: b.name, granularity: b.granularity, flags: [...b.flags].sort() })).sort((a, b) => (a.name < b.name ? -1 : 1));
 }
 
@@ -238,7 +243,12 @@ export interface SnapshotInfo {
 
 /** Internal snapshots (qemu-img info), in table order. */
 export function snapshotsOf(path: string, opts: ImgOptions = {}): SnapshotInfo[] {
-  return (qemuImgInfo(path, opts).snapshots ?? []) as SnapshotInfo[];
+  return snapshotsFromInfo(qemuImgInfo(path, opts));
+}
+
+/** Snapshots from a parsed `qemu-img info --output=json` entry. */
+export function snapshotsFromInfo(info: any): SnapshotInfo[] {
+  return (info?.snapshots ?? []) as SnapshotInfo[];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -448,7 +458,14 @@ export function snapshotRestores(path: string, snapName: string, expectedDigest?
   try {
     copyFileSync(path, copy);
     if (opts.detachBacking) mustImg(['rebase', '-u', '-f', 'qcow2', '-b', '', copy]);
-    mustImg(['snapshot', '-a', snapName, copy], `qemu-img snapshot -a ${snapName} (copy of ${path})`);
+    // QEMU refuses to apply a snapshot while the image has (enabled) bitmaps ("Device has active
+    // dirty bitmaps"): drop them from the scratch copy first.
+    let r = qemuImg(['snapshot', '-a', snapName, copy], { timeout: ORACLE_TIMEOUT });
+    if (r.status !== 0 && /dirty bitmaps/.test(r.stderr)) {
+      for (const b of bitmapsOf(copy, { format: 'qcow2' })) mustImg(['bitmap', '--remove', '-f', 'qcow2', copy, b.name]);
+      r = qemuImg(['snapshot', '-a', snapName, copy], { timeout: ORACLE_TIMEOUT });
+    }
+    if (r.status !== 0) fail(`qemu-img snapshot -a ${snapName} (copy of ${path})`, r);
     const c = qemuCheck(copy, { format: 'qcow2' });
     const digest = guestDigest(copy, { format: 'qcow2' });
     return { digest, ok: expectedDigest === undefined || digest === expectedDigest, checkOk: c.ok, check: c.summary };
