@@ -22,6 +22,7 @@ import {
   guestDigest,
   qemuCheck,
   qemuCompare,
+  qemuImgInfo,
   qemuImgInfoChain,
   snapshotRestores,
   snapshotsFromInfo,
@@ -801,93 +802,142 @@ const substDir = (args: readonly string[], dir: string): string[] => args.map((a
 export interface CompareCommitOptions {
   /** Fail the current test with all problems (default true). */
   assert?: boolean;
-  /** Dirs to build in (default: two fresh tmpDir()s). */
-  dirs?: [string, string];
+  /** Where to put the candidate's chain (default: a fresh tmpDir()). */
+  dir?: string;
+  /** Where to put qemu-img's chain (default: a fresh tmpDir(); the result is cached per spec+args
+   *  only when this is not given). */
+  referenceDir?: string;
 }
 
 /**
- * Prepares two copies of `spec`'s chain; runs `qemu-img commit ARGS top` on one and
- * `runCommit(top, ARGS, ctx)` on the other (ARGS = qemuArgs with {DIR} replaced by each chain's
- * dir; cwd = that dir), then checks, for both sides:
+ * Prepares two copies of `spec`'s chain; runs `qemu-img commit ARGS top` on one (cached per
+ * spec+args: see qemuReference) and `runCommit(top, ARGS, ctx)` on the other (ARGS = qemuArgs
+ * with {DIR} replaced by each chain's dir; cwd = that dir), then checks the candidate:
  *   - the top's guest view is unchanged, every qcow2 layer passes qemu-img check (leaks fail),
  *   - without -d/-b nothing is allocated in the top; with -d/-b its own allocation is unchanged,
  *   - layers between base and top (-b) keep their own allocation, layers below the base are
  *     byte-identical, no backing name changed,
  *   - the top's bitmaps (names, flags, granularity, contents) and snapshots (list, and the data
  *     each restores with the backing detached) are unchanged;
- * and across the sides:
+ * and against qemu-img's result:
  *   - `qemu-img compare` of the two bases says identical, and their virtual sizes agree,
  *   - each snapshot restored with the (committed) backing attached gives the same guest view,
  *   - the candidate's top length and du are at most qemu-img's plus one cluster of the top.
  */
 export async function compareCommit(spec: ChainSpec, runCommit: CommitRunner, qemuArgs: readonly string[] = [], opts: CompareCommitOptions = {}): Promise<CommitReport> {
-  const [dA, dB] = opts.dirs ?? [tmpDir('qcowkit-commit-qemu-'), tmpDir('qcowkit-commit-cand-')];
   const problems: string[] = [];
   const keepTop = qemuArgs.includes('-d') || qemuArgs.includes('-b');
-  let baseIndex = -1;
-
-  const side = async (dir: string, runner: CommitRunner, who: string): Promise<{ chain: BuiltChain; rep: SideReport; live: Record<string, string> }> => {
-    const { chain, before } = preparedChain(spec, dir);
-    const args = substDir(qemuArgs, chain.dir);
-    baseIndex = commitBaseIndex(chain, args);
-    const t = Date.now();
-    try {
-      await runner(chain.top.path, args, { dir: chain.dir, chain });
-    } catch (e) {
-      problems.push(`${who}: commit ${args.join(' ')} failed: ${(e as Error).message}`);
+  const ref = qemuReference(spec, qemuArgs, opts.referenceDir);
+  problems.push(...ref.problems);
+  const { chain, before } = preparedChain(spec, opts.dir ?? tmpDir('qcowkit-commit-cand-'));
+  const args = substDir(qemuArgs, chain.dir);
+  const baseIndex = commitBaseIndex(chain, args);
+  const t = Date.now();
+  try {
+    await runCommit(chain.top.path, args, { dir: chain.dir, chain });
+  } catch (e) {
+    problems.push(`candidate: commit ${args.join(' ')} failed: ${(e as Error).message}`);
+  }
+  const runMs = Date.now() - t;
+  const who = 'candidate';
+  const n = chain.layers.length;
+  const top = chain.top;
+  const infos = chainInfos(chain);
+  if (guestDigest(top.path, { format: top.format }) !== before.topDigest) problems.push(`${who}: the top's guest view changed`);
+  for (let k = 0; k < n; k++) {
+    const l = chain.layers[k]!;
+    if (backingOf(infos[k]) !== backingOf(before.infos[k])) problems.push(`${who}: backing name of ${l.spec.file} changed: ${backingOf(before.infos[k])} -> ${backingOf(infos[k])}`);
+    if (k < baseIndex && fileHash(l.path) !== before.fileHashes[k]) problems.push(`${who}: layer ${l.spec.file} below the base was modified`);
+    if (k > baseIndex && k < n - 1 && JSON.stringify(topAllocation(l.path, { format: l.format })) !== JSON.stringify(before.allocs[k])) {
+      problems.push(`${who}: intermediate ${l.spec.file} allocation changed`);
     }
-    const runMs = Date.now() - t;
-    const n = chain.layers.length;
-    const top = chain.top;
-    const infos = chainInfos(chain);
-    if (guestDigest(top.path, { format: top.format }) !== before.topDigest) problems.push(`${who}: the top's guest view changed`);
-    for (let k = 0; k < n; k++) {
-      const l = chain.layers[k]!;
-      if (backingOf(infos[k]) !== backingOf(before.infos[k])) problems.push(`${who}: backing name of ${l.spec.file} changed: ${backingOf(before.infos[k])} -> ${backingOf(infos[k])}`);
-      if (k < baseIndex && fileHash(l.path) !== before.fileHashes[k]) problems.push(`${who}: layer ${l.spec.file} below the base was modified`);
-      if (k > baseIndex && k < n - 1 && JSON.stringify(topAllocation(l.path, { format: l.format })) !== JSON.stringify(before.allocs[k])) {
-        problems.push(`${who}: intermediate ${l.spec.file} allocation changed`);
-      }
-    }
-    const checks = checkAll(chain, who, problems);
-    const alloc = topAllocation(top.path, { format: top.format });
-    const allocated = alloc.reduce((s, e) => s + e.length, 0);
-    if (keepTop) {
-      if (JSON.stringify(alloc) !== JSON.stringify(before.allocs[n - 1])) problems.push(`${who}: top allocation changed although -d/-b`);
-    } else if (allocated !== 0) {
-      problems.push(`${who}: ${allocated} bytes still allocated in the top after commit`);
-    }
-    const extras = topExtras(top, infos[n - 1]);
-    compareExtras(before.extras, extras, who, problems);
-    const base = chain.layers[baseIndex]!;
-    const rep: SideReport = {
-      dir: chain.dir,
-      runMs,
-      base: { file: base.spec.file, virtualSize: infos[baseIndex]['virtual-size'], ...fileLengthAndDu(base.path) },
-      top: { ...fileLengthAndDu(top.path), allocated },
-      checks,
-    };
-    return { chain, rep, live: restoreLive(top, extras.snapshots) };
+  }
+  const checks = checkAll(chain, who, problems);
+  const alloc = topAllocation(top.path, { format: top.format });
+  const allocated = alloc.reduce((s, e) => s + e.length, 0);
+  if (keepTop) {
+    if (JSON.stringify(alloc) !== JSON.stringify(before.allocs[n - 1])) problems.push(`${who}: top allocation changed although -d/-b`);
+  } else if (allocated !== 0) {
+    problems.push(`${who}: ${allocated} bytes still allocated in the top after commit`);
+  }
+  const extras = topExtras(top, infos[n - 1]);
+  compareExtras(before.extras, extras, who, problems);
+  const base = chain.layers[baseIndex]!;
+  const cand: SideReport = {
+    dir: chain.dir,
+    runMs,
+    base: { file: base.spec.file, virtualSize: infos[baseIndex]['virtual-size'], ...fileLengthAndDu(base.path) },
+    top: { ...fileLengthAndDu(top.path), allocated },
+    checks,
   };
 
-  const qa = await side(dA, qemuImgCommit, 'qemu-img');
-  const qb = await side(dB, runCommit, 'candidate');
-
-  const baseA = qa.chain.layers[baseIndex]!;
-  const baseB = qb.chain.layers[baseIndex]!;
-  const cmp = qemuCompare(baseA.path, baseB.path, { formatA: baseA.format, formatB: baseB.format });
+  // against qemu-img's result
+  const refBase = ref.chain.layers[baseIndex]!;
+  const cmp = qemuCompare(refBase.path, base.path, { formatA: refBase.format, formatB: base.format });
   if (cmp.status !== 0) problems.push(`bases differ (qemu-img compare ${cmp.status}): ${cmp.output}`);
-  if (qa.rep.base.virtualSize !== qb.rep.base.virtualSize) problems.push(`base virtual size: qemu-img ${qa.rep.base.virtualSize}, candidate ${qb.rep.base.virtualSize}`);
-  for (const [s, d] of Object.entries(qa.live)) {
-    if (qb.live[s] !== d) problems.push(`snapshot ${s} restored over the committed chain differs from qemu-img's`);
+  if (ref.rep.base.virtualSize !== cand.base.virtualSize) problems.push(`base virtual size: qemu-img ${ref.rep.base.virtualSize}, candidate ${cand.base.virtualSize}`);
+  const live = restoreLive(top, extras.snapshots);
+  for (const [s, d] of Object.entries(ref.live)) {
+    if (live[s] !== d) problems.push(`snapshot ${s} restored over the committed chain differs from qemu-img's`);
   }
-  const slack = qb.chain.top.clusterSize;
-  if (qb.rep.top.length > qa.rep.top.length + slack) problems.push(`top length ${qb.rep.top.length} > qemu-img's ${qa.rep.top.length} + one cluster (${slack})`);
-  if (qb.rep.top.du > qa.rep.top.du + slack) problems.push(`top du ${qb.rep.top.du} > qemu-img's ${qa.rep.top.du} + one cluster (${slack})`);
+  const slack = top.clusterSize;
+  if (cand.top.length > ref.rep.top.length + slack) problems.push(`top length ${cand.top.length} > qemu-img's ${ref.rep.top.length} + one cluster (${slack})`);
+  if (cand.top.du > ref.rep.top.du + slack) problems.push(`top du ${cand.top.du} > qemu-img's ${ref.rep.top.du} + one cluster (${slack})`);
 
-  const report: CommitReport = { spec: spec.name, args: [...qemuArgs], baseIndex, keepTop, qemu: qa.rep, candidate: qb.rep, problems };
+  const report: CommitReport = { spec: spec.name, args: [...qemuArgs], baseIndex, keepTop, qemu: ref.rep, candidate: cand, problems };
   if (opts.assert !== false) expect(problems, `${spec.name} commit ${qemuArgs.join(' ')}`).toEqual([]);
   return report;
+}
+
+interface Reference {
+  chain: BuiltChain;
+  rep: SideReport;
+  /** snapshot -> digest restored over the committed chain */
+  live: Record<string, string>;
+  /** qemu-img commit itself failed (reported into every comparison) */
+  problems: string[];
+}
+
+const references = new Map<string, Reference>();
+
+/**
+ * qemu-img's result for (spec, args): a prepared copy committed with qemu-img, its sizes and
+ * snapshot views. Cached per test file (the qcowkit cases reuse the harness-proof runs). Only
+ * what the comparison needs is measured here: qemu-img's own correctness is established by
+ * running compareCommit with qemuImgCommit as the candidate.
+ */
+export function qemuReference(spec: ChainSpec, qemuArgs: readonly string[], dir?: string): Reference {
+  const key = `${spec.name}\0${qemuArgs.join('\0')}`;
+  const hit = references.get(key);
+  if (hit && hit.chain.spec === spec && !dir) return hit;
+  const { chain } = preparedChain(spec, dir ?? tmpDir('qcowkit-commit-qemu-'));
+  const args = substDir(qemuArgs, chain.dir);
+  const baseIndex = commitBaseIndex(chain, args);
+  const problems: string[] = [];
+  const t = Date.now();
+  try {
+    qemuImgCommit(chain.top.path, args, { dir: chain.dir, chain });
+  } catch (e) {
+    problems.push(`qemu-img: ${(e as Error).message}`);
+  }
+  const runMs = Date.now() - t;
+  const base = chain.layers[baseIndex]!;
+  const info = qemuImgInfo(base.path, { format: base.format });
+  const snaps = chain.top.format === 'qcow2' ? snapshotsFromInfo(qemuImgInfo(chain.top.path, { format: 'qcow2' })).map((s) => s.name) : [];
+  const ref: Reference = {
+    chain,
+    rep: {
+      dir: chain.dir,
+      runMs,
+      base: { file: base.spec.file, virtualSize: info['virtual-size'], ...fileLengthAndDu(base.path) },
+      top: { ...fileLengthAndDu(chain.top.path), allocated: allocatedInTop(chain.top.path, { format: chain.top.format }) },
+      checks: [],
+    },
+    live: restoreLive(chain.top, snaps),
+    problems,
+  };
+  if (!dir) references.set(key, ref);
+  return ref;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -80,8 +80,10 @@ describeQemu('qemu oracles', () => {
   it('guestDigest: equal for equal views however stored, different for one changed byte or size', () => {
     const d = tmpDir();
     const a = join(d, 'a.qcow2');
-    mustImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', a, '64M']);
-    mustIo(a, ['write -P 0x11 5000 3000', 'write -c -P 0x22 1M 64k', `write -P 0x33 ${64 * M - 512} 512`]);
+    // 80 MiB: above the 64 MiB whole-read limit, so the mapped path is used (the matrix's
+    // small images cover the whole-read path, and it is cross-checked below)
+    mustImg(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', a, '80M']);
+    mustIo(a, ['write -P 0x11 5000 3000', 'write -c -P 0x22 1M 64k', `write -P 0x33 ${80 * M - 512} 512`]);
     const raw = join(d, 'a.raw');
     mustImg(['convert', '-O', 'raw', a, raw]);
     const dense = join(d, 'dense.raw');
@@ -91,9 +93,17 @@ describeQemu('qemu oracles', () => {
     expect(guestDigest(dense, { format: 'raw' })).toBe(da);
     patchBytes(dense, 40 * M + 7, [1]);
     expect(guestDigest(dense, { format: 'raw' })).not.toBe(da);
-    truncateSync(raw, 65 * M); // same bytes, bigger disk
+    truncateSync(raw, 81 * M); // same bytes, bigger disk
     expect(guestDigest(raw, { format: 'raw' })).not.toBe(da);
-    expect(guestDigest(raw, { format: 'raw', size: 64 * M })).toBe(da);
+    expect(guestDigest(raw, { format: 'raw', size: 80 * M })).toBe(da);
+    // the whole-read path (<= 64 MiB) agrees with the mapped one
+    const small = join(d, 'small.raw');
+    mustImg(['convert', '-O', 'raw', a, small]);
+    truncateSync(small, 8 * M);
+    const smallQ = join(d, 'small.qcow2');
+    mustImg(['convert', '-O', 'qcow2', '-f', 'raw', small, smallQ]);
+    expect(guestDigest(smallQ)).toBe(guestDigest(a, { size: 8 * M }));
+    expect(guestDigest(smallQ)).not.toBe(guestDigest(a, { size: 8 * M - 512 }));
   });
 
   it('bitmapExtents: qemu-io writes dirty enabled persistent bitmaps at their granularity; disabled ones stay clean', () => {
