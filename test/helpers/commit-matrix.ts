@@ -10,7 +10,7 @@
 // qemu-io, and for bitmap contents qemu-nbd + nbdinfo (see qemu-oracles.ts).
 import { createHash } from 'node:crypto';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { dirname, join, relative, resolve } from 'node:path';
+import { basename, dirname, join, relative, resolve } from 'node:path';
 import { expect } from 'vitest';
 import { hasQemu, qemuImg, run, type RunResult } from './qemu.js';
 import { tmpDir } from './tmp.js';
@@ -84,7 +84,7 @@ export interface ChainSpec {
   /** Argument sets to run `commit` with ({DIR} is replaced by the chain dir); default [[]]. */
   commits?: string[][];
   /** Filterable: v2, v3, c512, c64k, c2m, rc1, rc16, rc64, extl2, compressed, zstd, raw-base, chain3,
-   *  chain4, abs, base-smaller, base-larger, bitmaps, snapshots, l2-cross. */
+   *  chain4, abs, base-smaller, base-larger, bitmaps, base-bitmaps, snapshots, l2-cross. */
   tags: string[];
 }
 
@@ -534,6 +534,25 @@ export const COMMIT_MATRIX: ChainSpec[] = [
     ],
   },
   {
+    name: 'bitmaps-base',
+    description: 'base with persistent bitmaps (enabled 64 KiB, enabled 4 KiB, disabled): commit must dirty the enabled ones wherever it changes the base',
+    tags: ['v3', 'c64k', 'rc16', 'bitmaps', 'base-bitmaps'],
+    commits: [[], ['-d']],
+    layers: [
+      {
+        file: 'base.qcow2', size: 16 * M, ...v3(64 * K),
+        ops: [
+          { op: 'write', offset: 0, length: 1 * M, pattern: 0xe1 },
+          { op: 'bitmap', name: 'enabled' },
+          { op: 'bitmap', name: 'fine', granularity: 4 * K },
+          { op: 'bitmap', name: 'frozen', disabled: true },
+          { op: 'write', offset: 8 * M, length: 100 * K, pattern: 0xe2 }, // dirty before the commit
+        ],
+      },
+      { file: 'top.qcow2', ...v3(64 * K), ops: [...standardOps(16 * M, 64 * K, 36), { op: 'write', offset: 512 * K, length: 4 * K, pattern: 0xe1 }] },
+    ],
+  },
+  {
     name: 'bitmaps-extl2-c2m',
     description: '2 MiB-cluster extended-L2 top with a 512 KiB-granularity bitmap, over a 64 KiB base',
     tags: ['v3', 'c2m', 'c64k', 'extl2', 'bitmaps'],
@@ -832,6 +851,15 @@ export async function compareCommit(spec: ChainSpec, runCommit: CommitRunner, qe
   const { chain, before } = preparedChain(spec, opts.dir ?? tmpDir('qcowkit-commit-cand-'));
   const args = substDir(qemuArgs, chain.dir);
   const baseIndex = commitBaseIndex(chain, args);
+  // bitmaps of the base: keep a pristine copy of the base to compute what the commit changed
+  const baseLayer = chain.layers[baseIndex]!;
+  const baseBitmaps = baseLayer.format === 'qcow2' ? bitmapsFromInfo(before.infos[baseIndex]) : [];
+  const baseBitmapsBefore = baseBitmaps.length ? bitmapsExtents(baseLayer.path, baseBitmaps.map((b) => b.name), { format: 'qcow2' }) : {};
+  const pristineBase = join(dirname(baseLayer.path), `.pristine-${basename(baseLayer.path)}`);
+  if (baseBitmaps.length) {
+    const r = run('cp', ['--sparse=always', baseLayer.path, pristineBase]);
+    if (r.status !== 0) throw new Error(`cp ${baseLayer.path}: ${r.stderr}`);
+  }
   const t = Date.now();
   try {
     await runCommit(chain.top.path, args, { dir: chain.dir, chain });
@@ -862,6 +890,10 @@ export async function compareCommit(spec: ChainSpec, runCommit: CommitRunner, qe
   }
   const extras = topExtras(top, infos[n - 1]);
   compareExtras(before.extras, extras, who, problems);
+  if (baseBitmaps.length) {
+    checkBaseBitmaps(baseLayer, pristineBase, baseBitmaps, baseBitmapsBefore, who, problems);
+    rmSync(pristineBase, { force: true });
+  }
   const base = chain.layers[baseIndex]!;
   const cand: SideReport = {
     dir: chain.dir,
@@ -887,6 +919,64 @@ export async function compareCommit(spec: ChainSpec, runCommit: CommitRunner, qe
   const report: CommitReport = { spec: spec.name, args: [...qemuArgs], baseIndex, keepTop, qemu: ref.rep, candidate: cand, problems };
   if (opts.assert !== false) expect(problems, `${spec.name} commit ${qemuArgs.join(' ')}`).toEqual([]);
   return report;
+}
+
+/**
+ * The base's persistent bitmaps after a commit: names/flags/granularity unchanged; disabled
+ * bitmaps unchanged; enabled bitmaps keep every bit they had and are dirty wherever the base's
+ * guest content changed (granularity blocks of `pristine` vs the committed base; a superset is
+ * fine: it only costs an incremental backup extra work, a missing bit loses data).
+ */
+function checkBaseBitmaps(base: BuiltLayer, pristine: string, bitmaps: BitmapInfo[], before: Record<string, BitmapExtent[]>, who: string, problems: string[]): void {
+  const now = bitmapsFromInfo(qemuImgInfo(base.path, { format: 'qcow2' }));
+  if (JSON.stringify(now) !== JSON.stringify(bitmaps)) {
+    problems.push(`${who}: base bitmaps changed: ${JSON.stringify(bitmaps)} -> ${JSON.stringify(now)}`);
+    return;
+  }
+  const after = bitmapsExtents(base.path, bitmaps.map((b) => b.name), { format: 'qcow2' });
+  const isDirty = (ext: BitmapExtent[], off: number): boolean => ext.some((e) => e.dirty && e.start <= off && off < e.start + e.length);
+  for (const b of bitmaps) {
+    const a = after[b.name]!;
+    const prev = before[b.name]!;
+    if (!b.flags.includes('auto')) {
+      if (JSON.stringify(a) !== JSON.stringify(prev)) problems.push(`${who}: disabled base bitmap ${b.name} changed`);
+      continue;
+    }
+    for (const e of prev) {
+      if (e.dirty && !a.some((x) => x.dirty && x.start <= e.start && e.start + e.length <= x.start + x.length)) {
+        problems.push(`${who}: base bitmap ${b.name} lost dirty bits at ${e.start}+${e.length}`);
+      }
+    }
+    const missing = changedBlocks(pristine, base.path, b.granularity).filter((off) => !isDirty(a, off));
+    if (missing.length) problems.push(`${who}: base bitmap ${b.name} is clean at ${missing.length} changed block(s), first at ${missing[0]}`);
+  }
+}
+
+/** Offsets of the `gran`-sized blocks whose guest content differs between two qcow2 images. */
+export function changedBlocks(a: string, b: string, gran: number): number[] {
+  const d = tmpDir('qcowkit-changed-');
+  try {
+    const ra = join(d, 'a.raw');
+    const rb = join(d, 'b.raw');
+    for (const [src, dst] of [[a, ra], [b, rb]] as const) {
+      const r = qemuImg(['convert', '-f', 'qcow2', '-O', 'raw', src, dst], { timeout: 60_000 });
+      if (r.status !== 0) throw new Error(`qemu-img convert ${src}: ${r.stderr}`);
+    }
+    const x = readFileSync(ra);
+    const y = readFileSync(rb);
+    const len = Math.max(x.length, y.length);
+    const zero = Buffer.alloc(gran);
+    const out: number[] = [];
+    for (let off = 0; off < len; off += gran) {
+      const bx = off < x.length ? x.subarray(off, Math.min(off + gran, x.length)) : zero.subarray(0, 0);
+      const by = off < y.length ? y.subarray(off, Math.min(off + gran, y.length)) : zero.subarray(0, 0);
+      const pad = (buf: Buffer): Buffer => (buf.length === Math.min(gran, len - off) ? buf : Buffer.concat([buf, zero.subarray(0, Math.min(gran, len - off) - buf.length)]));
+      if (!pad(bx).equals(pad(by))) out.push(off);
+    }
+    return out;
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
 }
 
 interface Reference {

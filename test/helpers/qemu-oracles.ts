@@ -12,6 +12,18 @@
 //   bitmapExtents(path, name)          bitmap contents via qemu-nbd -B NAME + nbdinfo --map
 //   snapshotRestores(path, snap, dig)  copy, qemu-img snapshot -a, digest
 //   qemuCompare(a, b)                  qemu-img compare status
+//
+// Making persistent bitmaps dirty (verified with qemu 7.2): plain qemu-io is enough. A read-write
+// qemu-io session loads the image's persistent bitmaps, every write / write -z / discard it does
+// sets bits in the enabled ("auto") ones at their granularity, and they are stored back on close
+// (in_use cleared). `qemu-img bitmap --add [-g G] [--disable]` creates them; disabled bitmaps
+// stay clean; `qemu-img bitmap --merge SRC -b OTHER_FILE DST_FILE DST` copies contents between
+// files. No qemu-nbd/NBD write or convert trick is needed. qemu-img commit sets bits in the
+// base's enabled bitmaps for everything it writes (checked by the bitmaps-base matrix case).
+// Reading bitmap contents: `qemu-nbd -r -B NAME` exports qemu:dirty-bitmap:NAME, which
+// `nbdinfo --map=qemu:dirty-bitmap:NAME` prints as "start length 1 dirty|0 clean" lines.
+// Caveat: `qemu-img snapshot -a` refuses images with bitmaps ("Device has active dirty
+// bitmaps"); snapshotRestores removes them from its scratch copy first.
 import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, copyFileSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';

@@ -182,7 +182,7 @@ describeQemu('qemu oracles', () => {
 
   it('COMMIT_MATRIX covers every required feature', () => {
     const tags = new Set(COMMIT_MATRIX.flatMap((s) => s.tags));
-    for (const t of ['v2', 'v3', 'c512', 'c64k', 'c2m', 'rc1', 'rc16', 'rc64', 'extl2', 'compressed', 'zstd', 'raw-base', 'chain3', 'chain4', 'abs', 'base-smaller', 'base-larger', 'bitmaps', 'snapshots', 'l2-cross']) {
+    for (const t of ['v2', 'v3', 'c512', 'c64k', 'c2m', 'rc1', 'rc16', 'rc64', 'extl2', 'compressed', 'zstd', 'raw-base', 'chain3', 'chain4', 'abs', 'base-smaller', 'base-larger', 'bitmaps', 'base-bitmaps', 'snapshots', 'l2-cross']) {
       expect(tags.has(t), t).toBe(true);
     }
     expect(new Set(COMMIT_MATRIX.map((s) => s.name)).size).toBe(COMMIT_MATRIX.length);
@@ -267,6 +267,21 @@ describeQemu('commit matrix: the harness catches broken commits', () => {
     });
     expect(p.some((x) => x.startsWith('candidate: contents of bitmap backup changed'))).toBe(true);
     expect(p.some((x) => x.startsWith('candidate: snapshots changed'))).toBe(true);
+  });
+
+  it("a commit that leaves the base's enabled bitmaps clean, or touches a disabled one", async () => {
+    const p = await problemsOf('bitmaps-base', (top, args, ctx) => {
+      qemuImgCommit(top, args, ctx);
+      const base = ctx.chain.layers[0]!.path;
+      mustImg(['bitmap', '--clear', base, 'fine']);
+      mustImg(['bitmap', '--enable', base, 'frozen']);
+      mustIo(base, ['write -P 0x1 15M 4k']); // dirties 'frozen' (and the others) while enabled
+      mustImg(['bitmap', '--disable', base, 'frozen']);
+    });
+    expect(p.some((x) => x.startsWith('candidate: base bitmap fine lost dirty bits at 8388608+'))).toBe(true);
+    expect(p.some((x) => /^candidate: base bitmap fine is clean at \d+ changed block/.test(x))).toBe(true);
+    expect(p).toContain('candidate: disabled base bitmap frozen changed');
+    expect(p.some((x) => x.includes('bitmap enabled'))).toBe(false);
   });
 
   it('a snapshot whose data was overwritten', async () => {
