@@ -14,6 +14,7 @@ import type { Qcow2Header } from '../format/header.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/constants.js';
 
 const OFF_REFCOUNT_TABLE = 48; // u64 offset + u32 clusters: one 12-byte write switches both
+const OFF_NB_SNAPSHOTS = 60; // u32 count + u64 offset
 const OFF_INCOMPATIBLE = 72;
 const OFF_AUTOCLEAR = 88;
 const KNOWN_AUTOCLEAR = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
@@ -105,6 +106,28 @@ export class HeaderWriter {
     v.setUint32(4, offset >>> 0);
     v.setUint32(8, clusters);
     await this.file.writeAt(buf, OFF_REFCOUNT_TABLE);
+    await this.file.flush();
+  }
+
+  /** Sets the snapshot count alone (dropping entries off the table's end), durably. */
+  async setSnapshotCount(count: number): Promise<void> {
+    const buf = new Uint8Array(4);
+    new DataView(buf.buffer).setUint32(0, count);
+    await this.file.writeAt(buf, OFF_NB_SNAPSHOTS);
+    await this.file.flush();
+  }
+
+  /**
+   * Switches to another snapshot table: count and offset change in one write (they are
+   * adjacent), durably. The new table must already be durable.
+   */
+  async setSnapshotTable(count: number, offset: number): Promise<void> {
+    const buf = new Uint8Array(12);
+    const v = new DataView(buf.buffer);
+    v.setUint32(0, count);
+    v.setUint32(4, Math.floor(offset / 2 ** 32));
+    v.setUint32(8, offset >>> 0);
+    await this.file.writeAt(buf, OFF_NB_SNAPSHOTS);
     await this.file.flush();
   }
 
