@@ -23,7 +23,8 @@ export const MAX_SNAPSHOTS_SIZE = 1024 * 65536;
 /** QCOW_MAX_SNAPSHOTS */
 export const MAX_SNAPSHOTS = 65536;
 const ENTRY_HEADER = 40;
-const KNOWN_EXTRA = 16;
+/** sizeof(QCowSnapshotExtraData) in QEMU 7.2 (VM state size, disk size, icount). */
+const KNOWN_EXTRA = 24;
 const INT_MAX = 2 ** 31 - 1;
 
 /** The table could not be read (QEMU's error, its hint, and the errno text `check` ends with). */
@@ -46,6 +47,12 @@ export interface SnapshotTable {
   reduced: number;
   /** Repair mode: entries whose extra data was cut to 1 KiB (the table must be rewritten). */
   extraDropped: number;
+}
+
+/** QEMU keeps ID and name as C strings: they end at the first NUL byte. */
+function cString(b: Uint8Array): string {
+  const end = b.indexOf(0);
+  return decodeUtf8(end < 0 ? b : b.subarray(0, end));
 }
 
 /** Reads through a window; bytes past EOF are zeros (as the file's readAt gives them). */
@@ -112,9 +119,9 @@ export async function readSnapshotTable(
       unknown = (await r.read(offset, extraSize - KNOWN_EXTRA)).slice();
       offset = extraEnd;
     }
-    const id = decodeUtf8(await r.read(offset, idLen));
+    const id = cString(await r.read(offset, idLen));
     offset += idLen;
-    const name = decodeUtf8(await r.read(offset, nameLen));
+    const name = cString(await r.read(offset, nameLen));
     offset += nameLen;
 
     tableLength += ENTRY_HEADER + extraSize + idLen + nameLen;

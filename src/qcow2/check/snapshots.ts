@@ -18,6 +18,8 @@ import { invalidateOverlapMap, preWriteCheck } from './overlap.js';
 import { CheckAborted, FIX_ERRORS, type CheckCounters, type FixMode } from './types.js';
 
 const ENTRY_HEADER = 40;
+/** sizeof(QCowSnapshotExtraData) in QEMU 7.2: vm_state_size_large, disk_size, icount. */
+const KNOWN_EXTRA = 24;
 const INT64_MAX = 2 ** 63;
 
 /** qcow2_check_read_snapshot_table: counts go to `res`; aborts the check when unreadable. */
@@ -97,14 +99,18 @@ export async function checkFixSnapshotTable(ctx: CheckContext, res: CheckCounter
   res.corruptions = 0;
 }
 
-/** Every entry with QEMU's 16 bytes of known extra data (VM state size, disk size) in front. */
+/**
+ * Every entry with QEMU 7.2's 24 bytes of known extra data in front (VM state size, disk size —
+ * the image's when the entry had none —, icount, -1 for none); unknown extra data is kept.
+ */
 function normalized(sn: SnapshotEntry, diskSize: number): SnapshotEntry {
-  const extra = new Uint8Array(Math.max(16, sn.extraData.length));
-  if (sn.extraData.length > 16) extra.set(sn.extraData.subarray(16), 16);
+  const extra = new Uint8Array(Math.max(KNOWN_EXTRA, sn.extraData.length));
+  if (sn.extraData.length > KNOWN_EXTRA) extra.set(sn.extraData.subarray(KNOWN_EXTRA), KNOWN_EXTRA);
   const v = dataView(extra);
   setU64(v, 0, sn.vmStateSize);
   setU64(v, 8, sn.diskSize ?? diskSize);
-  return { ...sn, extraData: extra };
+  v.setBigInt64(16, BigInt(sn.icount ?? -1));
+  return { ...sn, extraData: extra, diskSize: sn.diskSize ?? diskSize };
 }
 
 /** qcow2_write_snapshots in the crash-safe order. */
