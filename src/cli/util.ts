@@ -15,7 +15,11 @@ export function newCommand(name: string, description: string, examples: string[]
   // qemu-img's --image-opts (a QemuOpts string instead of a file name): refused in one line.
   cmd.addOption(new Option('--image-opts', 'not supported (qemu-img: treat file names as option strings)').hideHelp());
   cmd.hook('preAction', (_cmd, action) => {
-    if (action.opts().imageOpts) throw new QcowError('UNSUPPORTED', '--image-opts is not supported; pass the image file name (and -f) instead');
+    const o = action.opts();
+    if (o.imageOpts) throw new QcowError('UNSUPPORTED', '--image-opts is not supported; pass the image file name (and -f) instead');
+    // compare checks its own -f/-F when it opens the images (an open error, exit 2).
+    if (name !== 'compare' && o.format !== undefined && o.format !== 'qcow2' && o.format !== 'raw')
+      throw new QcowError('UNSUPPORTED', `Unknown file format '${String(o.format)}' (qcow2 and raw are supported)`);
   });
   if (examples.length) cmd.addHelpText('after', `\nExamples:\n${examples.map((e) => `  $ ${e}`).join('\n')}\n`);
   return cmd;
@@ -49,8 +53,11 @@ export function imageFilename(name: string): string {
   return name;
 }
 
-export const formatOption = (flags = '-f, --format <fmt>', what = 'image format (qcow2 or raw); probed when omitted'): Option =>
-  new Option(flags, what).choices(['qcow2', 'raw']);
+/**
+ * -f: qcow2 or raw. Checked once parsing is done (see newCommand), so that a repeated -f is
+ * allowed and the last one wins, as in qemu-img.
+ */
+export const formatOption = (flags = '-f, --format <fmt>', what = 'image format (qcow2 or raw); probed when omitted'): Option => new Option(flags, what);
 
 export const outputOption = (): Option => new Option('--output <fmt>', 'output format').choices(['human', 'json']).default('human');
 

@@ -221,6 +221,8 @@ export function hasDataFile(h: Qcow2Header): boolean {
   return (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
 }
 
+const KNOWN_EXTENSIONS = new Set<number>([ExtensionType.BackingFormat, ExtensionType.FeatureTable, ExtensionType.Bitmaps, ExtensionType.FullDiskEncryption, ExtensionType.DataFile]);
+
 function decodeExtensions(buf: Uint8Array, h: Qcow2Header, cs: number, fileSize: number, file: string): void {
   const v = dataView(buf);
   const limit = Math.min(h.backingFileOffset || cs, cs, buf.length, fileSize);
@@ -236,7 +238,10 @@ function decodeExtensions(buf: Uint8Array, h: Qcow2Header, cs: number, fileSize:
     const len = v.getUint32(off + 4);
     if (type === ExtensionType.End) break;
     if (off + 8 + len > limit) throw corrupt(file, `Header extension 0x${type.toString(16)} too large`);
-    if (seen.has(type)) throw corrupt(file, `Duplicate header extension 0x${type.toString(16)}`);
+    // QEMU takes the last backing-format extension and ignores unknown ones, repeated or not;
+    // a repeated structural extension (bitmaps, encryption, data file, features) stays an error.
+    const repeatable = type === ExtensionType.BackingFormat || !KNOWN_EXTENSIONS.has(type);
+    if (seen.has(type) && !repeatable) throw corrupt(file, `Duplicate header extension 0x${type.toString(16)}`);
     seen.add(type);
     const data = buf.slice(off + 8, off + 8 + len);
     h.extensions.push({ type, data });

@@ -1,5 +1,5 @@
 import { QcowError } from '../../errors.js';
-import { create, type CreateResult, type Preallocation, type Qcow2CreateOptions } from '../../ops/create.js';
+import { create, type Preallocation, type Qcow2CreateOptions } from '../../ops/create.js';
 import type { LayerFormat } from '../../chain/layer.js';
 import { formatOption, imageFilename, newCommand, parseSize, warn } from '../util.js';
 
@@ -85,15 +85,27 @@ export function command() {
         throw new QcowError('INVALID_ARGUMENT', 'Backing format cannot be used without backing file', filename);
 
       const size = opts.get('size');
-      const result = await create(imageFilename(filename), {
+      // Option values the format checks (compat=, preallocation=, ...) fail after qemu-img printed
+      // its "Formatting" line: keep such an error until then.
+      let optionError: unknown;
+      let options: Qcow2CreateOptions | { preallocation: Preallocation | undefined } = {};
+      try {
+        options = f.format === 'qcow2' ? typedOptions(opts, filename) : { preallocation: preallocation(opts, filename) };
+      } catch (e) {
+        optionError = e;
+      }
+      await create(imageFilename(filename), {
         format: f.format,
         size: size === undefined ? undefined : Number(size),
         backing: backingFile === undefined ? undefined : { file: backingFile, format: backingFmt as LayerFormat | undefined },
         unsafe: f.unsafe === true,
-        options: f.format === 'qcow2' ? typedOptions(opts, filename) : { preallocation: preallocation(opts, filename) },
+        options,
         onWarning: warn,
+        onFormatting: (finalSize) => {
+          if (!f.quiet) process.stdout.write(formattingLine(filename, f.format, finalSize, opts));
+          if (optionError !== undefined) throw optionError;
+        },
       });
-      if (!f.quiet) process.stdout.write(formattingLine(filename, result, opts));
     });
 }
 
@@ -184,16 +196,16 @@ function preallocation(opts: Map<string, string>, filename: string): Preallocati
 }
 
 /** `Formatting 'FILE', fmt=qcow2 cluster_size=65536 ...` with the values as given (qemu-img). */
-function formattingLine(filename: string, r: CreateResult, opts: Map<string, string>): string {
+function formattingLine(filename: string, format: LayerFormat, size: number, opts: Map<string, string>): string {
   const values = new Map(opts);
-  if (!values.has('size')) values.set('size', String(r.size));
-  const keys = r.format === 'raw' ? ['size', 'preallocation'] : LINE_ORDER;
+  if (!values.has('size')) values.set('size', String(size));
+  const keys = format === 'raw' ? ['size', 'preallocation'] : LINE_ORDER;
   const parts = keys.flatMap((k) => {
-    const v = values.get(k) ?? (r.format === 'qcow2' ? LINE_DEFAULTS[k] : undefined);
+    const v = values.get(k) ?? (format === 'qcow2' ? LINE_DEFAULTS[k] : undefined);
     // Values are printed as qemu-img prints them: a comma in a value escaped as ",,".
     return v === undefined ? [] : [`${k}=${v.replaceAll(',', ',,')}`];
   });
-  return `Formatting '${filename}', fmt=${r.format} ${parts.join(' ')}\n`;
+  return `Formatting '${filename}', fmt=${format} ${parts.join(' ')}\n`;
 }
 
 function helpText(format: LayerFormat): string {
