@@ -280,7 +280,7 @@ function assertReadable(h: Qcow2Header, path: string): void {
 async function readSnapshots(file: ImageFile, h: Qcow2Header, path: string): Promise<{ entries: SnapshotEntry[]; bytes: number }> {
   if (h.nbSnapshots === 0) return { entries: [], bytes: 0 };
   try {
-    return await readSnapshotTable(file, h.snapshotsOffset, h.nbSnapshots);
+    return await readSnapshotTable(file, h.snapshotsOffset, h.nbSnapshots, 2 ** h.clusterBits);
   } catch (e) {
     if (e instanceof SnapshotTableError) throw new QcowError('CORRUPT', `${e.message} (${e.hint})`, path);
     throw e;

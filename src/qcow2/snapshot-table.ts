@@ -55,21 +55,24 @@ function cString(b: Uint8Array): string {
   return decodeUtf8(end < 0 ? b : b.subarray(0, end));
 }
 
-/** Reads through a window; bytes past EOF are zeros (as the file's readAt gives them). */
+/**
+ * Reads through a window that never extends past the cluster holding the last byte asked for:
+ * the clusters after the table may be data clusters, and reading a host-file hole can make the
+ * filesystem report it as data afterwards (ext4 and unwritten extents), which `map` would see.
+ */
 class WindowReader {
   #start = 0;
   #buf = new Uint8Array(0);
-  constructor(private readonly file: ImageFile) {}
+  constructor(
+    private readonly file: ImageFile,
+    private readonly clusterSize: number,
+  ) {}
 
   async read(offset: number, length: number): Promise<Uint8Array> {
     if (offset >= this.#start && offset + length <= this.#start + this.#buf.length) return this.#buf.subarray(offset - this.#start, offset - this.#start + length);
-    if (length > 1 << 20) {
-      const big = new Uint8Array(length);
-      await this.file.readAt(big, offset);
-      return big;
-    }
+    const end = Math.max(offset + length, Math.min(offset + (1 << 20), Math.ceil((offset + length) / this.clusterSize) * this.clusterSize));
     this.#start = offset;
-    this.#buf = new Uint8Array(1 << 20);
+    this.#buf = new Uint8Array(end - offset);
     await this.file.readAt(this.#buf, offset);
     return this.#buf.subarray(0, length);
   }
@@ -83,11 +86,12 @@ export async function readSnapshotTable(
   file: ImageFile,
   tableOffset: number,
   count: number,
+  clusterSize: number,
   opts: { repair?: boolean; report?: (line: string) => void } = {},
 ): Promise<SnapshotTable> {
   const repair = opts.repair === true;
   const report = opts.report ?? (() => {});
-  const r = new WindowReader(file);
+  const r = new WindowReader(file, clusterSize);
   const entries: SnapshotEntry[] = [];
   let offset = tableOffset;
   let tableLength = 0;

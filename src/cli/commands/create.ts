@@ -81,8 +81,6 @@ export function command() {
       if (f.backingFormat !== undefined) opts.set('backing_fmt', f.backingFormat);
       const backingFile = opts.get('backing_file');
       const backingFmt = opts.get('backing_fmt');
-      if (backingFmt !== undefined && backingFile === undefined)
-        throw new QcowError('INVALID_ARGUMENT', 'Backing format cannot be used without backing file', filename);
 
       const size = opts.get('size');
       // Option values the format checks (compat=, preallocation=, ...) fail after qemu-img printed
@@ -94,6 +92,8 @@ export function command() {
       } catch (e) {
         optionError = e;
       }
+      if (backingFmt !== undefined && backingFile === undefined)
+        optionError ??= new QcowError('INVALID_ARGUMENT', 'Backing format cannot be used without backing file', filename);
       await create(imageFilename(filename), {
         format: f.format,
         size: size === undefined ? undefined : Number(size),

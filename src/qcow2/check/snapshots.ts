@@ -46,7 +46,7 @@ export async function checkReadSnapshotTable(ctx: CheckContext, res: CheckCounte
 
   let table;
   try {
-    table = await readSnapshotTable(ctx.file, offset, count, { repair: (fix & FIX_ERRORS) !== 0, report: ctx.report });
+    table = await readSnapshotTable(ctx.file, offset, count, ctx.cs, { repair: (fix & FIX_ERRORS) !== 0, report: ctx.report });
   } catch (e) {
     res.checkErrors++;
     if (e instanceof SnapshotTableError) {
