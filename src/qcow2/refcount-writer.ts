@@ -188,6 +188,25 @@ export class RefcountWriter {
     }
   }
 
+  /**
+   * QEMU's qcow2_alloc_clusters: the first run of `count` clusters with stored refcount 0 (from
+   * the start of the image, possibly past its end), given refcount 1; the refcounts are durable
+   * on return. Returns the first cluster.
+   */
+  async allocateRun(count: number): Promise<number> {
+    let start = 1;
+    for (;;) {
+      let n = 0;
+      while (n < count && !this.#claimed.has(start + n) && (await this.get(start + n)) === 0) n++;
+      if (n === count) break;
+      start += n + 1;
+    }
+    for (let c = start; c < start + count; c++) this.#claimed.add(c);
+    for (let c = start; c < start + count; c++) await this.set(c, 1);
+    await this.commit();
+    return start;
+  }
+
   // --- allocation --------------------------------------------------------------------------------
 
   /** First cluster with stored refcount 0 that nobody claimed (allocator of last resort). */
