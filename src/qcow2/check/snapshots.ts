@@ -136,19 +136,16 @@ async function writeSnapshots(ctx: CheckContext): Promise<void> {
   if (oldBytes > 0) {
     const firstOld = Math.floor(h.snapshotsOffset / ctx.cs);
     const endOld = Math.ceil((h.snapshotsOffset + oldBytes) / ctx.cs);
-    const freed: number[] = [];
     try {
       for (let c = firstOld; c < endOld; c++) {
         const v = await rc.get(c);
         if (v === 0) throw new Error('Invalid argument');
         await rc.set(c, v - 1);
-        if (v === 1) freed.push(c);
       }
     } catch (e) {
       ctx.report(`qcow2_free_clusters failed: ${e instanceof Error ? e.message : String(e)}`);
     }
     await rc.commit();
-    await rc.discard(freed);
   }
   ctx.img.useSnapshotTable(entries, bytes.length);
   ctx.fileSize = await ctx.file.size();
