@@ -7,7 +7,7 @@
 import { realpath } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
 import { QcowError, throwIfAborted } from '../errors.js';
-import { openImageFile, inParallel } from '../io/file.js';
+import { openImageFile, inParallel, type ImageFile } from '../io/file.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { RawLayer } from './raw.js';
 import type { BlockLayer, LayerExtent, LayerFormat } from './layer.js';
@@ -63,12 +63,22 @@ export function resolveBackingPath(imagePath: string, name: string): string {
 export async function probeFormat(path: string): Promise<LayerFormat> {
   const f = await openImageFile(path, { lock: 'none' });
   try {
-    const b = new Uint8Array(4);
-    await f.readAt(b, 0);
-    return new DataView(b.buffer).getUint32(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
+    return await probeFile(f);
   } finally {
     await f.close();
   }
+}
+
+/**
+ * QEMU's qcow2 probe: the magic, a version of at least 2 and a whole v3-sized header (112
+ * bytes). Anything else is raw (so a file with the magic but version 1 opens as raw, as in QEMU).
+ */
+export async function probeFile(f: ImageFile): Promise<LayerFormat> {
+  if ((await f.size()) < 112) return 'raw';
+  const b = new Uint8Array(8);
+  await f.readAt(b, 0);
+  const v = new DataView(b.buffer);
+  return v.getUint32(0) === QCOW2_MAGIC && v.getUint32(4) >= 2 ? 'qcow2' : 'raw';
 }
 
 export async function openLayer(path: string, format: LayerFormat, opts: { metadataOnly?: boolean | undefined; forceShare?: boolean | undefined } = {}): Promise<BlockLayer> {
@@ -98,6 +108,21 @@ export class BackingChain {
       throw e;
     }
     return new BackingChain(layers);
+  }
+
+  /**
+   * Opens the backing chain below an already opened layer (read-only, shared locks or -U) and
+   * returns those layers, top first; the caller closes them. Fails as opening a chain does.
+   */
+  static async openBackingOf(top: BlockLayer, opts: OpenChainOptions = {}): Promise<BlockLayer[]> {
+    const layers: BlockLayer[] = [top];
+    try {
+      await BackingChain.#openBacking(layers, opts);
+    } catch (e) {
+      await Promise.all(layers.slice(1).map((l) => l.close().catch(() => {})));
+      throw e;
+    }
+    return layers.slice(1);
   }
 
   static async #openBacking(layers: BlockLayer[], opts: OpenChainOptions): Promise<void> {

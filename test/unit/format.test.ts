@@ -145,7 +145,7 @@ describe('snapshot table and bitmap directory', () => {
     new DataView(extra.buffer).setBigUint64(8, 1n << 30n);
     const e: SnapshotEntry = { l1TableOffset: 0x60000, l1Size: 2, id: '1', name: 'before upgrade', dateSec: 1700000000, dateNsec: 5, vmClockNsec: 1.5e9, vmStateSize: 0, diskSize: 1 << 30, icount: 0, extraData: extra };
     const buf = encodeSnapshotTable([e, { ...e, id: '2', name: 'after' }]);
-    const { entries, bytes } = decodeSnapshotTable(buf, 2, 65536, 3, 'f');
+    const { entries, bytes } = decodeSnapshotTable(buf, 2, 'f');
     expect(bytes).toBe(buf.length);
     expect(entries[1]!.name).toBe('after');
     expect(entries[0]!.diskSize).toBe(1 << 30);

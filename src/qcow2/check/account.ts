@@ -19,6 +19,8 @@ import { CheckAborted, FIX_ERRORS, hex, type CheckCounters, type FixMode } from 
 
 const TWO32 = 2 ** 32;
 const MAX_EXACT = 2 ** 53;
+/** QEMU's QCOW_MAX_L1_SIZE (32 MiB) in entries. */
+const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
 
 /** Per-pass scratch in wasm memory (allocated before streaming starts: no allocation mid-stream). */
 interface Scratch {
@@ -30,6 +32,16 @@ export async function calculateRefcounts(ctx: CheckContext, res: CheckCounters, 
   const k = kernels();
   const scratch: Scratch = { stats: k.alloc(64) };
   try {
+    // QEMU's qcow2_check_read_snapshot_table: v3 entries need the 16 bytes of extra data that
+    // hold the large VM state size and the disk size (qcowkit reports, it does not rewrite them).
+    if (ctx.img.header.version >= 3)
+      ctx.img.snapshots.forEach((sn, i) => {
+        if (sn.extraData.length < 16) {
+          ctx.report(`ERROR snapshot table entry ${i} is incomplete`);
+          res.corruptions++;
+        }
+      });
+
     // header
     imrt.addRange(0, ctx.cs, ctx.fileSize, res, ctx.report);
 
@@ -45,6 +57,11 @@ export async function calculateRefcounts(ctx: CheckContext, res: CheckCounters, 
     for (const sn of ctx.img.snapshots) {
       if (sn.l1TableOffset % ctx.cs) {
         ctx.report(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${hex(sn.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+        res.corruptions++;
+        continue;
+      }
+      if (sn.l1Size > MAX_L1_ENTRIES) {
+        ctx.report(`ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${hex(sn.l1Size)}: L1 table is too large; snapshot table entry corrupted`);
         res.corruptions++;
         continue;
       }
