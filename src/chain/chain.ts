@@ -70,15 +70,18 @@ export async function probeFormat(path: string): Promise<LayerFormat> {
 }
 
 /**
- * QEMU's qcow2 probe: the magic, a version of at least 2 and a whole v3-sized header (112
- * bytes). Anything else is raw (so a file with the magic but version 1 opens as raw, as in QEMU).
+ * QEMU's probe: the qcow2 magic with a version of at least 2 is qcow2, with version 1 the old
+ * qcow format (refused); anything else is raw (a version 0 header opens as raw, as in QEMU).
  */
 export async function probeFile(f: ImageFile): Promise<LayerFormat> {
-  if ((await f.size()) < 112) return 'raw';
   const b = new Uint8Array(8);
-  await f.readAt(b, 0);
+  await f.readAt(b, 0); // zero-padded past the end of the file
   const v = new DataView(b.buffer);
-  return v.getUint32(0) === QCOW2_MAGIC && v.getUint32(4) >= 2 ? 'qcow2' : 'raw';
+  if (v.getUint32(0) !== QCOW2_MAGIC) return 'raw';
+  const version = v.getUint32(4);
+  // Version 1 is QEMU's older "qcow" format, which qemu-img opens with another driver.
+  if (version === 1) throw new QcowError('UNSUPPORTED', 'qcow (version 1) images are not supported', f.path);
+  return version >= 2 ? 'qcow2' : 'raw';
 }
 
 export async function openLayer(path: string, format: LayerFormat, opts: { metadataOnly?: boolean | undefined; forceShare?: boolean | undefined } = {}): Promise<BlockLayer> {

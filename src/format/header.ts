@@ -106,7 +106,9 @@ export interface DecodeHeaderOptions {
 }
 
 export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, opts: DecodeHeaderOptions = {}): Qcow2Header {
-  if (buf.length < V2_HEADER_LENGTH || fileSize < V2_HEADER_LENGTH) {
+  // `buf` is zero-padded past the end of the file (QEMU reads zeros there), so only a short
+  // buffer is a truncated header.
+  if (buf.length < V2_HEADER_LENGTH) {
     if (buf.length >= 4 && dataView(buf).getUint32(0) === QCOW2_MAGIC)
       throw corrupt(file, `truncated qcow2 header (file is ${fileSize} bytes)`);
     throw new QcowError('NOT_QCOW2', 'Image is not in qcow2 format', file);
@@ -151,7 +153,7 @@ export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, op
   };
 
   if (version === 3) {
-    if (buf.length < V3_MIN_HEADER_LENGTH || fileSize < V3_MIN_HEADER_LENGTH) throw corrupt(file, 'truncated qcow2 v3 header');
+    if (buf.length < V3_MIN_HEADER_LENGTH) throw corrupt(file, 'truncated qcow2 v3 header');
     h.incompatibleFeatures = v.getBigUint64(72);
     h.compatibleFeatures = v.getBigUint64(80);
     h.autoclearFeatures = v.getBigUint64(88);
@@ -221,6 +223,7 @@ export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, op
  */
 export function assertIoConsistent(h: Qcow2Header, file: string): void {
   if (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW && !hasDataFile(h)) throw corrupt(file, 'data-file-raw requires a data file');
+  if (hasDataFile(h) && h.dataFile === undefined) throw corrupt(file, "'data-file' is required for this image (external data file feature set without a data file name)");
 }
 
 function checkTable(file: string, name: string, v: DataView, at: number, bytes: number, cs: number, fileSize: number, max: number, tooLarge: string): void {

@@ -4,6 +4,8 @@ import { dataView, decodeUtf8, setU64, u64 } from './bytes.js';
 
 export interface SnapshotEntry {
   l1TableOffset: number;
+  /** The field exactly, when it does not fit a double (>= 2^53; only a corrupt table has that). */
+  l1TableOffsetExact?: bigint | undefined;
   l1Size: number;
   id: string;
   name: string;
@@ -50,6 +52,8 @@ export function decodeSnapshotTable(buf: Uint8Array, count: number, file: string
     };
     // As QEMU 7.2, opening accepts entries with an unaligned or oversized L1 table and v3 entries
     // without the disk size (then the current disk size): `check` reports them as corruptions.
+    const exact = v.getBigUint64(off);
+    if (exact >= 2n ** 53n) e.l1TableOffsetExact = exact;
     entries.push(e);
     off = Math.ceil(end / 8) * 8;
     if (off > MAX_SNAPSHOT_TABLE_BYTES) throw bad('Snapshot table is too big');

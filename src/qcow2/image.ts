@@ -171,7 +171,12 @@ export class Qcow2Image implements BlockLayer {
     const end = Math.min(start + length, this.virtualSize);
     const out: LayerExtent[] = [];
     if (start >= end) return out;
-    await this.#l2.scan(this, start, end, (e) => pushExtent(out, e));
+    const v2 = this.header.version === 2;
+    await this.#l2.scan(this, start, end, (e) => {
+      // v2 has no zero flag: QEMU fails the read and marks the image corrupt.
+      if (v2 && e.allocated && e.zero) throw new QcowError('CORRUPT', `Zero cluster entry found in pre-v3 image (guest offset ${e.start})`, this.path);
+      pushExtent(out, e);
+    });
     const plainData = (e: LayerExtent) => e.data && !e.compressed && e.offset !== undefined;
     // The preallocation heuristic reads refcounts: only worth it when there is data to refine.
     if (!opts.probeHost || !out.some(plainData) || !(await this.metadataPreallocated())) return out;

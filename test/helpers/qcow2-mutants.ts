@@ -10,8 +10,11 @@ import { prng } from './prng.js';
 export interface Mutant {
   /** Stable, unique within a seed image, e.g. "header.l1_table_offset=unaligned". */
   name: string;
-  /** Returns the mutated image (may be shorter or longer than the input). */
-  apply(b: Buffer): Buffer;
+  /**
+   * Returns the mutated image (may be shorter than the input). `self` is the base name the
+   * mutant is written under (for a backing file name pointing at the image itself).
+   */
+  apply(b: Buffer, self: string): Buffer;
 }
 
 interface Field {
@@ -234,8 +237,6 @@ export interface BackingTargets {
   directory: string;
   notImage: string;
   truncated: string;
-  /** The mutant file itself (a loop). */
-  self: string;
   /** A qcow2 image whose own backing file is missing. */
   brokenChain: string;
 }
@@ -332,7 +333,10 @@ export function mutants(seed: Buffer, seedNumber: number, targets: BackingTarget
   if (l.backing) {
     const bk = l.backing;
     for (const [vn, name] of Object.entries(targets)) out.push({ name: `backing.name=${vn}`, apply: (b) => setBackingName(b, l, name) });
-    out.push({ name: 'backing.name=protocol', apply: (b) => setBackingName(b, l, 'nbd:x') });
+    out.push({ name: 'backing.name=self', apply: (b, self) => setBackingName(b, l, self) });
+    out.push({ name: 'backing.name=protocol-nbd', apply: (b) => setBackingName(b, l, 'nbd:x') });
+    // QEMU opens this one (relative to the working directory, which the tests set to the image's).
+    out.push({ name: 'backing.name=protocol-json', apply: (b) => setBackingName(b, l, `json:{"driver":"file","filename":"${bk.name}"}`) });
     out.push({ name: 'backing.name=empty', apply: (b) => (b.writeUInt32BE(0, 16), b) });
     for (let n = 1; n < bk.name.length; n += 3) out.push({ name: `backing.name=truncated-to-${n}`, apply: (b) => (b.writeUInt32BE(n, 16), b) });
   }

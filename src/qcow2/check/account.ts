@@ -55,8 +55,9 @@ export async function calculateRefcounts(ctx: CheckContext, res: CheckCounters, 
       res.corruptions++;
     }
     for (const sn of ctx.img.snapshots) {
-      if (sn.l1TableOffset % ctx.cs) {
-        ctx.report(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${hex(sn.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+      const l1Offset = sn.l1TableOffsetExact ?? BigInt(sn.l1TableOffset);
+      if (l1Offset % BigInt(ctx.cs)) {
+        ctx.report(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${hex(l1Offset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
         res.corruptions++;
         continue;
       }
@@ -101,7 +102,9 @@ async function checkL1(
   if (!raw) {
     raw = new Uint8Array(l1Size * 8);
     try {
-      await ctx.file.readAt(raw, l1Offset);
+      // QEMU reads zeros past the end of the file and fails on offsets of 2^63 and more.
+      if (l1Offset >= 2 ** 63) throw new QcowError('IO', `read error at offset ${l1Offset}`, ctx.img.path);
+      if (l1Offset < ctx.fileSize) await ctx.file.readAt(raw.subarray(0, Math.min(raw.length, ctx.fileSize - l1Offset)), l1Offset);
     } catch (e) {
       ctx.report('ERROR: I/O error in check_refcounts_l1');
       res.checkErrors++;
