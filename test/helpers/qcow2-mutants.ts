@@ -336,7 +336,7 @@ export function mutants(seed: Buffer, seedNumber: number, targets: BackingTarget
     out.push({ name: 'backing.name=self', apply: (b, self) => setBackingName(b, l, self) });
     out.push({ name: 'backing.name=protocol-nbd', apply: (b) => setBackingName(b, l, 'nbd:x') });
     // QEMU opens this one (relative to the working directory, which the tests set to the image's).
-    out.push({ name: 'backing.name=protocol-json', apply: (b) => setBackingName(b, l, `json:{"driver":"file","filename":"${bk.name}"}`) });
+    out.push({ name: 'backing.name=protocol-json', apply: (b) => setBackingName(b, l, `json:{"file":{"driver":"file","filename":"${bk.name}"}}`) });
     out.push({ name: 'backing.name=empty', apply: (b) => (b.writeUInt32BE(0, 16), b) });
     for (let n = 1; n < bk.name.length; n += 3) out.push({ name: `backing.name=truncated-to-${n}`, apply: (b) => (b.writeUInt32BE(n, 16), b) });
   }
