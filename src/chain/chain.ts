@@ -7,7 +7,7 @@
 import { realpath } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
 import { QcowError, throwIfAborted } from '../errors.js';
-import { openImageFile, inParallel, type FileOpener } from '../io/file.js';
+import { openImageFile, inParallel, type FileOpener, type ImageFile } from '../io/file.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { RawLayer } from './raw.js';
 import type { BlockLayer, LayerExtent, LayerFormat } from './layer.js';
@@ -82,12 +82,25 @@ export function resolveBackingPath(imagePath: string, name: string): string {
 export async function probeFormat(path: string): Promise<LayerFormat> {
   const f = await openImageFile(path, { lock: 'none' });
   try {
-    const b = new Uint8Array(4);
-    await f.readAt(b, 0);
-    return new DataView(b.buffer).getUint32(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
+    return await probeFile(f);
   } finally {
     await f.close();
   }
+}
+
+/**
+ * QEMU's probe: the qcow2 magic with a version of at least 2 is qcow2, with version 1 the old
+ * qcow format (refused); anything else is raw (a version 0 header opens as raw, as in QEMU).
+ */
+export async function probeFile(f: ImageFile): Promise<LayerFormat> {
+  const b = new Uint8Array(8);
+  await f.readAt(b, 0); // zero-padded past the end of the file
+  const v = new DataView(b.buffer);
+  if (v.getUint32(0) !== QCOW2_MAGIC) return 'raw';
+  const version = v.getUint32(4);
+  // Version 1 is QEMU's older "qcow" format, which qemu-img opens with another driver.
+  if (version === 1) throw new QcowError('UNSUPPORTED', 'qcow (version 1) images are not supported', f.path);
+  return version >= 2 ? 'qcow2' : 'raw';
 }
 
 export async function openLayer(
@@ -141,6 +154,21 @@ export class BackingChain {
         layer.backingReader = depth + 1 < this.layers.length ? (o, dst) => this.read(o, dst, depth + 1) : async (_o, dst) => void dst.fill(0);
       }
     });
+  }
+
+  /**
+   * Opens the backing chain below an already opened layer (read-only, shared locks or -U) and
+   * returns those layers, top first; the caller closes them. Fails as opening a chain does.
+   */
+  static async openBackingOf(top: BlockLayer, opts: OpenChainOptions = {}): Promise<BlockLayer[]> {
+    const layers: BlockLayer[] = [top];
+    try {
+      await BackingChain.#openBacking(layers, opts);
+    } catch (e) {
+      await Promise.all(layers.slice(1).map((l) => l.close().catch(() => {})));
+      throw e;
+    }
+    return layers.slice(1);
   }
 
   static async #openBacking(layers: BlockLayer[], opts: OpenChainOptions): Promise<void> {

@@ -5,11 +5,11 @@
 import { QcowError } from '../errors.js';
 import { openImageFile, type ImageFile } from '../io/file.js';
 import { dataView } from '../format/bytes.js';
-import { decodeHeader, hasDataFile, isExtendedL2, type Qcow2Header } from '../format/header.js';
+import { assertIoConsistent, decodeHeader, hasDataFile, isExtendedL2, type Qcow2Header } from '../format/header.js';
 import { decodeL1Table, type DecodedTable } from '../format/tables.js';
 import type { SnapshotEntry } from '../format/snapshot.js';
 import { readSnapshotTable, SnapshotTableError } from './snapshot-table.js';
-import { decodeBitmapDirectory, type BitmapDirectoryEntry } from '../format/bitmap.js';
+import { BME_FLAG_IN_USE, decodeBitmapDirectory, validateBitmapTable, type BitmapDirectoryEntry } from '../format/bitmap.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS } from '../format/constants.js';
 import { pushExtent, type BlockLayer, type LayerExtent } from '../chain/layer.js';
 import { L2Tables } from './l2.js';
@@ -59,6 +59,7 @@ export class Qcow2Image implements BlockLayer {
     readonly header: Qcow2Header,
     fileSize: number,
     public l1: DecodedTable,
+    readonly l1Raw: Uint8Array,
     snapshots: SnapshotEntry[],
     snapshotTableBytes: number,
     readonly bitmaps: BitmapDirectoryEntry[],
@@ -173,18 +174,20 @@ export class Qcow2Image implements BlockLayer {
 
   static async #load(path: string, file: ImageFile, opts: OpenQcow2Options): Promise<Qcow2Image> {
     const fileSize = await file.size();
-    // One read covers cluster 0 of the common cluster sizes; larger ones take a second.
-    let head = new Uint8Array(Math.min(fileSize, 65536));
+    // One read covers cluster 0 of the common cluster sizes; larger ones take a second. Bytes
+    // past the end of the file read as zeros, as in QEMU (cluster 0 is always whole).
+    let head = new Uint8Array(Math.max(65536, Math.min(fileSize, 65536)));
     await file.readAt(head, 0);
-    if (head.length >= 24) {
+    if (fileSize >= 24) {
       const bits = dataView(head).getUint32(20);
-      if (bits > 16 && bits <= 21 && fileSize > head.length) {
-        head = new Uint8Array(Math.min(fileSize, 2 ** bits));
+      if (bits > 16 && bits <= 21) {
+        head = new Uint8Array(2 ** bits);
         await file.readAt(head, 0);
       }
     }
-    const header = decodeHeader(head, fileSize, path, { check: opts.check === true });
+    const header = decodeHeader(head, fileSize, path, { checkMode: opts.check === true });
     if (!opts.metadataOnly) assertReadable(header, path);
+    if (!opts.metadataOnly || opts.forRepair) assertIoConsistent(header, path);
     if (opts.writable && !opts.forRepair && header.incompatibleFeatures & INCOMPAT_CORRUPT)
       throw new QcowError('CORRUPT', 'Image is corrupt; cannot be opened read/write (run check -r all first)', path);
     const cs = 2 ** header.clusterBits;
@@ -196,11 +199,19 @@ export class Qcow2Image implements BlockLayer {
     const { entries: snapshots, bytes: snapshotTableBytes } = opts.check ? { entries: [], bytes: 0 } : await readSnapshots(file, header, path);
     let bitmaps: BitmapDirectoryEntry[] = [];
     if (header.bitmaps) {
-      const dir = new Uint8Array(header.bitmaps.directorySize);
-      await file.readAt(dir, header.bitmaps.directoryOffset);
-      bitmaps = decodeBitmapDirectory(dir, header.bitmaps, cs, header.size, path);
+      // As QEMU: bytes past the end of the file read as zeros; every bitmap that is not in use
+      // is loaded, so a bad bitmap table refuses the whole image.
+      const dir = await readZeroPadded(file, header.bitmaps.directoryOffset, header.bitmaps.directorySize, fileSize);
+      const virtualSize = Math.floor(header.size / 512) * 512;
+      bitmaps = decodeBitmapDirectory(dir, header.bitmaps, cs, virtualSize, path);
+      for (const b of bitmaps) {
+        if (b.flags & BME_FLAG_IN_USE) continue;
+        if (b.tableOffset + b.tableSize * 8 >= 2 ** 63)
+          throw new QcowError('CORRUPT', `Could not read bitmap_table table from image for bitmap '${b.name}': offset out of range`, path);
+        validateBitmapTable(await readZeroPadded(file, b.tableOffset, b.tableSize * 8, fileSize), b, cs, path);
+      }
     }
-    return new Qcow2Image(path, file, header, fileSize, l1, snapshots, snapshotTableBytes, bitmaps);
+    return new Qcow2Image(path, file, header, fileSize, l1, l1Bytes, snapshots, snapshotTableBytes, bitmaps);
   }
 
   /** QEMU counts whole 512-byte sectors of the header's size. */
@@ -235,8 +246,11 @@ export class Qcow2Image implements BlockLayer {
   l2Offset(l1Index: number): number {
     if (l1Index >= this.l1.offsets.length) return 0;
     const off = this.l1.offsets[l1Index]!;
-    if (off === 0 && this.l1.invalid.includes(l1Index))
-      throw new QcowError('CORRUPT', `L1 entry ${l1Index} is invalid (reserved bits set or unaligned offset)`, this.path);
+    if (off === 0 && this.l1.invalid.includes(l1Index)) {
+      const raw = new DataView(this.l1Raw.buffer, this.l1Raw.byteOffset).getBigUint64(l1Index * 8) & 0x00fffffffffffe00n;
+      if (raw >= 2n ** 53n) throw new QcowError('CORRUPT', `L2 table at offset ${raw} (L1 index ${l1Index}) lies past the end of the file`, this.path);
+      throw new QcowError('CORRUPT', `L2 table offset 0x${raw.toString(16)} unaligned (L1 index ${l1Index})`, this.path);
+    }
     if (off !== 0 && off + this.clusterSize > this.fileSize)
       throw new QcowError('CORRUPT', `L2 table at offset ${off} (L1 index ${l1Index}) lies past the end of the file`, this.path);
     return off;
@@ -261,7 +275,12 @@ export class Qcow2Image implements BlockLayer {
     const end = Math.min(start + length, this.virtualSize);
     const out: LayerExtent[] = [];
     if (start >= end) return out;
-    await this.#l2.scan(this, start, end, (e) => pushExtent(out, e));
+    const v2 = this.header.version === 2;
+    await this.#l2.scan(this, start, end, (e) => {
+      // v2 has no zero flag: QEMU fails the read and marks the image corrupt.
+      if (v2 && e.allocated && e.zero) throw new QcowError('CORRUPT', `Zero cluster entry found in pre-v3 image (guest offset ${e.start})`, this.path);
+      pushExtent(out, e);
+    });
     const plainData = (e: LayerExtent) => e.data && !e.compressed && e.offset !== undefined;
     // The preallocation heuristic reads refcounts: only worth it when there is data to refine.
     if (!opts.probeHost || !out.some(plainData) || !(await this.metadataPreallocated())) return out;
@@ -359,6 +378,13 @@ export function zstdFrameLength(src: Uint8Array): number {
   }
   if (fhd & 4) pos += 4; // content checksum
   return Math.min(pos, src.length);
+}
+
+/** `length` bytes at `offset`; what lies past the end of the file reads as zeros (never read). */
+async function readZeroPadded(file: ImageFile, offset: number, length: number, fileSize: number): Promise<Uint8Array> {
+  const buf = new Uint8Array(length);
+  if (offset < fileSize) await file.readAt(buf.subarray(0, Math.min(length, fileSize - offset)), offset);
+  return buf;
 }
 
 function assertReadable(h: Qcow2Header, path: string): void {
