@@ -42,6 +42,21 @@ export interface MapEntry {
   filename: string;
 }
 
+/** Flags of a map record (MapSink): the entry's present / zero / data. */
+export const MAP_PRESENT = 1;
+export const MAP_ZERO = 2;
+export const MAP_DATA = 4;
+
+/** Receives map entries as plain numbers: offset < 0 means none; flags are MAP_* bits. */
+export type MapSink = (start: number, length: number, depth: number, flags: number, offset: number) => void;
+
+export interface MapWalkOptions {
+  signal?: AbortSignal | undefined;
+  onProgress?: ((done: number, total: number) => void) | undefined;
+}
+
+const flagsOf = (e: MapEntry): number => (e.present ? MAP_PRESENT : 0) | (e.zero ? MAP_ZERO : 0) | (e.data ? MAP_DATA : 0);
+
 /** `proto:...` names (json:, nbd:, file:, http: ...) would make qcowkit reach beyond files. */
 export function hasProtocolPrefix(name: string): boolean {
   const colon = name.indexOf(':');
@@ -166,50 +181,55 @@ export class BackingChain {
    * Block status of [start, start+length) by depth, streamed to `emit` in order and merged the
    * way qemu-img map merges (same attributes, contiguous offsets in the same file).
    */
-  async map(start: number, length: number, emit: (e: MapEntry) => void, opts: { signal?: AbortSignal | undefined; onProgress?: ((done: number, total: number) => void) | undefined } = {}): Promise<void> {
-    const end = Math.min(start + length, this.virtualSize);
-    const WINDOW = 4 * 1024 ** 3;
+  async map(start: number, length: number, emit: (e: MapEntry) => void, opts: MapWalkOptions = {}): Promise<void> {
     let pending: MapEntry | undefined;
-    const push = (e: MapEntry) => {
-      if (
-        pending &&
-        pending.depth === e.depth &&
-        pending.present === e.present &&
-        pending.zero === e.zero &&
-        pending.data === e.data &&
-        pending.filename === e.filename &&
-        (pending.offset === undefined ? e.offset === undefined : e.offset === pending.offset + pending.length)
-      ) {
-        pending.length += e.length;
-        return;
-      }
-      if (pending) emit(pending);
-      pending = { ...e };
-    };
-    for (let pos = start; pos < end; pos += WINDOW) {
-      throwIfAborted(opts.signal, this.top.path);
-      await this.#status(pos, Math.min(WINDOW, end - pos), 0, push);
-      opts.onProgress?.(Math.min(pos + WINDOW, end) - start, end - start);
-    }
+    await this.mapRecords(
+      start,
+      length,
+      (s, len, depth, flags, offset) => {
+        const p = pending;
+        if (p && p.depth === depth && flagsOf(p) === flags && (p.offset === undefined ? offset < 0 : offset === p.offset + p.length)) {
+          p.length += len;
+          return;
+        }
+        if (p) emit(p);
+        const e: MapEntry = { start: s, length: len, depth, present: (flags & MAP_PRESENT) !== 0, zero: (flags & MAP_ZERO) !== 0, data: (flags & MAP_DATA) !== 0, offset: offset < 0 ? undefined : offset, filename: this.layers[depth]!.path };
+        pending = e;
+      },
+      opts,
+    );
     if (pending) emit(pending);
   }
 
-  async #status(start: number, length: number, depth: number, push: (e: MapEntry) => void): Promise<void> {
+  /**
+   * The entries of `map`, unmerged and without objects: `sink(start, length, depth, flags,
+   * offset)` with MAP_* flags and offset < 0 for none (the depth names the file). Streams in
+   * guest order through bounded windows, so memory stays flat at any image size.
+   */
+  async mapRecords(start: number, length: number, sink: MapSink, opts: MapWalkOptions = {}): Promise<void> {
+    const end = Math.min(start + length, this.virtualSize);
+    const WINDOW = 4 * 1024 ** 3;
+    for (let pos = start; pos < end; pos += WINDOW) {
+      throwIfAborted(opts.signal, this.top.path);
+      await this.#status(pos, Math.min(WINDOW, end - pos), 0, sink);
+      opts.onProgress?.(Math.min(pos + WINDOW, end) - start, end - start);
+    }
+  }
+
+  async #status(start: number, length: number, depth: number, sink: MapSink): Promise<void> {
     const layer = this.layers[depth]!;
     const backing = this.layers[depth + 1];
     for (const e of await layer.status(start, length, { probeHost: true })) {
-      const base = { depth, filename: layer.path, offset: e.offset };
       if (e.allocated) {
-        push({ ...base, start: e.start, length: e.length, present: true, zero: e.zero, data: e.data });
+        sink(e.start, e.length, depth, MAP_PRESENT | (e.zero ? MAP_ZERO : 0) | (e.data ? MAP_DATA : 0), e.offset ?? -1);
         continue;
       }
       const eEnd = e.start + e.length;
       const below = backing ? Math.max(e.start, Math.min(eEnd, backing.virtualSize)) : e.start;
-      if (below > e.start) await this.#status(e.start, below - e.start, depth + 1, push);
+      if (below > e.start) await this.#status(e.start, below - e.start, depth + 1, sink);
       if (eEnd > below) {
         // Nothing below: reads as zeros, reported at this depth (QEMU: past the backing file's end).
-        const cut = below - e.start;
-        push({ ...base, start: below, length: eEnd - below, present: false, zero: true, data: false, offset: e.offset === undefined ? undefined : e.offset + cut });
+        sink(below, eEnd - below, depth, MAP_ZERO, e.offset === undefined ? -1 : e.offset + (below - e.start));
       }
     }
   }

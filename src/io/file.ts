@@ -5,7 +5,7 @@
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import { fromSystemError, QcowError } from '../errors.js';
-import { dataExtentsNative } from './native.js';
+import { dataExtentsManyNative, dataExtentsNative } from './native.js';
 import { lockImage, type LockMode } from './lock.js';
 import { trim } from './fsx.js';
 
@@ -29,6 +29,11 @@ export interface ImageFile {
    * SEEK_HOLE); null when the platform can't tell (then everything counts as data).
    */
   dataExtents(start: number, end: number): Float64Array | null;
+  /**
+   * `dataExtents` of many ranges ([s0, e0, s1, e1, ...]) in one call: per range in order, a
+   * count c then c pairs. Optional (callers fall back to `dataExtents` per range).
+   */
+  dataExtentsMany?(ranges: Float64Array): Float64Array | null;
   close(): Promise<void>;
 }
 
@@ -128,6 +133,10 @@ class NodeImageFile implements ImageFile {
 
   dataExtents(start: number, end: number): Float64Array | null {
     return dataExtentsNative(this.handle.fd, start, end);
+  }
+
+  dataExtentsMany(ranges: Float64Array): Float64Array | null {
+    return dataExtentsManyNative(this.handle.fd, ranges);
   }
 
   async close(): Promise<void> {
