@@ -3,6 +3,10 @@
  * (start-up time is most of a short command's cost).
  */
 import { fail } from './fail.js';
+import { quickParse, type QuickSpec } from './quick.js';
+
+/** Commands with a commander-free module in run/ (their plain invocations load no commander). */
+const QUICK = new Set(['info', 'create']);
 
 const COMMANDS: Record<string, string> = {
   create: 'create a new image (qcow2 or raw), optionally over a backing file',
@@ -50,6 +54,15 @@ export async function main(argv: string[]): Promise<void> {
     return;
   }
   try {
+    if (QUICK.has(name)) {
+      const runSpecifier = './run/' + name + '.js'; // computed at run time, as below
+      const run = (await import(runSpecifier)) as { spec: QuickSpec; run: (args: string[], opts: Record<string, unknown>) => Promise<void> };
+      const parsed = quickParse(argv.slice(1), run.spec);
+      if (parsed) {
+        await run.run(parsed.args, parsed.opts);
+        return;
+      }
+    }
     // A computed specifier: resolved at run time next to this file (bundled or not).
     const specifier = './commands/' + name + '.js';
     const mod = (await import(specifier)) as { command: () => import('commander').Command };

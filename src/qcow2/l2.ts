@@ -180,6 +180,8 @@ export class L2Tables {
   }
 
   clear(): void {
+    // Nothing in wasm memory (info, a closed chain): don't instantiate the kernels just to free.
+    if (this.#cache.size === 0 && !this.#runs) return;
     const k = kernels();
     for (const p of this.#cache.values()) k.free(p);
     this.#cache.clear();

@@ -1,0 +1,190 @@
+/**
+ * `create`'s work, free of commander: the quick path of main.ts (a plain `create` invocation
+ * never loads commander) and the commander command both call `runCreate`.
+ */
+import { QcowError } from '../../errors.js';
+import { create, type CreateResult, type Preallocation, type Qcow2CreateOptions } from '../../ops/create.js';
+import type { LayerFormat } from '../../chain/layer.js';
+import { parseSize, warn } from '../common.js';
+import type { QuickSpec } from '../quick.js';
+
+type Kind = 'size' | 'num' | 'bool' | 'str';
+
+/** -o options per format: kind and help text (as qemu-img create -o help). */
+const OPTIONS: Record<LayerFormat, Record<string, [Kind, string]>> = {
+  qcow2: {
+    backing_file: ['str', 'File name of a base image'],
+    backing_fmt: ['str', 'Image format of the base image'],
+    cluster_size: ['size', 'qcow2 cluster size'],
+    compat: ['str', 'Compatibility level (v2 [0.10] or v3 [1.1])'],
+    compression_type: ['str', 'Compression method used for image cluster compression (zlib or zstd)'],
+    extended_l2: ['bool', 'Extended L2 tables'],
+    lazy_refcounts: ['bool', 'Postpone refcount updates'],
+    preallocation: ['str', 'Preallocation mode (allowed values: off, metadata, full)'],
+    refcount_bits: ['num', 'Width of a reference count entry in bits'],
+    size: ['size', 'Virtual disk size'],
+  },
+  raw: {
+    preallocation: ['str', 'Preallocation mode (allowed values: off, full)'],
+    size: ['size', 'Virtual disk size'],
+  },
+};
+
+/** QEMU options qcowkit knows but refuses, with the feature they belong to. */
+const REFUSED: Record<string, string> = {
+  data_file: 'external data files',
+  data_file_raw: 'external data files',
+  encryption: 'encryption',
+};
+
+/** Order and defaults of qemu-img's "Formatting ..." line. */
+const LINE_ORDER = ['cluster_size', 'extended_l2', 'preallocation', 'compression_type', 'size', 'compat', 'backing_file', 'backing_fmt', 'lazy_refcounts', 'refcount_bits'];
+const LINE_DEFAULTS: Record<string, string> = { cluster_size: '65536', extended_l2: 'off', compression_type: 'zlib', lazy_refcounts: 'off', refcount_bits: '16' };
+
+const BOOLS: Record<string, boolean> = { on: true, yes: true, true: true, off: false, no: false, false: false };
+
+export interface Flags {
+  format: LayerFormat;
+  backing?: string;
+  backingFormat?: string;
+  unsafe?: boolean;
+  options?: string[];
+  quiet?: boolean;
+}
+
+/** The options of commands/create.ts, for main.ts's quick parser (kept in step with it). */
+export const spec: QuickSpec = {
+  options: [
+    { short: 'f', long: 'format', value: true, choices: ['qcow2', 'raw'], default: 'raw' },
+    { short: 'b', long: 'backing', value: true },
+    { short: 'F', long: 'backing-format', value: true },
+    { short: 'u', long: 'unsafe' },
+    { short: 'o', long: 'options', value: true, multiple: true },
+    { short: 'q', long: 'quiet' },
+  ],
+  minArgs: 0,
+  maxArgs: 2,
+};
+
+export async function run(args: string[], flags: Record<string, unknown>): Promise<void> {
+  await runCreate(args[0], args[1], flags as unknown as Flags);
+}
+
+export async function runCreate(filename: string | undefined, sizeText: string | undefined, f: Flags): Promise<void> {
+  const opts = parseOptionList((f.options ?? []).join(','), f.format, filename);
+  if (opts === 'help') {
+    process.stdout.write(helpText(f.format));
+    return;
+  }
+  if (filename === undefined) throw new QcowError('INVALID_ARGUMENT', 'Expecting image file name');
+  if (sizeText !== undefined && opts.has('size')) throw new QcowError('INVALID_ARGUMENT', 'The image size must be specified only once', filename);
+  if (sizeText !== undefined) opts.set('size', String(parseSize(sizeText, 'image size')));
+  // -b / -F win over their -o aliases.
+  if (f.backing !== undefined) opts.set('backing_file', f.backing);
+  if (f.backingFormat !== undefined) opts.set('backing_fmt', f.backingFormat);
+  const backingFile = opts.get('backing_file');
+  const backingFmt = opts.get('backing_fmt');
+  if (backingFmt !== undefined && backingFile === undefined)
+    throw new QcowError('INVALID_ARGUMENT', 'Backing format cannot be used without backing file', filename);
+
+  const size = opts.get('size');
+  const result = await create(filename, {
+    format: f.format,
+    size: size === undefined ? undefined : Number(size),
+    backing: backingFile === undefined ? undefined : { file: backingFile, format: backingFmt as LayerFormat | undefined },
+    unsafe: f.unsafe === true,
+    options: f.format === 'qcow2' ? typedOptions(opts, filename) : { preallocation: preallocation(opts, filename) },
+    onWarning: warn,
+  });
+  if (!f.quiet) process.stdout.write(formattingLine(filename, result, opts));
+}
+
+/**
+ * Parses qemu's `key=value,key2,...` syntax (",," is a literal comma; a bare key means "on").
+ * Sizes are normalised to bytes; other values are kept as typed (they are echoed back).
+ */
+function parseOptionList(text: string, format: LayerFormat, filename: string | undefined): Map<string, string> | 'help' {
+  const out = new Map<string, string>();
+  if (text === '') return out;
+  const items = splitOptions(text);
+  if (items.some((i) => i === 'help' || i === '?')) return 'help';
+  for (const item of items) {
+    if (item === '') continue;
+    const eq = item.indexOf('=');
+    const key = eq < 0 ? item : item.slice(0, eq);
+    const refused = REFUSED[key] ?? (key.startsWith('encrypt.') ? 'encryption' : undefined);
+    if (refused && format === 'qcow2') throw new QcowError('UNSUPPORTED', `qcowkit does not support '${key}' (${refused})`, filename);
+    const spec = OPTIONS[format][key];
+    if (!spec) throw new QcowError('INVALID_ARGUMENT', `Invalid parameter '${key}'`, filename);
+    let value = eq < 0 ? (spec[0] === 'bool' ? 'on' : '') : item.slice(eq + 1);
+    const bad = (what: string) => new QcowError('INVALID_ARGUMENT', `Parameter '${key}' expects ${what}`, filename);
+    if (spec[0] === 'size') {
+      try {
+        value = String(parseSize(value, key));
+      } catch {
+        throw bad('a size (bytes or a k, M, G, T suffix)');
+      }
+    } else if (spec[0] === 'num' && !/^\d+$/.test(value)) throw bad('a number');
+    else if (spec[0] === 'bool' && !(value in BOOLS)) throw bad("'on' or 'off'");
+    out.set(key, value);
+  }
+  return out;
+}
+
+/** Splits at single commas; ",," stands for a comma inside a value. */
+function splitOptions(text: string): string[] {
+  const items = [''];
+  for (let i = 0; i < text.length; i++) {
+    if (text[i] !== ',') items[items.length - 1] += text[i];
+    else if (text[i + 1] === ',') items[items.length - 1] += text[i++];
+    else items.push('');
+  }
+  return items;
+}
+
+function typedOptions(opts: Map<string, string>, filename: string): Qcow2CreateOptions {
+  const enumValue = <T extends string>(key: string, map: Record<string, T>): T | undefined => {
+    const v = opts.get(key);
+    if (v === undefined) return undefined;
+    if (!Object.hasOwn(map, v)) throw new QcowError('INVALID_ARGUMENT', `Parameter '${key}' does not accept value '${v}'`, filename);
+    return map[v];
+  };
+  const num = (key: string) => (opts.has(key) ? Number(opts.get(key)) : undefined);
+  const bool = (key: string) => (opts.has(key) ? BOOLS[opts.get(key)!] : undefined);
+  return {
+    clusterSize: num('cluster_size'),
+    compat: enumValue('compat', { '0.10': '0.10', v2: '0.10', '1.1': '1.1', v3: '1.1' } as const),
+    lazyRefcounts: bool('lazy_refcounts'),
+    refcountBits: num('refcount_bits'),
+    extendedL2: bool('extended_l2'),
+    compressionType: enumValue('compression_type', { zlib: 'zlib', zstd: 'zstd' } as const),
+    preallocation: preallocation(opts, filename),
+  };
+}
+
+function preallocation(opts: Map<string, string>, filename: string): Preallocation | undefined {
+  const v = opts.get('preallocation');
+  if (v !== undefined && !['off', 'metadata', 'falloc', 'full'].includes(v))
+    throw new QcowError('INVALID_ARGUMENT', `Parameter 'preallocation' does not accept value '${v}'`, filename);
+  return v as Preallocation | undefined;
+}
+
+/** `Formatting 'FILE', fmt=qcow2 cluster_size=65536 ...` with the values as given (qemu-img). */
+function formattingLine(filename: string, r: CreateResult, opts: Map<string, string>): string {
+  const values = new Map(opts);
+  if (!values.has('size')) values.set('size', String(r.size));
+  const keys = r.format === 'raw' ? ['size', 'preallocation'] : LINE_ORDER;
+  const parts = keys.flatMap((k) => {
+    const v = values.get(k) ?? (r.format === 'qcow2' ? LINE_DEFAULTS[k] : undefined);
+    return v === undefined ? [] : [`${k}=${v}`];
+  });
+  return `Formatting '${filename}', fmt=${r.format} ${parts.join(' ')}\n`;
+}
+
+function helpText(format: LayerFormat): string {
+  const lines = Object.entries(OPTIONS[format]).map(([k, [kind, text]]) => {
+    const head = `  ${k}=<${kind === 'bool' ? 'bool (on/off)' : kind}>`;
+    return `${head.padEnd(24)} - ${text}`;
+  });
+  return `Supported ${format} options:\n${lines.join('\n')}\n`;
+}
