@@ -211,27 +211,52 @@ export class BackingChain {
     const WINDOW = 4 * 1024 ** 3;
     for (let pos = start; pos < end; pos += WINDOW) {
       throwIfAborted(opts.signal, this.top.path);
-      await this.#status(pos, Math.min(WINDOW, end - pos), 0, sink);
+      await this.#statusWindow(pos, Math.min(WINDOW, end - pos), sink);
       opts.onProgress?.(Math.min(pos + WINDOW, end) - start, end - start);
     }
   }
 
-  async #status(start: number, length: number, depth: number, sink: MapSink): Promise<void> {
-    const layer = this.layers[depth]!;
-    const backing = this.layers[depth + 1];
-    for (const e of await layer.status(start, length, { probeHost: true })) {
-      if (e.allocated) {
-        sink(e.start, e.length, depth, MAP_PRESENT | (e.zero ? MAP_ZERO : 0) | (e.data ? MAP_DATA : 0), e.offset ?? -1);
-        continue;
+  /**
+   * One window of `mapRecords`: each layer is asked for its extents over the whole window once,
+   * and only if some range falls through to it; the ranges each layer answers for are then
+   * picked from those lists with a forward-only cursor per layer. (Asking a backing layer about
+   * every gap of the layers above separately costs a status call per gap: ~90,000 of them for a
+   * 10-deep chain with scattered writes.) Entries come out in guest order, unmerged.
+   */
+  async #statusWindow(start: number, length: number, sink: MapSink): Promise<void> {
+    const extents: LayerExtent[][] = [];
+    const cursor: number[] = [];
+    const fill = async (depth: number, s: number, end: number): Promise<void> => {
+      const layer = this.layers[depth]!;
+      const backing = this.layers[depth + 1];
+      if (!extents[depth]) {
+        extents[depth] = await layer.status(start, length, { probeHost: true });
+        cursor[depth] = 0;
       }
-      const eEnd = e.start + e.length;
-      const below = backing ? Math.max(e.start, Math.min(eEnd, backing.virtualSize)) : e.start;
-      if (below > e.start) await this.#status(e.start, below - e.start, depth + 1, sink);
-      if (eEnd > below) {
+      const list = extents[depth]!;
+      let i = cursor[depth]!;
+      while (i < list.length && list[i]!.start + list[i]!.length <= s) i++;
+      for (; i < list.length && list[i]!.start < end; i++) {
+        const e = list[i]!;
+        const from = Math.max(s, e.start);
+        const to = Math.min(end, e.start + e.length);
+        const offset = e.offset === undefined ? -1 : e.offset + (from - e.start);
+        if (e.allocated) {
+          sink(from, to - from, depth, MAP_PRESENT | (e.zero ? MAP_ZERO : 0) | (e.data ? MAP_DATA : 0), offset);
+          continue;
+        }
+        const below = backing ? Math.max(from, Math.min(to, backing.virtualSize)) : from;
+        if (below > from) {
+          cursor[depth] = i;
+          await fill(depth + 1, from, below);
+        }
         // Nothing below: reads as zeros, reported at this depth (QEMU: past the backing file's end).
-        sink(below, eEnd - below, depth, MAP_ZERO, e.offset === undefined ? -1 : e.offset + (below - e.start));
+        if (to > below) sink(below, to - below, depth, MAP_ZERO, offset < 0 ? -1 : offset + (below - from));
       }
-    }
+      // The last extent may reach past `end`: the next range asked for may start inside it.
+      cursor[depth] = Math.max(0, i - 1);
+    };
+    await fill(0, start, start + length);
   }
 
   /**

@@ -122,6 +122,7 @@ describe('kernels loading', () => {
         'memory', 'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'refsAddRange', 'refcountCompare',
         'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits',
         'clearBits', 'extents', 'extentsNext', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
+        'mapJsonReset', 'mapJsonFeed', 'mapJsonFinish',
       ].sort(),
     );
   });
