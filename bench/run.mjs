@@ -55,6 +55,7 @@ const HELP = `Usage: node bench/run.mjs [--quick] [--runs N] [--only a,b] [--kee
   --keep      keep the temp dir with the images
   --strict    also exit 1 when a performance target FAILs
   --bin FILE  benchmark this qcowkit launcher instead of bin/qcowkit.js (e.g. another checkout)
+  --reuse DIR use (and add to) the images of an earlier --keep run in DIR (implies --keep)
   --list      list the workloads and exit`;
 
 function parseArgs(argv) {
@@ -72,6 +73,10 @@ function parseArgs(argv) {
     else if (a === '--strict') o.strict = true;
     else if (a === '--list') o.list = true;
     else if (a === '--bin' || a.startsWith('--bin=')) o.bin = resolve(val());
+    else if (a === '--reuse' || a.startsWith('--reuse=')) {
+      o.reuse = resolve(val());
+      o.keep = true;
+    }
     else if (a === '--help' || a === '-h') {
       console.log(HELP);
       process.exit(0);
@@ -331,6 +336,14 @@ function fixture(name) {
   const fx = FIXTURES[name];
   const F = {};
   for (const d of fx.deps ?? []) F[d] = fixture(d);
+  // --reuse: fixtures built by an earlier run with the same size options are listed here.
+  const index = join(tmpRoot, 'fixtures.json');
+  const known = existsSync(index) ? JSON.parse(readFileSync(index, 'utf8')) : {};
+  const key = `${name}${Q ? ' (quick)' : ''}`;
+  if (known[key]) {
+    log(`  reusing fixture ${name} (${fx.desc()})`);
+    return (built[name] = known[key]);
+  }
   log(`  building fixture ${name} (${fx.desc()}) ...`);
   const t0 = Date.now();
   try {
@@ -340,6 +353,7 @@ function fixture(name) {
     throw built[name];
   }
   log(`  ... ${name} built in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+  writeFileSync(index, JSON.stringify({ ...known, [key]: built[name] }, null, 2));
   return built[name];
 }
 
@@ -663,9 +677,9 @@ function main() {
     if (spawnSync(t, ['--version'], { stdio: 'ignore' }).status !== 0) die(`${t} not found`);
   }
 
-  tmpRoot = mkdtempSync(join(tmpdir(), 'qcowkit-bench-'));
+  tmpRoot = opts.reuse ?? mkdtempSync(join(tmpdir(), 'qcowkit-bench-'));
   ioDir = join(tmpRoot, 'io');
-  mkdirSync(ioDir);
+  mkdirSync(ioDir, { recursive: true });
   const removeTmp = () => {
     if (!opts.keep && tmpRoot) rmSync(tmpRoot, { recursive: true, force: true });
   };

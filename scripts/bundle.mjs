@@ -5,9 +5,9 @@
 // quick path. The library (dist/) stays unbundled.
 import { build } from 'esbuild';
 import { readdirSync, rmSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 
 const OUT = 'dist/cli-bundle';
-rmSync(OUT, { recursive: true, force: true }); // no stale chunks of earlier builds
 const entries = (dir) => readdirSync(dir).filter((f) => f.endsWith('.ts')).map((f) => `${dir}/${f}`);
 // main.ts, the commands (commander) and the quick-path modules of run/ (no commander).
 const commands = [...entries('src/cli/commands'), ...entries('src/cli/run')];
@@ -37,10 +37,17 @@ const common = {
   format: 'esm',
   platform: 'node',
   target: 'node20',
-  external: ['fs-native-extensions'],
+  // fzstd is loaded (dynamic import) only for zstd-compressed clusters: not parsed by every command.
+  external: ['fs-native-extensions', 'fzstd'],
   // commander is CommonJS and requires node builtins: give the ESM bundle a real `require`.
   banner: { js: "import { createRequire as __qcowkitRequire } from 'node:module'; const require = __qcowkitRequire(import.meta.url);" },
   logLevel: 'warning',
   plugins: [lazyChildProcess],
 };
-await build({ ...common, entryPoints: ['src/cli/main.ts', ...commands] });
+const result = await build({ ...common, entryPoints: ['src/cli/main.ts', ...commands], metafile: true });
+// Remove what earlier builds left (old shared chunks) once the new files are in place.
+const fresh = new Set(Object.keys(result.metafile.outputs).map((f) => resolve(f)));
+for (const e of readdirSync(OUT, { recursive: true, withFileTypes: true })) {
+  const f = resolve(join(e.parentPath ?? e.path, e.name));
+  if (e.isFile() && !fresh.has(f)) rmSync(f);
+}

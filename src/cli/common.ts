@@ -1,4 +1,5 @@
 /** CLI helpers free of commander (the quick path of main.ts loads no commander). */
+import { writeSync } from 'node:fs';
 import { QcowError } from '../errors.js';
 import { qemuJson } from './qemu-output.js';
 
@@ -32,3 +33,37 @@ export function printJson(value: unknown): void {
 }
 
 export const warn = (msg: string): void => void process.stderr.write(`qcowkit: warning: ${msg}\n`);
+
+let direct = false;
+
+/**
+ * Makes `out` write to fd 1 directly (main.ts's quick path): creating process.stdout loads the
+ * stream modules, ~2-3 ms of a short command.
+ */
+export function useDirectStdout(): void {
+  direct = true;
+}
+
+/** Writes to stdout (see useDirectStdout); a closed pipe ends the process quietly. */
+export function out(text: string): void {
+  if (!direct) {
+    process.stdout.write(text);
+    return;
+  }
+  const buf = Buffer.from(text);
+  let done = 0;
+  try {
+    while (done < buf.length) done += writeSync(1, buf, done);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'EPIPE') process.exit(process.exitCode ?? 0);
+    if (code !== 'EAGAIN') throw e;
+    // A non-blocking stdout: let the stream queue the rest (and everything after it, in order).
+    direct = false;
+    process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+      throw err;
+    });
+    process.stdout.write(buf.subarray(done));
+  }
+}

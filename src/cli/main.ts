@@ -31,13 +31,18 @@ Exit codes: 0 success; 1 error (a one-line 'qcowkit: FILE: message' on stderr);
 check: 2 corruptions, 3 leaks only; compare: 1 images differ, 2 error.
 `;
 
-export async function main(argv: string[]): Promise<void> {
-  // `qcowkit map big.qcow2 | head`: a closed pipe ends the output quietly, as for any tool.
+/** `qcowkit map big.qcow2 | head`: a closed pipe ends the output quietly, as for any tool. */
+function quietEpipe(): void {
   process.stdout.on('error', (e: NodeJS.ErrnoException) => {
     if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
     throw e;
   });
+}
+
+export async function main(argv: string[]): Promise<void> {
   const name = argv[0];
+  // The quick path writes to fd 1 itself; everything else goes through process.stdout.
+  if (!QUICK.has(name ?? '')) quietEpipe();
   if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
     process.stdout.write(HELP);
     if (name === undefined) process.exitCode = 1;
@@ -62,6 +67,7 @@ export async function main(argv: string[]): Promise<void> {
         await run.run(parsed.args, parsed.opts);
         return;
       }
+      quietEpipe();
     }
     // A computed specifier: resolved at run time next to this file (bundled or not).
     const specifier = './commands/' + name + '.js';

@@ -5,7 +5,7 @@
 import { QcowError } from '../../errors.js';
 import { create, type CreateResult, type Preallocation, type Qcow2CreateOptions } from '../../ops/create.js';
 import type { LayerFormat } from '../../chain/layer.js';
-import { parseSize, warn } from '../common.js';
+import { out, parseSize, useDirectStdout, warn } from '../common.js';
 import type { QuickSpec } from '../quick.js';
 
 type Kind = 'size' | 'num' | 'bool' | 'str';
@@ -66,14 +66,16 @@ export const spec: QuickSpec = {
   maxArgs: 2,
 };
 
+/** main.ts's quick path (not the commander command, whose output tests capture). */
 export async function run(args: string[], flags: Record<string, unknown>): Promise<void> {
+  useDirectStdout();
   await runCreate(args[0], args[1], flags as unknown as Flags);
 }
 
 export async function runCreate(filename: string | undefined, sizeText: string | undefined, f: Flags): Promise<void> {
   const opts = parseOptionList((f.options ?? []).join(','), f.format, filename);
   if (opts === 'help') {
-    process.stdout.write(helpText(f.format));
+    out(helpText(f.format));
     return;
   }
   if (filename === undefined) throw new QcowError('INVALID_ARGUMENT', 'Expecting image file name');
@@ -96,7 +98,7 @@ export async function runCreate(filename: string | undefined, sizeText: string |
     options: f.format === 'qcow2' ? typedOptions(opts, filename) : { preallocation: preallocation(opts, filename) },
     onWarning: warn,
   });
-  if (!f.quiet) process.stdout.write(formattingLine(filename, result, opts));
+  if (!f.quiet) out(formattingLine(filename, result, opts));
 }
 
 /**

@@ -4,7 +4,7 @@
  */
 import { info, type ImageInfo } from '../../ops/info.js';
 import { qdictKeys, qemuJson, sizeToStr } from '../qemu-output.js';
-import { warn } from '../common.js';
+import { out, useDirectStdout, warn } from '../common.js';
 import type { QuickSpec } from '../quick.js';
 
 export interface InfoFlags {
@@ -26,14 +26,16 @@ export const spec: QuickSpec = {
   maxArgs: 1,
 };
 
+/** main.ts's quick path (not the commander command, whose output tests capture). */
 export async function run(args: string[], flags: Record<string, unknown>): Promise<void> {
+  useDirectStdout();
   await runInfo(args[0]!, flags as unknown as InfoFlags);
 }
 
 export async function runInfo(filename: string, o: InfoFlags): Promise<void> {
   const infos = await info(filename, { format: o.format, backingChain: o.backingChain === true, forceShare: o.forceShare === true, onWarning: warn });
-  if (o.output === 'json') process.stdout.write(qemuJson(o.backingChain ? infos : infos[0]) + '\n');
-  else process.stdout.write(infos.map(humanInfo).join('\n'));
+  if (o.output === 'json') out(qemuJson(o.backingChain ? infos : infos[0]) + '\n');
+  else out(infos.map(humanInfo).join('\n'));
 }
 
 /** The human dump of a QAPI dict or list (block/qapi.c dump_qdict / dump_qlist): dashes in keys become spaces. */
