@@ -3,7 +3,7 @@
  * truncate, and host-file allocation probing. Nothing here knows about qcow2. Tests substitute
  * implementations (fault injection) through the same interface.
  */
-import { fstatSync, readSync } from 'node:fs';
+import { fstatSync, readSync, writeSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { fromSystemError, QcowError } from '../errors.js';
 import { dataExtentsManyNative, dataExtentsNative } from './native.js';
@@ -45,7 +45,7 @@ export interface OpenFileOptions {
 }
 
 /**
- * Reads up to this size are synchronous: a header, an L1 or L2 table, a refcount block come from
+ * Reads and writes up to this size are synchronous: a header, an L1 or L2 table, a refcount block come from
  * the page cache in microseconds, while a round trip through the thread pool costs ~50-100 us of
  * waiting (opening a 100-deep chain or mapping 512 L2 tables one after another is mostly that).
  * Larger reads stay asynchronous, several in flight.
@@ -107,10 +107,12 @@ class NodeImageFile implements ImageFile {
   async writeAt(buf: Uint8Array, offset: number): Promise<void> {
     if (!this.writable) throw new QcowError('IO', 'internal error: write to a file opened read-only', this.path);
     let done = 0;
+    const sync = buf.length <= SYNC_READ_MAX;
     try {
       while (done < buf.length) {
-        const { bytesWritten } = await this.handle.write(buf, done, buf.length - done, offset + done);
-        done += bytesWritten;
+        done += sync
+          ? writeSync(this.handle.fd, buf, done, buf.length - done, offset + done)
+          : (await this.handle.write(buf, done, buf.length - done, offset + done)).bytesWritten;
       }
     } catch (e) {
       throw fromSystemError(e, this.path, `write error at offset ${offset + done}`);
