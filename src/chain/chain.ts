@@ -12,6 +12,7 @@ import { Qcow2Image } from '../qcow2/image.js';
 import { RawLayer } from './raw.js';
 import type { BlockLayer, LayerExtent, LayerFormat } from './layer.js';
 import { QCOW2_MAGIC } from '../format/constants.js';
+import { reserveForLargeWork } from '../kernels/index.js';
 
 export const MAX_CHAIN_DEPTH = 1000;
 
@@ -166,6 +167,7 @@ export class BackingChain {
 
   /** Reads guest bytes [offset, offset + dst.length) as the top image's guest sees them. */
   async read(offset: number, dst: Uint8Array, depth = 0): Promise<void> {
+    if (depth === 0) reserveForLargeWork(); // several table reads in flight: no growth under them
     const layer = this.layers[depth]!;
     const inside = Math.max(0, Math.min(dst.length, layer.virtualSize - offset));
     if (inside < dst.length) dst.fill(0, inside);
