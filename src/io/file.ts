@@ -7,7 +7,7 @@ import { fstatSync, readSync, writeSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { fromSystemError, QcowError } from '../errors.js';
 import { dataExtentsManyNative, dataExtentsNative } from './native.js';
-import { lockImage, type LockMode } from './lock.js';
+import { forgetLockSnapshot, lockImage, type LockMode } from './lock.js';
 import { trim } from './fsx.js';
 
 export interface ImageFile {
@@ -157,6 +157,7 @@ class NodeImageFile implements ImageFile {
     if (this.#closed) return;
     this.#closed = true;
     await this.handle.close();
+    forgetLockSnapshot(); // our locks on this file are gone
   }
 }
 

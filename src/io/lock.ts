@@ -57,6 +57,14 @@ function procLocks(): Map<string, [number, number][]> {
   return holders;
 }
 
+/**
+ * Forgets the snapshot: called when this process releases locks (a file closed), which the
+ * snapshot would still list as taken (`check -r` right after a read-only open of the same image).
+ */
+export function forgetLockSnapshot(): void {
+  snapshot = undefined;
+}
+
 /** Byte offsets other processes hold locks on for this inode (from /proc/locks). */
 function lockedBytes(dev: number, ino: number): Set<number> {
   const major = ((dev >>> 8) & 0xfff) | (Math.floor(dev / 2 ** 32) & ~0xfff);
