@@ -15,7 +15,7 @@
 // of wrong answers is worthless): a MISMATCH or a FAILED row makes the exit code 1. Then the
 // tools run alternately (qemu-img, qcowkit, qemu-img, ...) and the medians are reported.
 // Wall time is measured with process.hrtime around spawnSync, peak RSS of the child with
-// `/usr/bin/time -f '%e %M'` (when available). Results also go to bench/results/latest.json
+// `/usr/bin/time -f '%e %M %U %S'` (when available; also the CPU time of each run). Results also go to bench/results/latest.json
 // (bench/results/latest-custom-bin.json with --bin).
 //
 // All images are built with qemu-img / qemu-io in a temp dir (removed at the end); they are
@@ -160,7 +160,7 @@ function measure(tool, args, cwd) {
   let r;
   let ms;
   try {
-    const [c, a] = haveTime ? [TIME, ['-f', '%e %M', '-o', timeF, cmd, ...cmdArgs]] : [cmd, cmdArgs];
+    const [c, a] = haveTime ? [TIME, ['-f', '%e %M %U %S', '-o', timeF, cmd, ...cmdArgs]] : [cmd, cmdArgs];
     const t0 = process.hrtime.bigint();
     r = spawnSync(c, a, { cwd, stdio: ['ignore', outFd, errFd], timeout: SPAWN_TIMEOUT_MS, killSignal: 'SIGKILL' });
     ms = Number(process.hrtime.bigint() - t0) / 1e6;
@@ -171,15 +171,20 @@ function measure(tool, args, cwd) {
   const stdout = readFileSync(outF, 'utf8');
   const stderr = readFileSync(errF, 'utf8');
   let rssKb = null;
+  let cpuMs = null;
   if (haveTime && existsSync(timeF)) {
     // GNU time prepends "Command exited with non-zero status N" when the child fails.
     const last = readFileSync(timeF, 'utf8').trim().split('\n').pop() ?? '';
-    const m = /^([\d.]+) (\d+)$/.exec(last.trim());
-    if (m) rssKb = Number(m[2]);
+    const m = /^([\d.]+) (\d+) ([\d.]+) ([\d.]+)$/.exec(last.trim());
+    if (m) {
+      rssKb = Number(m[2]);
+      // user + system CPU (10 ms resolution): unlike wall time, barely moved by other load.
+      cpuMs = (Number(m[3]) + Number(m[4])) * 1000;
+    }
   }
   for (const f of [outF, errF, timeF]) rmSync(f, { force: true });
   const error = r.error ? r.error.message : r.signal ? `killed by ${r.signal}` : null;
-  return { code: r.status, error, stdout, stderr, ms, rssKb };
+  return { code: r.status, error, stdout, stderr, ms, rssKb, cpuMs };
 }
 
 // ---------------------------------------------------------------- fixtures (built lazily)
@@ -624,7 +629,7 @@ function runWorkload(w) {
         row.message = `timed run ${i}: ${describeFailure(tool, r)}`;
         return row;
       }
-      row[key].push({ ms: r.ms, rssKb: r.rssKb });
+      row[key].push({ ms: r.ms, rssKb: r.rssKb, cpuMs: r.cpuMs });
     }
   }
   row.runs = runs;
@@ -637,6 +642,8 @@ function summarize(row, nodeMs) {
   row.qcowkitMs = s(row.qcowkit, (x) => x.ms);
   row.qemuRssKb = s(row.qemu, (x) => x.rssKb);
   row.qcowkitRssKb = s(row.qcowkit, (x) => x.rssKb);
+  row.qemuCpuMs = s(row.qemu, (x) => x.cpuMs);
+  row.qcowkitCpuMs = s(row.qcowkit, (x) => x.cpuMs);
   row.ratio = row.qemuMs && row.qcowkitMs !== null ? row.qcowkitMs / row.qemuMs : null;
   row.vsNodeStart = row.qcowkitMs !== null && nodeMs ? row.qcowkitMs / nodeMs : null;
   // A workload's own target: a ratio to qemu-img, or at most N ms over a bare Node start.
@@ -688,8 +695,8 @@ function main() {
 
   if (existsSync(TIME)) {
     const tf = join(ioDir, 'probe.time');
-    const r = spawnSync(TIME, ['-f', '%e %M', '-o', tf, 'true'], { stdio: 'ignore' });
-    haveTime = r.status === 0 && existsSync(tf) && /^[\d.]+ \d+$/.test(readFileSync(tf, 'utf8').trim());
+    const r = spawnSync(TIME, ['-f', '%e %M %U %S', '-o', tf, 'true'], { stdio: 'ignore' });
+    haveTime = r.status === 0 && existsSync(tf) && /^[\d.]+ \d+ [\d.]+ [\d.]+$/.test(readFileSync(tf, 'utf8').trim());
   }
   const qemuVersion = sh(QEMU_IMG, ['--version']).stdout.split('\n')[0];
   log(`qcowkit bench${Q ? ' (--quick)' : ''}: ${qemuVersion}; node ${process.version}; ${cpus().length} cpus; temp dir ${tmpRoot}`);
@@ -704,13 +711,14 @@ function main() {
     const a = measure([process.execPath, ['-e', '0']], [], tmpRoot);
     const b = measure('qcowkit', ['--version'], tmpRoot);
     if (i === 0) continue; // warm-up
-    startup.node.push({ ms: a.ms, rssKb: a.rssKb });
-    startup.version.push({ ms: b.ms, rssKb: b.rssKb });
+    startup.node.push({ ms: a.ms, rssKb: a.rssKb, cpuMs: a.cpuMs });
+    startup.version.push({ ms: b.ms, rssKb: b.rssKb, cpuMs: b.cpuMs });
   }
   const nodeMs = median(startup.node.map((x) => x.ms));
   const versionMs = median(startup.version.map((x) => x.ms));
   const nodeRss = median(startup.node.map((x) => x.rssKb).filter((x) => x !== null));
   const versionRss = median(startup.version.map((x) => x.rssKb).filter((x) => x !== null));
+  const nodeCpu = median(startup.node.map((x) => x.cpuMs).filter((x) => x !== null && x !== undefined));
 
   const rows = [];
   for (const w of selected) {
@@ -732,7 +740,7 @@ function main() {
     `qcowkit vs ${qemuVersion}  |  node ${process.version}  |  ${cpus().length} x ${cpus()[0]?.model ?? '?'}  |  load ${load0.toFixed(2)} -> ${loadavg()[0].toFixed(2)}${Q ? '  |  --quick' : ''}`,
   );
   console.log(
-    `start-up: bare \`node -e 0\` ${fmtMs(nodeMs)} ms (${fmtMb(nodeRss)} MiB), \`qcowkit --version\` ${fmtMs(versionMs)} ms (${fmtMb(versionRss)} MiB) = ${fmtX(versionMs / nodeMs)} bare node`,
+    `start-up: bare \`node -e 0\` ${fmtMs(nodeMs)} ms (${fmtMs(nodeCpu)} ms cpu, ${fmtMb(nodeRss)} MiB), \`qcowkit --version\` ${fmtMs(versionMs)} ms (${fmtMb(versionRss)} MiB) = ${fmtX(versionMs / nodeMs)} bare node`,
   );
   console.log(
     `images: chain = ${FIXTURES.chain.desc()}; prealloc = ${FIXTURES.prealloc.desc()}; scattered = ${FIXTURES.scattered.desc()}`,
@@ -746,6 +754,7 @@ function main() {
       ok ? fmtMs(r.qemuMs) : '-',
       ok ? fmtMs(r.qcowkitMs) : '-',
       ok ? fmtX(r.ratio) : '-',
+      ok && haveTime ? `${fmtMs(r.qemuCpuMs)}/${fmtMs(r.qcowkitCpuMs)}` : '-',
       r.target === null ? '-' : `${r.target.ratio !== undefined ? `<=${r.target.ratio}x` : `<=node+${r.target.overNodeMs}ms`} ${ok ? r.targetResult : ''}`.trim(),
       ok && haveTime ? fmtMb(r.qemuRssKb) : '-',
       ok && haveTime ? fmtMb(r.qcowkitRssKb) : '-',
@@ -756,12 +765,12 @@ function main() {
   console.log(
     table(
       body,
-      ['workload', 'runs', 'qemu-img ms', 'qcowkit ms', 'k/q', 'target', 'q RSS MiB', 'k RSS MiB', 'k/node', 'status'],
-      ['l', 'r', 'r', 'r', 'r', 'l', 'r', 'r', 'r', 'l'],
+      ['workload', 'runs', 'qemu-img ms', 'qcowkit ms', 'k/q', 'cpu ms q/k', 'target', 'q RSS MiB', 'k RSS MiB', 'k/node', 'status'],
+      ['l', 'r', 'r', 'r', 'r', 'r', 'l', 'r', 'r', 'r', 'l'],
     ),
   );
   if (!haveTime) console.log('(peak RSS unavailable: /usr/bin/time not installed)');
-  console.log('(medians of the timed runs; k/q = qcowkit/qemu-img wall time; k/node = qcowkit time / bare node start-up)');
+  console.log('(medians of the timed runs; k/q = qcowkit/qemu-img wall time; cpu = user+sys of each tool; k/node = qcowkit time / bare node start-up)');
 
   const bad = rows.filter((r) => r.status === 'MISMATCH' || r.status === 'FAILED');
   const targetFails = rows.filter((r) => r.status === 'OK' && r.targetResult === 'FAIL');
