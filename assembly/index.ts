@@ -5,6 +5,7 @@ export { l2Scan, scanConsumed, l2AccountRefs, l2CopiedMismatches, l2Fill } from 
 export { refsAddRange, refcountCompare, refcountGet, refcountSet, refcountAddRange, refcountFind } from "./refcount";
 export { bitmapOr, bitmapAnd, bitmapAndNot, popcount, setBits, clearBits, extents, extentsNext } from "./bitmap";
 export { isZero, firstNonZero, firstDifference, zeroBlocks } from "./zero";
+export { mapJsonReset, mapJsonFeed, mapJsonFinish } from "./mapjson";
 
 /** First byte free for the JS heap (after static data). */
 export function heapBase(): usize {

@@ -34,6 +34,9 @@ export const EXIT_CODES: Record<QcowErrorCode, number> = {
   INTERNAL: 70,
 };
 
+/** Marks every QcowError, whichever copy of this module made it (see hasInstance). */
+const BRAND = Symbol.for('qcowkit.QcowError');
+
 export class QcowError extends Error {
   readonly code: QcowErrorCode;
   readonly file: string | undefined;
@@ -42,6 +45,15 @@ export class QcowError extends Error {
     this.name = 'QcowError';
     this.code = code;
     this.file = file;
+    Object.defineProperty(this, BRAND, { value: true });
+  }
+
+  /**
+   * `instanceof` by brand: the CLI's self-contained bundles (main.js, each command) carry their
+   * own copy of this class, and an error thrown in a command must still be a QcowError to main.
+   */
+  static override [Symbol.hasInstance](x: unknown): boolean {
+    return typeof x === 'object' && x !== null && (x as Record<symbol, unknown>)[BRAND] === true;
   }
 }
 

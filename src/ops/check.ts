@@ -7,6 +7,7 @@
  * when anything was fixed a second, read-only pass checks the result, and that is what is
  * returned (with the first pass's fixed counts), exactly as qemu-img reports it.
  */
+import { reserveForLargeWork } from '../kernels/index.js';
 import { QcowError, isQcowError } from '../errors.js';
 import { openImageFile, type FileOpener, type ImageFile } from '../io/file.js';
 import { BackingChain, probeFile } from '../chain/chain.js';
@@ -58,6 +59,7 @@ export interface CheckResult {
 export const NO_CHECKS = 'This image format does not support checks';
 
 export async function check(path: string, opts: CheckOptions = {}): Promise<CheckResult> {
+  reserveForLargeWork(); // before any read lands in wasm memory
   const fix: FixMode = opts.repair === 'all' ? FIX_LEAKS | FIX_ERRORS : opts.repair === 'leaks' ? FIX_LEAKS : 0;
   if (opts.repair !== undefined && opts.repair !== 'leaks' && opts.repair !== 'all')
     throw new QcowError('INVALID_ARGUMENT', `Unknown option value for -r (expecting 'leaks' or 'all'): ${String(opts.repair)}`, path);

@@ -284,24 +284,39 @@ export class Qcow2Image implements BlockLayer {
     const plainData = (e: LayerExtent) => e.data && !e.compressed && e.offset !== undefined;
     // The preallocation heuristic reads refcounts: only worth it when there is data to refine.
     if (!opts.probeHost || !out.some(plainData) || !(await this.metadataPreallocated())) return out;
+    // One probe of the host file for all data extents of the scan (one native call per batch).
+    const data = out.filter(plainData);
+    const ranges = new Float64Array(data.length * 2);
+    data.forEach((e, i) => {
+      ranges[2 * i] = e.offset!;
+      ranges[2 * i + 1] = Math.min(e.offset! + e.length, this.fileSize);
+    });
+    const probed = this.file.dataExtentsMany ? this.file.dataExtentsMany(ranges) : perRange(this.file, ranges);
+    if (!probed) return out;
     const refined: LayerExtent[] = [];
+    let at = 0;
     for (const e of out) {
-      if (plainData(e)) this.#splitByHostHoles(e, refined);
-      else pushExtent(refined, e);
+      if (!plainData(e)) {
+        pushExtent(refined, e);
+        continue;
+      }
+      const n = probed[at++]!;
+      this.#splitByHostHoles(e, probed, at, n, refined);
+      at += 2 * n;
     }
     return refined;
   }
 
-  #splitByHostHoles(e: LayerExtent, out: LayerExtent[]): void {
+  /** Splits a data extent at the host-file holes in pairs [at, at + 2n) of `ext`. */
+  #splitByHostHoles(e: LayerExtent, ext: Float64Array, at: number, n: number, out: LayerExtent[]): void {
     const host = e.offset!;
     const hostEnd = host + e.length;
-    const ext = this.file.dataExtents(host, Math.min(hostEnd, this.fileSize));
-    if (!ext) return pushExtent(out, e);
+    if (n === 1 && ext[at] === host && ext[at + 1] === hostEnd) return pushExtent(out, e);
     let pos = host;
     const piece = (from: number, to: number, zero: boolean) => {
-      if (to > from) pushExtent(out, { ...e, start: e.start + (from - host), length: to - from, offset: from, zero });
+      if (to > from) pushExtent(out, { start: e.start + (from - host), length: to - from, allocated: true, data: true, zero, offset: from });
     };
-    for (let i = 0; i < ext.length; i += 2) {
+    for (let i = at; i < at + 2 * n; i += 2) {
       piece(pos, ext[i]!, true);
       piece(ext[i]!, ext[i + 1]!, false);
       pos = ext[i + 1]!;
@@ -355,6 +370,17 @@ export class Qcow2Image implements BlockLayer {
       await this.file.close();
     }
   }
+}
+
+/** `dataExtentsMany` layout from per-range `dataExtents` (files that lack the batch call). */
+function perRange(file: ImageFile, ranges: Float64Array): Float64Array | null {
+  const out: number[] = [];
+  for (let i = 0; i < ranges.length; i += 2) {
+    const ext = file.dataExtents(ranges[i]!, ranges[i + 1]!);
+    if (!ext) return null;
+    out.push(ext.length / 2, ...ext);
+  }
+  return Float64Array.from(out);
 }
 
 /**

@@ -17,7 +17,7 @@
  */
 import { QcowError, throwIfAborted } from '../errors.js';
 import { inParallel, type ImageFile } from '../io/file.js';
-import { kernels, L2_RUN_BYTES, RunKind } from '../kernels/index.js';
+import { kernels, L2_RUN_BYTES, reserveForLargeWork, RunKind } from '../kernels/index.js';
 import { dataView, setU64 } from '../format/bytes.js';
 import { INCOMPAT_CORRUPT } from '../format/constants.js';
 import { minL1Size } from '../format/header.js';
@@ -93,6 +93,8 @@ export class Qcow2Writer {
     if (!file.writable) throw new QcowError('INTERNAL', 'image was not opened for writing', img.path);
     if (img.header.incompatibleFeatures & INCOMPAT_CORRUPT)
       throw new QcowError('CORRUPT', 'Image is marked corrupt; repair it first (qcowkit check -r all)', img.path);
+    // Metadata and data reads land in wasm memory while other reads are in flight: no growth.
+    reserveForLargeWork();
     const cs = img.clusterSize;
     const header = HeaderWriter.for(file, img.header);
     const l2Cache = new MetadataCache('L2', file, cs, L2_CACHE_TABLES);

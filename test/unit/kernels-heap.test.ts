@@ -179,6 +179,7 @@ describe('kernels loading', () => {
         'memory', 'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'l2Fill', 'refsAddRange', 'refcountAddRange', 'refcountFind', 'refcountCompare',
         'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits',
         'clearBits', 'extents', 'extentsNext', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
+        'mapJsonReset', 'mapJsonFeed', 'mapJsonFinish',
       ].sort(),
     );
   });
