@@ -129,4 +129,6 @@ export interface Kernels {
   firstDifference(a: number, b: number, nBytes: number): number;
   /** Sets bit i of `outBitmap` (cleared first) when block i (1 << blockBits bytes) of ptr is all zero; nBytes is a multiple of the block. */
   zeroBlocks(ptr: number, nBytes: number, blockBits: number, outBitmap: number): void;
+  /** Sets bit i of `outBitmap` when block i of a differs from block i of b (clears it when equal); bits past the last block are kept. */
+  diffBlocks(a: number, b: number, nBytes: number, blockBits: number, outBitmap: number): void;
 }

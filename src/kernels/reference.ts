@@ -329,5 +329,12 @@ export function referenceKernels(base: Kernels): Kernels {
         putBit(b, outBitmap, i, firstDifferent(ptr + i * size, null, size) < 0);
       }
     },
+    diffBlocks(a, bb, nBytes, blockBits, outBitmap) {
+      const size = 2 ** blockBits;
+      const b = bytes();
+      for (let i = 0; i < Math.floor(nBytes / size); i++) {
+        putBit(b, outBitmap, i, firstDifferent(a + i * size, bb + i * size, size) >= 0);
+      }
+    },
   };
 }

@@ -176,6 +176,7 @@ interface RawExports {
   firstNonZero(ptr: number, nBytes: number): number;
   firstDifference(a: number, b: number, nBytes: number): number;
   zeroBlocks(ptr: number, nBytes: number, blockBits: number, outBitmap: number): void;
+  diffBlocks(a: number, b: number, nBytes: number, blockBits: number, outBitmap: number): void;
 }
 
 /** build/kernels.wasm of the package this file belongs to (works from src/ and dist/). */
@@ -248,5 +249,6 @@ export function createWasmKernels(): Kernels {
     firstNonZero: x.firstNonZero,
     firstDifference: x.firstDifference,
     zeroBlocks: x.zeroBlocks,
+    diffBlocks: x.diffBlocks,
   };
 }
