@@ -90,6 +90,10 @@ export class Qcow2Image implements BlockLayer {
   async write(offset: number, data: Uint8Array): Promise<void> {
     await (await this.writer()).write(offset, data);
   }
+  /** Writes one whole cluster compressed (see Qcow2Writer.writeCompressed). */
+  async writeCompressed(offset: number, cluster: Uint8Array): Promise<void> {
+    await (await this.writer()).writeCompressed(offset, cluster);
+  }
   /** Makes a guest range read as zeros: zero flags (v3) or unmapped clusters, data only at the edges. */
   async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     await (await this.writer()).writeZeroes(offset, length, opts);

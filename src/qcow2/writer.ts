@@ -26,6 +26,7 @@ import { ClusterAllocator, type ClusterRun } from './allocator.js';
 import { DiscardQueue } from './discard-queue.js';
 import { HeaderWriter } from './header-writer.js';
 import { RefcountManager } from './refcount-manager.js';
+import { compressCluster } from './compressed.js';
 import type { Qcow2Image } from './image.js';
 
 const COPIED_HI = 0x80000000;
@@ -135,6 +136,58 @@ export class Qcow2Writer {
     return this.#serial(async () => {
       this.#checkRange(offset, data.length);
       await this.#forEachTable(offset, data.length, (l1i, s, e) => this.#writeInTable(l1i, s, data.subarray(s - offset, e - offset)));
+    });
+  }
+
+  /**
+   * Writes one whole guest cluster compressed (QEMU's compressed-cluster encoding). The
+   * compressed bytes go to newly allocated bytes packed after the previous compressed cluster
+   * (never in place); every host cluster they touch gets a reference; the old mapping of the
+   * guest cluster (data, zero, compressed, shared or not) is dropped after the new entry, as for
+   * any write. Clusters that do not compress to less than a cluster are written as plain data.
+   * `cluster` is always a full cluster; for the disk's partial last cluster the bytes past the
+   * end are ignored by readers (QEMU pads with zeros the same way).
+   */
+  writeCompressed(offset: number, cluster: Uint8Array): Promise<void> {
+    return this.#serial(async () => {
+      const img = this.#img;
+      const cs = this.cs;
+      if (offset % cs !== 0 || cluster.length !== cs || offset < 0 || offset >= img.virtualSize)
+        throw new QcowError('INVALID_ARGUMENT', `compressed writes take one whole cluster at a cluster boundary (offset ${offset}, ${cluster.length} bytes)`, img.path);
+      const packed = await compressCluster(cluster, img.header.compressionType, img.path);
+      const inside = Math.min(cs, img.virtualSize - offset);
+      if (!packed) {
+        await this.#forEachTable(offset, inside, (l1i, s, e) => this.#writeInTable(l1i, s, cluster.subarray(0, e - s)));
+        return;
+      }
+      const l1i = Math.floor(offset / img.l2Span);
+      const index = (offset - l1i * img.l2Span) / cs;
+      const tableOff = await this.#l2ForWrite(l1i);
+      this.l2Cache.pin(tableOff);
+      try {
+        const [seg] = this.#segments(await this.l2Cache.get(tableOff), index, 1);
+        const old = seg!.inPlace ? [{ first: seg!.host / cs, count: 1 }] : seg!.oldClusters;
+        const at = await this.allocator.allocateCompressedBytes(packed.length);
+        const x = 62 - (img.clusterBits - 8);
+        if (at + packed.length > 2 ** x) throw new QcowError('UNSUPPORTED', `compressed data would lie beyond the ${2 ** x}-byte limit of this cluster size`, img.path);
+        img.noteFileEnd(at + packed.length);
+        await this.file.writeAt(packed, at);
+        // The entry may point at the bytes only once they and their refcounts are durable.
+        this.l2Cache.dependsOnFlush();
+        await this.l2Cache.dependsOn(this.refcountCache);
+        const sectors = Math.floor((at + packed.length - 1) / 512) - Math.floor(at / 512);
+        const entry = (1n << 62n) | (BigInt(sectors) << BigInt(x)) | BigInt(at);
+        const tptr = await this.l2Cache.get(tableOff);
+        const v = new DataView(kernels().memory.buffer);
+        const pos = tptr + index * (img.extendedL2 ? 16 : 8);
+        v.setBigUint64(pos, entry);
+        if (img.extendedL2) v.setBigUint64(pos + 8, 0n);
+        this.l2Cache.markDirty(tableOff);
+        for (const r of old) await this.refcounts.update(r.first, r.count, -1);
+        img.invalidateReadCaches();
+      } finally {
+        this.l2Cache.unpin(tableOff);
+      }
     });
   }
 
