@@ -534,7 +534,7 @@ export class Qcow2Writer {
       const segs = this.#segments(ptr, firstCluster, endCluster - firstCluster);
       // Plan every segment (copy-on-write reads see the table before any entry changes).
       const jobs: Array<() => Promise<void>> = [];
-      const fresh: Array<{ seg: Segment; buf: Uint8Array }> = [];
+      const fresh: Array<{ seg: Segment; buf: Uint8Array; from: number; to: number }> = [];
       const inPlaceFixes: Array<{ seg: Segment; xs: number; xe: number }> = [];
       const unit = img.extendedL2 ? cs / 32 : cs;
       for (const seg of segs) {
@@ -552,24 +552,38 @@ export class Qcow2Writer {
             await this.file.writeAt(buf, seg.host + (xs - segStart));
           });
           if (expand) inPlaceFixes.push({ seg, xs, xe });
+        } else if (img.extendedL2 && seg.oldClusters.length === 0) {
+          // Extended L2, nothing mapped here yet: only the subclusters written get allocated
+          // (the others keep reading from the backing file or as zeros), as QEMU does; no
+          // copy-on-write beyond the partial subclusters at the ends.
+          const xs = Math.floor(ws / unit) * unit;
+          const xe = Math.min(segEnd, Math.ceil(we / unit) * unit);
+          const buf = await this.#assemble(xs, xe, ws, data.subarray(ws - s, we - s));
+          fresh.push({ seg, buf, from: xs - segStart, to: xe - segStart });
         } else {
           const buf = await this.#assemble(segStart, segEnd, ws, data.subarray(ws - s, we - s));
-          fresh.push({ seg, buf });
+          fresh.push({ seg, buf, from: 0, to: segEnd - segStart });
         }
       }
       // New clusters: refcounts raised now (cache), data written, entries switched after.
-      const newMaps: Array<{ seg: Segment; runs: ClusterRun[] }> = [];
-      for (const { seg, buf } of fresh) {
+      const newMaps: Array<{ seg: Segment; runs: ClusterRun[]; from: number; to: number }> = [];
+      for (const { seg, buf, from, to } of fresh) {
         const runs = await this.allocator.allocate(seg.count);
-        newMaps.push({ seg, runs });
-        let at = 0;
+        newMaps.push({ seg, runs, from, to });
+        let at = 0; // segment byte offset of the run's first cluster
         for (const r of runs) {
-          const part = buf.subarray(at * cs, (at + r.count) * cs);
+          // The part of [from, to) that lies in this run.
+          const a = Math.max(from, at);
+          const b = Math.min(to, at + r.count * cs);
           img.noteFileEnd((r.first + r.count) * cs);
-          jobs.push(async () => {
-            await this.file.writeAt(part, r.first * cs);
-          });
-          at += r.count;
+          if (b > a) {
+            const part = buf.subarray(a - from, b - from);
+            const host = r.first * cs + (a - at); // `at` moves on before the job runs
+            jobs.push(async () => {
+              await this.file.writeAt(part, host);
+            });
+          }
+          at += r.count * cs;
         }
       }
       await inParallel(jobs, WRITES_IN_FLIGHT, (job) => job());
@@ -579,12 +593,26 @@ export class Qcow2Writer {
       if (newMaps.length) await this.l2Cache.dependsOn(this.refcountCache);
       const k = kernels();
       const tptr = await this.l2Cache.get(tableOff);
-      for (const { seg, runs } of newMaps) {
+      for (const { seg, runs, from, to } of newMaps) {
+        // Extended L2, partly written first/last cluster: its old zero bits (still valid where
+        // not written) before the fill below overwrites them.
+        const partial = img.extendedL2 && (from > 0 || to < seg.count * cs);
+        const v = partial ? new DataView(k.memory.buffer) : undefined;
+        const edges = partial ? [...new Set([seg.firstCluster + Math.floor(from / cs), seg.firstCluster + Math.ceil(to / cs) - 1])] : [];
+        const oldZero = edges.map((c) => v!.getUint32(tptr + c * 16 + 8));
         let c = seg.firstCluster;
         for (const r of runs) {
           k.l2Fill(tptr, c, r.count, img.extendedL2, r.first * cs, cs, COPIED_HI, 0, img.extendedL2 ? ALL_SUBCLUSTERS : 0, 0);
           c += r.count;
         }
+        edges.forEach((cl, i) => {
+          const cStart = (cl - seg.firstCluster) * cs;
+          const a = Math.max(0, Math.floor((from - cStart) / unit));
+          const b = Math.min(32, Math.ceil((to - cStart) / unit));
+          const mask = b - a >= 32 ? ALL_SUBCLUSTERS : ((2 ** Math.max(0, b - a) - 1) * 2 ** a) >>> 0;
+          v!.setUint32(tptr + cl * 16 + 8, (oldZero[i]! & ~mask) >>> 0);
+          v!.setUint32(tptr + cl * 16 + 12, mask);
+        });
       }
       for (const fix of inPlaceFixes) this.#markWritten(tptr, fix.seg, tableStart, fix.xs, fix.xe);
       this.l2Cache.markDirty(tableOff);
