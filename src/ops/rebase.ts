@@ -124,7 +124,8 @@ export async function rebase(filename: string, opts: RebaseOptions = {}): Promis
       seconds: 0,
     };
     const selfReal = await realpath(img.path);
-    if (newName !== undefined) {
+    // -u writes what it is told, as qemu-img 7.2 does (a self-reference then fails on every open).
+    if (newName !== undefined && !unsafe) {
       const newReal = await realpath(resolveBackingPath(img.path, newName)).catch(() => undefined);
       if (newReal === selfReal) throw new QcowError('BACKING_LOOP', `the image cannot be its own backing file ('${newName}')`, img.path);
     }
@@ -283,6 +284,11 @@ async function compareAndWrite(chain: BackingChain, img: Qcow2Image, view: NewVi
     else if (view.kind === 'prefix') await chain.read(offset, dst, view.depth);
     else await view.chain.read(offset, dst);
   };
+  // The old view: the old backing chain, or zeros when the image has no backing file.
+  const readOld = async (offset: number, dst: Uint8Array): Promise<void> => {
+    if (chain.layers.length > 1) await chain.read(offset, dst, 1);
+    else dst.fill(0);
+  };
   type Bufs = { old: number; neu: number; padded: number };
   const reads = new Map<number, Promise<Bufs>>();
   const startRead = (i: number) => {
@@ -293,7 +299,7 @@ async function compareAndWrite(chain: BackingChain, img: Qcow2Image, view: NewVi
     const neu = k.alloc(padded);
     const p = (async () => {
       try {
-        await Promise.all([chain.read(c.start, k.u8(old, c.length), 1), readNew(c.start, k.u8(neu, c.length))]);
+        await Promise.all([readOld(c.start, k.u8(old, c.length)), readNew(c.start, k.u8(neu, c.length))]);
       } catch (e) {
         k.free(old);
         k.free(neu);
