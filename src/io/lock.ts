@@ -30,9 +30,9 @@ const PLANS: Record<Exclude<LockMode, 'none'>, LockPlan> = {
 const SNAPSHOT_MS = 250;
 let snapshot: { text: string; at: number } | undefined;
 
-async function procLocks(): Promise<string> {
+async function procLocks(fresh: boolean): Promise<string> {
   const now = performance.now();
-  if (snapshot && now - snapshot.at < SNAPSHOT_MS) return snapshot.text;
+  if (!fresh && snapshot && now - snapshot.at < SNAPSHOT_MS) return snapshot.text;
   let text = '';
   try {
     text = await readFile('/proc/locks', 'utf8');
@@ -44,8 +44,8 @@ async function procLocks(): Promise<string> {
 }
 
 /** Byte offsets other processes hold locks on for this inode (from /proc/locks). */
-async function lockedBytes(dev: number, ino: number): Promise<Set<number>> {
-  const text = await procLocks();
+async function lockedBytes(dev: number, ino: number, fresh: boolean): Promise<Set<number>> {
+  const text = await procLocks(fresh);
   const major = ((dev >>> 8) & 0xfff) | (Math.floor(dev / 2 ** 32) & ~0xfff);
   const minor = (dev & 0xff) | ((dev >>> 12) & 0xfff00);
   const id = `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}:${ino}`;
@@ -70,7 +70,9 @@ async function lockedBytes(dev: number, ino: number): Promise<Set<number>> {
 export async function lockImage(fd: number, dev: number, ino: number, mode: LockMode, path: string): Promise<void> {
   if (mode === 'none') return;
   const plan = PLANS[mode];
-  const taken = await lockedBytes(dev, ino);
+  // A write lock never trusts a snapshot: locks this process released since (a read-only pass
+  // just before, e.g. a dry run) would still be listed and look like another holder.
+  const taken = await lockedBytes(dev, ino, mode === 'write');
   for (const p of plan.hold)
     if (taken.has(200 + p)) throw lockError(path, `Failed to get "${PERM_NAMES[p]}" lock`, mode);
   for (const p of plan.forbid)

@@ -76,6 +76,7 @@ export interface RebaseResult {
 
 const CHUNK = 8 * 1024 * 1024;
 const READS_AHEAD = 3;
+const WRITES_BEHIND = 3;
 
 /** Formats qemu-img 7.2 knows by name (recorded by -u as given; only qcow2 and raw can be read). */
 const QEMU_FORMATS = new Set(['blkdebug', 'blklogwrites', 'blkverify', 'bochs', 'cloop', 'compress', 'copy-before-write', 'copy-on-read', 'dmg', 'file', 'ftp', 'ftps', 'host_cdrom', 'host_device', 'http', 'https', 'luks', 'nbd', 'null-aio', 'null-co', 'nvme', 'parallels', 'preallocate', 'qcow', 'qcow2', 'qed', 'quorum', 'raw', 'replication', 'snapshot-access', 'ssh', 'throttle', 'vdi', 'vhdx', 'vmdk', 'vpc', 'vvfat']);
@@ -130,7 +131,8 @@ export async function rebase(filename: string, opts: RebaseOptions = {}): Promis
       if (newReal === selfReal) throw new QcowError('BACKING_LOOP', `the image cannot be its own backing file ('${newName}')`, img.path);
     }
     if (compress) assertCanCompress(img.header.compressionType, img.path);
-    await validateForWrite(img, { repairLeaks: !dryRun });
+    // -u changes only the header: a full check is needed only to repair an image left dirty.
+    if (!unsafe || img.dirty) await validateForWrite(img, { repairLeaks: !dryRun });
     if (!unsafe) await safeCopy(chain, img, newName, opts, result, selfReal);
     if (!dryRun) {
       await img.endWrites(); // copied data durable, dirty bit cleared: only now the name changes
@@ -278,7 +280,7 @@ async function compareAndWrite(chain: BackingChain, img: Qcow2Image, view: NewVi
   const target = result.dryRun ? null : img;
   const ranges: DirtyRange[] = [];
   let lastCluster = -1;
-  k.reserve((READS_AHEAD + 1) * 2 * (CHUNK + unit) + 64 * 1024 * 1024);
+  k.reserve((READS_AHEAD + WRITES_BEHIND + 2) * 2 * (CHUNK + unit) + 64 * 1024 * 1024);
   const readNew = async (offset: number, dst: Uint8Array): Promise<void> => {
     if (view.kind === 'zero') dst.fill(0);
     else if (view.kind === 'prefix') await chain.read(offset, dst, view.depth);
@@ -316,6 +318,7 @@ async function compareAndWrite(chain: BackingChain, img: Qcow2Image, view: NewVi
   };
   const compressed = opts.compress ? compressedWriter(img) : undefined;
   let done = 0;
+  const writes: Array<Promise<unknown>> = [];
   try {
     for (let i = 0; i < chunks.length; i++) {
       throwIfAborted(opts.signal, img.path);
@@ -325,14 +328,26 @@ async function compareAndWrite(chain: BackingChain, img: Qcow2Image, view: NewVi
       reads.delete(i);
       const units = bufs.padded / unit;
       const bits = k.allocZeroed(Math.ceil(units / 8) + 16);
+      let handedOff = false;
       try {
         k.diffBlocks(bufs.old, bufs.neu, bufs.padded, Math.log2(unit), bits);
+        k.free(bufs.neu);
+        bufs.neu = 0;
         const runs = chunkRuns(c.start, bufs.padded, bufs.old, unit, bits)
           .map((r) => ({ ...r, length: Math.min(r.start + r.length, size) - r.start }))
           .filter((r) => r.length > 0);
-        const w = await writeRuns(target, runs, c.start, bufs.old, { compressed: compressed && ((o, d) => compressed(o, d, target)) });
-        result.dataBytes += w.data;
-        result.zeroBytes += w.zero;
+        // The writes of a chunk run while the next chunks are compared (the engine serialises
+        // them; at most WRITES_BEHIND chunks wait, their buffers freed once written).
+        const old = bufs.old;
+        const p = writeRuns(target, runs, c.start, old, { compressed: compressed && ((o, d) => compressed(o, d, target)) }).finally(() => k.free(old));
+        p.catch(() => {});
+        handedOff = true;
+        writes.push(p);
+        while (writes.length > WRITES_BEHIND) await writes.shift();
+        for (const r of runs) {
+          if (r.zero) result.zeroBytes += r.length;
+          else result.dataBytes += r.length;
+        }
         for (const r of runs) {
           pushDirty(ranges, r);
           if (r.zero) continue;
@@ -345,13 +360,15 @@ async function compareAndWrite(chain: BackingChain, img: Qcow2Image, view: NewVi
         }
       } finally {
         k.free(bits);
-        k.free(bufs.old);
-        k.free(bufs.neu);
+        if (!handedOff) k.free(bufs.old);
+        if (bufs.neu) k.free(bufs.neu);
       }
       done += c.length;
       opts.onProgress?.(done, total);
     }
+    while (writes.length) await writes.shift();
   } finally {
+    await Promise.allSettled(writes);
     for (const p of reads.values())
       await p.then(
         (b) => {
