@@ -31,6 +31,7 @@ import {
   openSync,
   readFileSync,
   rmSync,
+  symlinkSync,
   writeFileSync,
 } from 'node:fs';
 import { cpus, loadavg, tmpdir } from 'node:os';
@@ -330,6 +331,25 @@ const FIXTURES = {
       return { dir, files: ['base.qcow2', 'top.qcow2', 'new.qcow2'] };
     },
   },
+  dropmid: {
+    desc: () => `${Q ? 2 : 8} GiB chain base <- mid (${Q ? 100 : 400} x 1 MiB) <- top (1000 x 64 KiB); rebase top onto base`,
+    build() {
+      const dir = join(tmpRoot, 'dropmid');
+      mkdirSync(dir);
+      const size = (Q ? 2 : 8) * 2 ** 30;
+      const writes = Q ? 100 : 400;
+      sh(QEMU_IMG, ['create', '-q', '-f', 'qcow2', 'base.qcow2', String(size)], { cwd: dir });
+      sh(QEMU_IO, ['-f', 'qcow2', '-c', 'write -P 0xaa 0 256M', '-c', `write -P 0xbb ${size / 2} 64M`, 'base.qcow2'], { cwd: dir });
+      sh(QEMU_IMG, ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], { cwd: dir });
+      const step = Math.floor(size / writes / 2 ** 20) * 2 ** 20;
+      const cmds = [];
+      for (let i = 0; i < writes; i++) cmds.push('-c', `write -P ${(i % 250) + 1} ${i * step} 1M`);
+      sh(QEMU_IO, ['-f', 'qcow2', ...cmds, 'mid.qcow2'], { cwd: dir });
+      sh(QEMU_IMG, ['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], { cwd: dir });
+      scatterWrites('top.qcow2', size, Q ? 200 : 1000, 10, 7, dir);
+      return { dir, files: ['top.qcow2'], shared: ['base.qcow2', 'mid.qcow2'] };
+    },
+  },
 };
 
 const built = {};
@@ -446,7 +466,7 @@ function qemuCheckClean(file, cwd) {
 
 /** Exit codes of a kind that are answers, not errors (anything else from qcowkit = FAILED). */
 const ANSWER_CODES = { check: [0, 2, 3], compare: [0, 1] };
-const TARGETS = { map: 0.5, check: 0.5, info: 1.5, create: 1.5 };
+const TARGETS = { map: 0.5, check: 0.5, info: 1.5, create: 1.5, rebase: 0.7 };
 
 function createWorkload(name, extra, fx, target) {
   return {
@@ -488,24 +508,42 @@ function imageWorkload(name, kind, fx, argsOf, verify, extra = {}) {
   };
 }
 
-/** commit / rebase: they modify the images, so every run gets fresh copies (untimed). */
-function mutatingWorkload(name, kind, args, verify) {
+/**
+ * commit / rebase: they modify the images, so every run gets fresh copies (untimed) of the
+ * fixture's `files`; its `shared` files (only read) are symlinked into the run directory.
+ */
+function mutatingWorkload(name, kind, args, verify, fx = 'mutable') {
   return {
     name,
     kind,
     optional: true,
-    fixtures: ['mutable'],
+    fixtures: [fx],
     prepare(F, tool, i) {
-      const cwd = join(F.mutable.dir, `run-${tool === 'qemu-img' ? 'q' : 'k'}-${i}`);
+      const cwd = join(F[fx].dir, `run-${tool === 'qemu-img' ? 'q' : 'k'}-${i}`);
       mkdirSync(cwd, { recursive: true });
-      for (const f of F.mutable.files) sparseCopy(join(F.mutable.dir, f), join(cwd, f));
+      for (const f of F[fx].files) sparseCopy(join(F[fx].dir, f), join(cwd, f));
+      for (const f of F[fx].shared ?? []) symlinkSync(join(F[fx].dir, f), join(cwd, f));
       return { cwd, args, cleanup: () => rmSync(cwd, { recursive: true, force: true }) };
     },
     verify(q, k, F) {
       if (q.code !== k.code) return `exit codes differ: qemu-img ${q.code}, qcowkit ${k.code}`;
-      return verify(q.prep.cwd, k.prep.cwd, F.mutable.dir);
+      return verify(q.prep.cwd, k.prep.cwd, F[fx].dir);
     },
   };
+}
+
+/** rebase: same backing name and format as qemu-img writes, guest view unchanged, same content, clean. */
+function rebaseVerify(qd, kd, orig) {
+  const qi = qemuInfo('top.qcow2', qd);
+  const ki = qemuInfo('top.qcow2', kd);
+  for (const key of ['backing-filename', 'backing-filename-format']) {
+    if (qi[key] !== ki[key]) return `${key}: qemu-img ${JSON.stringify(qi[key])}, qcowkit ${JSON.stringify(ki[key])}`;
+  }
+  return (
+    qemuCompare(join(orig, 'top.qcow2'), join(kd, 'top.qcow2'), orig) ?? // guest view unchanged by rebase
+    qemuCompare(join(qd, 'top.qcow2'), join(kd, 'top.qcow2'), tmpRoot) ??
+    qemuCheckClean(join(kd, 'top.qcow2'), tmpRoot)
+  );
 }
 
 const WORKLOADS = [
@@ -531,18 +569,22 @@ const WORKLOADS = [
       qemuCheckClean(join(kd, 'top.qcow2'), tmpRoot)
     );
   }),
-  mutatingWorkload('rebase', 'rebase', ['rebase', '-b', 'new.qcow2', '-F', 'qcow2', 'top.qcow2'], (qd, kd, orig) => {
-    const qi = qemuInfo('top.qcow2', qd);
-    const ki = qemuInfo('top.qcow2', kd);
-    for (const key of ['backing-filename', 'backing-filename-format']) {
-      if (qi[key] !== ki[key]) return `${key}: qemu-img ${JSON.stringify(qi[key])}, qcowkit ${JSON.stringify(ki[key])}`;
-    }
-    return (
-      qemuCompare(join(orig, 'top.qcow2'), join(kd, 'top.qcow2'), tmpRoot) ?? // guest view unchanged by rebase
-      qemuCompare(join(qd, 'top.qcow2'), join(kd, 'top.qcow2'), tmpRoot) ??
-      qemuCheckClean(join(kd, 'top.qcow2'), tmpRoot)
-    );
-  }),
+  mutatingWorkload('rebase', 'rebase', ['rebase', '-b', 'new.qcow2', '-F', 'qcow2', 'top.qcow2'], rebaseVerify),
+  mutatingWorkload('rebase-drop-mid', 'rebase', ['rebase', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], rebaseVerify, 'dropmid'),
+  mutatingWorkload(
+    'rebase-unsafe',
+    'rebase',
+    ['rebase', '-u', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'],
+    (qd, kd) => {
+      const qi = qemuInfo('top.qcow2', qd);
+      const ki = qemuInfo('top.qcow2', kd);
+      for (const key of ['backing-filename', 'backing-filename-format', 'virtual-size']) {
+        if (qi[key] !== ki[key]) return `${key}: qemu-img ${JSON.stringify(qi[key])}, qcowkit ${JSON.stringify(ki[key])}`;
+      }
+      return qemuCompare(join(qd, 'top.qcow2'), join(kd, 'top.qcow2'), tmpRoot) ?? qemuCheckClean(join(kd, 'top.qcow2'), tmpRoot);
+    },
+    'dropmid',
+  ),
 ];
 
 // ---------------------------------------------------------------- running a workload

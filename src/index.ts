@@ -13,6 +13,8 @@ export { check, type CheckResult, type CheckOptions } from './ops/check.js';
 export { create, type CreateOptions } from './ops/create.js';
 export { commit, type CommitOptions, type CommitResult } from './ops/commit.js';
 export { makeEmpty, type MakeEmptyOptions, type MakeEmptyResult } from './ops/make-empty.js';
+export { rebase, type RebaseOptions, type RebaseResult } from './ops/rebase.js';
+export { plan, type PlanOptions, type PlanResult, type PlanWay } from './ops/plan.js';
 export type { WritableLayer } from './chain/layer.js';
 export type { ZeroOptions } from './qcow2/writer.js';
 

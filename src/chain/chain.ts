@@ -343,6 +343,14 @@ export class BackingChain {
    * layer `depth` and below. This is what commit copies and what a rebase onto `depth` keeps.
    */
   async statusAboveDepth(depth: number, start: number, length: number, emit: (e: ChainExtent) => void): Promise<void> {
+    await this.statusBetween(0, depth, start, length, emit);
+  }
+
+  /**
+   * `statusAboveDepth` for the layers from..to-1 only: what the chain seen from depth `from`
+   * takes from those layers (rebase compares the views of two depths with it).
+   */
+  async statusBetween(from: number, depth: number, start: number, length: number, emit: (e: ChainExtent) => void): Promise<void> {
     const found: ChainExtent[] = [];
     const walk = async (d: number, s: number, len: number): Promise<void> => {
       if (d >= depth) return void found.push({ start: s, length: len, allocated: false, zero: false, depth: d });
@@ -357,7 +365,7 @@ export class BackingChain {
     };
     const WINDOW = 1024 ** 3; // bounded memory at any disk size
     for (let pos = start; pos < start + length; pos += WINDOW) {
-      await walk(0, pos, Math.min(WINDOW, start + length - pos));
+      await walk(from, pos, Math.min(WINDOW, start + length - pos));
       // A layer's past-the-end piece was found before what lies inside it: restore guest order.
       found.sort((x, y) => x.start - y.start);
       let last: ChainExtent | undefined;

@@ -149,4 +149,6 @@ export interface Kernels {
   mapJsonFeed(entries: number, n: number, out: number): number;
   /** Writes the pending entry and "]\n" (room: 2 * MAP_JSON_MAX_ENTRY_BYTES); 0 when nothing was fed. */
   mapJsonFinish(out: number): number;
+  /** Sets bit i of `outBitmap` when block i of a differs from block i of b (clears it when equal); bits past the last block are kept. */
+  diffBlocks(a: number, b: number, nBytes: number, blockBits: number, outBitmap: number): void;
 }

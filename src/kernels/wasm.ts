@@ -181,6 +181,7 @@ interface RawExports {
   mapJsonReset(): void;
   mapJsonFeed(entries: number, n: number, out: number): number;
   mapJsonFinish(out: number): number;
+  diffBlocks(a: number, b: number, nBytes: number, blockBits: number, outBitmap: number): void;
 }
 
 /** wasm/kernels.wasm of the package this file belongs to (works from src/, dist/ and dist/cli-bundle/). */
@@ -306,5 +307,6 @@ export function createWasmKernels(path: string = wasmPath()): Kernels {
     mapJsonReset: x.mapJsonReset,
     mapJsonFeed: (entries, n, out) => x.mapJsonFeed(entries, n, out) >>> 0,
     mapJsonFinish: (out) => x.mapJsonFinish(out) >>> 0,
+    diffBlocks: x.diffBlocks,
   };
 }

@@ -88,16 +88,31 @@ export class Qcow2Image implements BlockLayer {
 
   /** The write engine of an image opened with `writable: true` (created on first use). */
   async writer(): Promise<Qcow2Writer> {
-    if (!this.#writer) {
-      this.#writer = await Qcow2Writer.open(this);
-      this.#l2.source = this.#writer.l2Cache; // reads see unwritten changes
-    }
-    return this.#writer;
+    if (this.#writer) return this.#writer;
+    // Concurrent first writes must share one engine (one cache, one allocator).
+    this.#opening ??= Qcow2Writer.open(this).then(
+      (w) => {
+        this.#writer = w;
+        this.#l2.source = w.l2Cache; // reads see unwritten changes
+        this.#opening = undefined;
+        return w;
+      },
+      (e) => {
+        this.#opening = undefined;
+        throw e;
+      },
+    );
+    return this.#opening;
   }
+  #opening: Promise<Qcow2Writer> | undefined;
 
   /** Writes guest data (copy-on-write from the backing chain where clusters are partly written). */
   async write(offset: number, data: Uint8Array): Promise<void> {
     await (await this.writer()).write(offset, data);
+  }
+  /** Writes one whole cluster compressed (see Qcow2Writer.writeCompressed). */
+  async writeCompressed(offset: number, cluster: Uint8Array): Promise<void> {
+    await (await this.writer()).writeCompressed(offset, cluster);
   }
   /** Makes a guest range read as zeros: zero flags (v3) or unmapped clusters, data only at the edges. */
   async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {

@@ -367,5 +367,12 @@ export function referenceKernels(base: Kernels): Kernels {
       if (emitted) s += ']\n';
       return putText(out, s);
     },
+    diffBlocks(a, bb, nBytes, blockBits, outBitmap) {
+      const size = 2 ** blockBits;
+      const b = bytes();
+      for (let i = 0; i < Math.floor(nBytes / size); i++) {
+        putBit(b, outBitmap, i, firstDifferent(a + i * size, bb + i * size, size) >= 0);
+      }
+    },
   };
 }

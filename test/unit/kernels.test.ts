@@ -655,6 +655,32 @@ describe('zero detection and comparison', () => {
       release();
     }
   });
+
+  it('diffBlocks marks differing blocks and keeps bits past the last block', () => {
+    const r = prng(17);
+    for (let round = 0; round < 200; round++) {
+      const blockBits = r.int(13);
+      const blocks = r.int(70);
+      const n = blocks << blockBits;
+      const a = new Uint8Array(n);
+      for (let i = 0; i < n; i += 1 + r.int(64)) a[i] = r.int(256);
+      const b = a.slice();
+      for (let i = 0; i < blocks; i++) if (r.chance(0.4)) b[(i << blockBits) + r.int(1 << blockBits)] ^= 1 + r.int(255);
+      const pa = putBytes(a, r.int(16));
+      const pb = putBytes(b, r.int(16));
+      const bitmap = randomBytes(r, Math.ceil(blocks / 8) + 1, 1);
+      const [o1, o2] = [putBytes(bitmap), putBytes(bitmap)];
+      k.diffBlocks(pa, pb, n, blockBits, o1);
+      ref.diffBlocks(pa, pb, n, blockBits, o2);
+      expectSameBytes(o1, o2, bitmap.length);
+      let differing = 0;
+      for (let i = 0; i < blocks; i++) if (k.u8(o1 + (i >> 3), 1)[0]! & (1 << (i & 7))) differing++;
+      let expected = 0;
+      for (let i = 0; i < blocks; i++) if (a.subarray(i << blockBits, (i + 1) << blockBits).some((v, j) => v !== b[(i << blockBits) + j])) expected++;
+      expect(differing).toBe(expected);
+      release();
+    }
+  });
 });
 
 describe('map JSON writer', () => {
