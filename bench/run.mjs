@@ -129,7 +129,11 @@ function log(s) {
   process.stderr.write(s + '\n');
 }
 
-/** Run a command (untimed helper); throws with its stderr when it fails (unless allowFail). */
+/**
+ * Run a command (untimed helper); throws with its stderr when it fails (unless allowFail).
+ * @param {string} cmd @param {string[]} args
+ * @param {{ cwd?: string, input?: string | Buffer, allowFail?: boolean }} [opts]
+ */
 function sh(cmd, args, { cwd = tmpRoot, input, allowFail = false } = {}) {
   const r = spawnSync(cmd, args, {
     cwd,
@@ -712,7 +716,7 @@ const fmtX = (v) => (v === null || v === undefined ? '-' : `${v.toFixed(2)}x`);
 
 function main() {
   if (opts.list) {
-    for (const w of WORKLOADS) console.log(`${w.name.padEnd(18)} ${w.kind.padEnd(8)} fixtures: ${w.fixtures.join(', ') || '-'}${w.optional ? ' (optional)' : ''}`);
+    for (const w of WORKLOADS) console.log(`${w.name.padEnd(18)} ${w.kind.padEnd(8)} fixtures: ${w.fixtures.join(', ') || '-'}${'optional' in w && w.optional ? ' (optional)' : ''}`);
     return 0;
   }
   const selected = opts.only ? WORKLOADS.filter((w) => opts.only.includes(w.name) || opts.only.includes(w.kind)) : WORKLOADS;

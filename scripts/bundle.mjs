@@ -29,6 +29,7 @@ const lazyChildProcess = {
   },
 };
 
+/** @type {import('esbuild').BuildOptions} */
 const common = {
   outdir: OUT,
   outbase: 'src/cli',

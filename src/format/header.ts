@@ -3,7 +3,7 @@
  * field validated against the spec, QEMU 7.2's limits and the file size.
  */
 import { QcowError } from '../errors.js';
-import { dataView, decodeUtf8, isAligned, setU64, u64 } from './bytes.js';
+import { dataView, decodeUtf8, setU64, u64 } from './bytes.js';
 import {
   AUTOCLEAR_BITMAPS,
   AUTOCLEAR_DATA_FILE_RAW,

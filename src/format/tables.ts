@@ -31,7 +31,7 @@ function decodeOffsetTable(buf: Uint8Array, count: number, clusterSize: number, 
     let offHi = hi;
     // L1: reserved bits are ignored, as QEMU masks them (L1E_OFFSET_MASK); only an offset that
     // is not cluster aligned makes the entry unusable. Refcount table: reserved bits are errors.
-    let bad = !l1 && (lo & 0x1ff) !== 0;
+    const bad = !l1 && (lo & 0x1ff) !== 0;
     if (l1) {
       copied[i] = hi >>> 31;
       offHi = hi & 0x00ffffff;

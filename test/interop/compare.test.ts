@@ -40,6 +40,9 @@ function poke(file: string, offset: number, value: number): number {
   return old[0]!;
 }
 
+/** One run's output and exit code. */
+type Out = { stdout: string; stderr: string; status: number };
+
 let lastOurs: Out = { stdout: '', stderr: '', status: 0 };
 
 /** Compares with both tools; returns a description of the difference or '' (our run: lastOurs). */

@@ -16,7 +16,7 @@
 //
 // QCOWKIT_FUZZ_REPORT=1 prints every disagreement instead of stopping at the summary.
 import { spawn } from 'node:child_process';
-import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, expect, it } from 'vitest';
 import { describeQemu, qemuImg, qemuIo } from '../helpers/qemu.js';
