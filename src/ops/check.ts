@@ -67,7 +67,7 @@ export async function check(path: string, opts: CheckOptions = {}): Promise<Chec
 
   const file = opts.file ?? (await (opts.openFile ?? openImageFile)(path, { writable: fix !== 0, lock: fix ? 'write' : opts.forceShare ? 'read-shared' : 'read' }));
   try {
-    if ((opts.format ?? (await probeFile(file))) === 'raw') throw new QcowError('UNSUPPORTED', NO_CHECKS, path);
+    if ((opts.format ?? (await probeFile(file))) === 'raw') throw new QcowError('NO_CHECKS', NO_CHECKS, path);
     const first = await pass(path, file, fix, opts);
     let final = first;
     if (first.leaksFixed || first.corruptionsFixed) {
