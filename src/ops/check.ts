@@ -34,6 +34,8 @@ export interface CheckOptions extends OperationOptions {
   file?: ImageFile | undefined;
   /** Opens the image file when `file` is absent (tests inject faulty files here); default openImageFile. */
   openFile?: FileOpener | undefined;
+  /** Don't open the backing chain (a caller that already opened and validated it). */
+  skipBacking?: boolean | undefined;
 }
 
 /**
@@ -92,7 +94,7 @@ async function pass(path: string, file: ImageFile, fix: FixMode, opts: CheckOpti
   const img = await Qcow2Image.open(path, { file, writable: fix !== 0, forRepair: true, metadataOnly: true, check: true });
   try {
     // qemu-img check opens the whole backing chain (read-only) and fails when it can't.
-    if (!settle && img.backingName !== undefined)
+    if (!settle && !opts.skipBacking && img.backingName !== undefined)
       await Promise.all((await BackingChain.openBackingOf(img, { forceShare: opts.forceShare, signal: opts.signal })).map((l) => l.close()));
     if (img.header.cryptMethod !== 0)
       throw new QcowError('UNSUPPORTED', `encrypted images are not supported (encryption method ${img.header.cryptMethod === 1 ? 'aes' : 'luks'})`, path);

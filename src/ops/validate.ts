@@ -12,7 +12,9 @@ import { check } from './check.js';
 
 export async function validateForWrite(layer: BlockLayer, opts: { repairLeaks: boolean }): Promise<void> {
   if (!(layer instanceof Qcow2Image)) return;
-  const r = await check(layer.path, { file: layer.file, format: 'qcow2' });
+  // The chain is open already (the layers below are checked in turn): opening it again would
+  // meet this process's own write locks.
+  const r = await check(layer.path, { file: layer.file, format: 'qcow2', skipBacking: true });
   const corruptions = r.corruptions ?? 0;
   if (corruptions || r['check-errors'])
     throw new QcowError(
@@ -22,7 +24,7 @@ export async function validateForWrite(layer: BlockLayer, opts: { repairLeaks: b
     );
   const needsRepair = (r.leaks ?? 0) > 0 || layer.dirty;
   if (!needsRepair || !opts.repairLeaks || !layer.file.writable) return;
-  await check(layer.path, { file: layer.file, format: 'qcow2', repair: 'leaks' });
+  await check(layer.path, { file: layer.file, format: 'qcow2', repair: 'leaks', skipBacking: true });
   // The repair rewrote refcounts and the header's feature bits: take the header's word for them.
   const head = new Uint8Array(Math.min(layer.clusterSize, await layer.file.size()));
   await layer.file.readAt(head, 0);
