@@ -106,6 +106,11 @@ export class Qcow2Writer {
     return this.#img.file;
   }
 
+  /** An operation failed: nothing more is written (see `abandon`). */
+  get failed(): boolean {
+    return this.#failed;
+  }
+
   /** Runs one operation at a time (callers may fire several; the engine is not re-entrant). */
   #serial<T>(fn: () => Promise<T>): Promise<T> {
     const run = this.#queue.then(async () => {
