@@ -189,8 +189,9 @@ export class Qcow2Writer {
         await this.refcountCache.flush();
         await this.file.writeAt(buf, at);
         await this.file.flush();
-        await this.header.setL1Table(at, need);
+        // (Read before the switch: the header writer updates img.header in place.)
         const oldOffset = img.header.l1TableOffset;
+        await this.header.setL1Table(at, need);
         img.l1 = { offsets, copied, invalid: img.l1.invalid };
         if (oldOffset && oldSize) await this.refcounts.update(oldOffset / this.cs, Math.ceil((oldSize * 8) / this.cs), -1);
       }
