@@ -8,7 +8,7 @@ import { crashMatrix } from './commit-matrix-driver.js';
 import { SCENARIOS, isDataWrite, isMetadataWrite } from './commit-support.js';
 
 describeQemu('commit -d: crash, power loss and I/O errors at every flush and sampled writes', () => {
-  it('64 KiB clusters: data, zero writes, discards, partial clusters, compressed clusters', async () => {
+  it('64 KiB clusters: data, zero writes, discards, partial clusters, compressed clusters', { timeout: 600_000 }, async () => {
     const t = await crashMatrix('commit-d', SCENARIOS.plain64k!, {
       ops: 'all',
       modes: ['none', 'all', 'latest', { random: 2 }],
@@ -20,7 +20,7 @@ describeQemu('commit -d: crash, power loss and I/O errors at every flush and sam
     console.log('commit-d plain64k', JSON.stringify(t));
   });
 
-  it('base smaller than the top: L1 growth and resize', async () => {
+  it('base smaller than the top: L1 growth and resize', { timeout: 600_000 }, async () => {
     const t = await crashMatrix('commit-d', SCENARIOS.grow!, {
       ops: 'all',
       modes: ['none', 'all', 'latest'],
@@ -29,7 +29,7 @@ describeQemu('commit -d: crash, power loss and I/O errors at every flush and sam
     console.log('commit-d grow', JSON.stringify(t));
   });
 
-  it('refcount_bits=64 base with 512 B clusters: refcount blocks and table growth', async () => {
+  it('refcount_bits=64 base with 512 B clusters: refcount blocks and table growth', { timeout: 600_000 }, async () => {
     const t = await crashMatrix('commit-d', SCENARIOS.rc64!, {
       ops: 12,
       modes: ['none', 'all', { random: 5 }],

@@ -14,7 +14,7 @@ import { SCENARIOS, isDataWrite, isMetadataWrite } from './commit-support.js';
 const ALL_MODES = ['none', 'all', 'latest', { random: 1 }] as const;
 
 describeQemu('commit: crash, power loss and I/O errors at every flush and sampled writes', () => {
-  it('64 KiB clusters: data, zero writes, discards, partial clusters, compressed clusters in base and top', async () => {
+  it('64 KiB clusters: data, zero writes, discards, partial clusters, compressed clusters in base and top', { timeout: 600_000 }, async () => {
     const t = await crashMatrix('commit', SCENARIOS.plain64k!, {
       ops: 'all',
       modes: [...ALL_MODES],
@@ -27,7 +27,7 @@ describeQemu('commit: crash, power loss and I/O errors at every flush and sample
     console.log('commit plain64k', JSON.stringify(t));
   });
 
-  it('base smaller than the top: L1 growth and resize of the base', async () => {
+  it('base smaller than the top: L1 growth and resize of the base', { timeout: 600_000 }, async () => {
     const t = await crashMatrix('commit', SCENARIOS.grow!, {
       ops: 'all',
       modes: [...ALL_MODES],
@@ -39,7 +39,7 @@ describeQemu('commit: crash, power loss and I/O errors at every flush and sample
     console.log('commit grow', JSON.stringify(t));
   });
 
-  it('top with an internal snapshot and a persistent bitmap: emptied and compacted, both kept', async () => {
+  it('top with an internal snapshot and a persistent bitmap: emptied and compacted, both kept', { timeout: 600_000 }, async () => {
     const t = await crashMatrix('commit', SCENARIOS.snapbitmap!, {
       ops: 'all',
       modes: ['none', 'all', 'latest'],

@@ -8,7 +8,7 @@ import { crashMatrix } from './commit-matrix-driver.js';
 import { SCENARIOS, isDataWrite, isMetadataWrite } from './commit-support.js';
 
 describeQemu('commit into a base whose refcount blocks and table grow: crashes and I/O errors', () => {
-  it('refcount_bits=1, 512 B clusters: a new refcount block', async () => {
+  it('refcount_bits=1, 512 B clusters: a new refcount block', { timeout: 600_000 }, async () => {
     const t = await crashMatrix('commit', SCENARIOS.rc1!, {
       ops: 16,
       modes: ['none', 'all', { random: 3 }],
@@ -20,7 +20,7 @@ describeQemu('commit into a base whose refcount blocks and table grow: crashes a
     console.log('commit rc1', JSON.stringify(t));
   });
 
-  it('refcount_bits=64, 512 B clusters: new refcount blocks and a bigger refcount table', async () => {
+  it('refcount_bits=64, 512 B clusters: new refcount blocks and a bigger refcount table', { timeout: 600_000 }, async () => {
     const t = await crashMatrix('commit', SCENARIOS.rc64!, {
       ops: 16,
       modes: ['none', 'latest', { random: 4 }],

@@ -5,7 +5,8 @@
 // Every scenario is a set of two files in one directory: base.qcow2 and top.qcow2, whose backing
 // file name is the relative "base.qcow2" (so a copy of the directory is a self-contained chain).
 import { createHash } from 'node:crypto';
-import { copyFileSync, existsSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { expect } from 'vitest';
 import { commit, makeEmpty, Qcow2Image } from '../../src/index.js';
@@ -151,7 +152,8 @@ export const SCENARIOS: Record<string, Scenario> = {
     // The top has an internal snapshot and a persistent bitmap with dirty bits; 4 KiB clusters
     // (so the metadata the compaction moves is scattered): emptying it moves the L1 table,
     // refcount blocks and table, the snapshot table and the snapshot's L1, the bitmap directory,
-    // table and data toward the front.
+    // table and data toward the front. Committing its 4 KiB clusters into the base's 64 KiB ones
+    // needs copy-on-write in the base (a new cluster for part of a compressed one).
     name: 'top with an internal snapshot and a persistent bitmap (4 KiB clusters)',
     baseCluster: 64 * K,
     snapshotAndBitmap: true,
@@ -164,7 +166,7 @@ export const SCENARIOS: Record<string, Scenario> = {
       io(top, [`write -P 0x31 ${64 * K} 256k`, `write -z ${1 * M} 64k`, `write -c -P 0x32 ${2 * M} 16k`]);
       must(qemuImg(['snapshot', '-c', 's1', top]), 'snapshot');
       must(qemuImg(['bitmap', '--add', '-g', '64k', top, 'b0']), 'bitmap');
-      io(top, [`write -P 0x33 ${128 * K} 64k`, `write -P 0x34 ${4 * M} 300k`, `discard ${3 * M} 64k`, `write -P 0x35 ${5 * M + 512} 1k`]);
+      io(top, [`write -P 0x33 ${128 * K} 64k`, `write -P 0x34 ${4 * M} 300k`, `discard ${3 * M} 64k`, `write -P 0x35 ${5 * M + 512} 1k`, `write -P 0x36 ${3 * M + 520 * K} 4k`]);
     },
   },
   top512: top512(64),
@@ -208,14 +210,19 @@ export function sha256(file: string): string {
   return createHash('sha256').update(readFileSync(file)).digest('hex');
 }
 
-/** A snapshot's guest view (qemu-img convert -l), hashed. */
-export function snapshotView(file: string, snap: string, scratch: string): string {
-  const out = `${scratch}.snap.raw`;
-  must(qemuImg(['convert', '-l', `snapshot.name=${snap}`, '-O', 'raw', file, out]), `convert -l ${snap}`);
+/**
+ * Snapshot `snap` of `top`'s guest view over `base` (the pristine base: a commit changes what the
+ * snapshot reads from the backing file, never the snapshot itself), hashed.
+ */
+export function snapshotView(top: string, base: string, snap = 's1'): string {
+  const d = mkdtempSync(join(tmpdir(), 'qcowkit-snapview-'));
   try {
-    return sha256(out);
+    copyFileSync(top, join(d, TOP));
+    copyFileSync(base, join(d, BASE));
+    must(qemuImg(['convert', '-l', `snapshot.name=${snap}`, '-O', 'raw', join(d, TOP), join(d, 'snap.raw')]), `convert -l ${snap}`);
+    return sha256(join(d, 'snap.raw'));
   } finally {
-    rmSync(out, { force: true });
+    rmSync(d, { recursive: true, force: true });
   }
 }
 
@@ -324,7 +331,7 @@ export interface Views {
 export async function pristineViews(pristine: string, after: string, scenario: Scenario): Promise<Views> {
   const v: Views = { pristine, after, scenario };
   if (scenario.snapshotAndBitmap) {
-    v.snap = snapshotView(join(pristine, TOP), 's1', join(pristine, 'x'));
+    v.snap = snapshotView(join(pristine, TOP), join(pristine, BASE));
     v.bitmaps = await bitmapContents(join(pristine, TOP));
   }
   return v;
@@ -348,7 +355,7 @@ export async function expectSafeState(op: Op, dir: string, v: Views, label: stri
     else if (sha256(top) !== sha256(join(v.pristine, TOP)) && isEmptied(top)) expect(sameView(base, join(v.after, BASE)), `${label}: the top was emptied before the base held its data`).toBe(true);
   }
   if (v.scenario.snapshotAndBitmap) {
-    expect(snapshotView(top, 's1', join(dir, 'x')), `${label}: the snapshot's view changed`).toBe(v.snap);
+    expect(snapshotView(top, join(v.pristine, BASE)), `${label}: the snapshot's view changed`).toBe(v.snap);
     expect(await bitmapContents(top), `${label}: bitmap changed`).toBe(v.bitmaps);
   }
 }
@@ -387,7 +394,7 @@ export async function expectComplete(op: Op, dir: string, v: Views, label: strin
     else expect(sha256(top), `${label}: the top untouched`).toBe(sha256(join(v.pristine, TOP)));
   }
   if (v.scenario.snapshotAndBitmap) {
-    expect(snapshotView(top, 's1', join(dir, 'x')), `${label}: the snapshot's view`).toBe(v.snap);
+    expect(snapshotView(top, join(v.pristine, BASE)), `${label}: the snapshot's view`).toBe(v.snap);
     expect(await bitmapContents(top), `${label}: bitmap contents`).toBe(v.bitmaps);
   }
 }
