@@ -161,12 +161,14 @@ export const SCENARIOS: Record<string, Scenario> = {
       const base = join(dir, BASE);
       const top = join(dir, TOP);
       create(base, 'cluster_size=64k', '8M');
-      io(base, basePattern(64 * K));
+      // ... and a zeroed cluster that keeps its allocation (zero flag + host offset): written in
+      // place by the commit, which must make the data durable before clearing the flag.
+      io(base, [...basePattern(64 * K), `write -P 0x15 ${6 * M + 512 * K} 64k`, `write -z ${6 * M + 512 * K} 64k`]);
       create(top, 'cluster_size=4k', '8M', BASE);
       io(top, [`write -P 0x31 ${64 * K} 256k`, `write -z ${1 * M} 64k`, `write -c -P 0x32 ${2 * M} 16k`]);
       must(qemuImg(['snapshot', '-c', 's1', top]), 'snapshot');
       must(qemuImg(['bitmap', '--add', '-g', '64k', top, 'b0']), 'bitmap');
-      io(top, [`write -P 0x33 ${128 * K} 64k`, `write -P 0x34 ${4 * M} 300k`, `discard ${3 * M} 64k`, `write -P 0x35 ${5 * M + 512} 1k`, `write -P 0x36 ${3 * M + 520 * K} 4k`]);
+      io(top, [`write -P 0x33 ${128 * K} 64k`, `write -P 0x34 ${4 * M} 300k`, `discard ${3 * M} 64k`, `write -P 0x35 ${5 * M + 512} 1k`, `write -P 0x36 ${3 * M + 520 * K} 4k`, `write -P 0x37 ${6 * M + 520 * K} 4k`]);
     },
   },
   top512: top512(64),
