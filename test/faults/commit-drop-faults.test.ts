@@ -20,6 +20,18 @@ describeQemu('commit -d: crash, power loss and I/O errors at every flush and sam
     console.log('commit-d plain64k', JSON.stringify(t));
   });
 
+  it('in-place writes into zero-flagged allocated base clusters: data durable before the flag goes', { timeout: 600_000 }, async () => {
+    const t = await crashMatrix('commit-d', SCENARIOS.zeroalloc!, {
+      ops: 'all',
+      modes: ['none', 'all', 'latest', { random: 6 }],
+      io: [
+        { what: 'metadata writes', filter: isMetadataWrite, points: 'all', errnos: ['EIO'] },
+        { what: 'data writes', filter: isDataWrite, points: 'all', errnos: ['ENOSPC'] },
+      ],
+    });
+    console.log('commit-d zeroalloc', JSON.stringify(t));
+  });
+
   it('base smaller than the top: L1 growth and resize', { timeout: 600_000 }, async () => {
     const t = await crashMatrix('commit-d', SCENARIOS.grow!, {
       ops: 'all',

@@ -171,6 +171,21 @@ export const SCENARIOS: Record<string, Scenario> = {
       io(top, [`write -P 0x33 ${128 * K} 64k`, `write -P 0x34 ${4 * M} 300k`, `discard ${3 * M} 64k`, `write -P 0x35 ${5 * M + 512} 1k`, `write -P 0x36 ${3 * M + 520 * K} 4k`, `write -P 0x37 ${6 * M + 520 * K} 4k`]);
     },
   },
+  zeroalloc: {
+    // Only in-place writes into the base: a zeroed cluster that kept its allocation (stale data
+    // underneath) receives 4 KiB of the top's. Nothing is allocated, so nothing but the declared
+    // "L2 after a data flush" orders the data before the entry that clears the zero flag.
+    name: 'in-place write into a zero-flagged allocated base cluster (stale data underneath)',
+    baseCluster: 64 * K,
+    build(dir) {
+      const base = join(dir, BASE);
+      const top = join(dir, TOP);
+      create(base, 'cluster_size=64k', '8M');
+      must(qemuIo(base, [`write -P 0x15 ${1 * M} 128k`, `write -z ${1 * M} 128k`, `write -P 0x16 0 64k`]), 'base');
+      create(top, 'cluster_size=4k', '8M', BASE);
+      io(top, [`write -P 0x51 ${1 * M + 8 * K} 4k`, `write -P 0x52 ${1 * M + 100 * K} 8k`, `write -P 0x53 ${8 * K} 4k`]);
+    },
+  },
   top512: top512(64),
   top512rc16: top512(16),
 };
