@@ -220,7 +220,8 @@ export function sameView(a: string, b: string): boolean {
 export function isEmptied(file: string): boolean {
   const r = qemuImg(['map', '--output=json', file]);
   must(r, 'map');
-  return (JSON.parse(r.stdout) as Array<{ depth: number; present: boolean }>).every((e) => e.depth !== 0);
+  // (Past the end of a shorter backing file, qemu-img map reports depth 0, not present.)
+  return (JSON.parse(r.stdout) as Array<{ depth: number; present: boolean }>).every((e) => e.depth !== 0 || !e.present);
 }
 
 export function sha256(file: string): string {
