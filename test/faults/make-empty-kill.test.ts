@@ -13,12 +13,13 @@ import { SCENARIOS } from './commit-support.js';
 describeQemu('make-empty (CLI) killed with SIGKILL after each write', () => {
   it('every write of every scenario', { timeout: 900_000 }, async () => {
     let killed = 0;
-    for (const key of ['plain64k', 'grow', 'rc64', 'snapbitmap', 'top512rc16', 'top512'] as const) {
+    for (const key of ['plain64k', 'grow', 'rc64', 'snapbitmap', 'top512rc16'] as const) {
       const r = await killMatrix('make-empty', SCENARIOS[key]!, range(1, 1000), { qemuRw: (k) => k % 8 === 1 });
       expect(r.completedAt, `${key}: completes past its last write`).toBeDefined();
       killed += r.killed;
       console.log(`make-empty kill ${key}: ${r.killed} kill points, completed at ${r.completedAt}`);
     }
-    expect(killed).toBeGreaterThanOrEqual(200);
+    // With make-empty-kill-refcount.test.ts: >= 200 kill points in all.
+    expect(killed).toBeGreaterThanOrEqual(60);
   });
 });
