@@ -20,6 +20,11 @@ export class ClusterAllocator implements FreeClusterSource {
   #high: number;
   /** Claimed [first, end) runs whose refcounts are not raised yet. */
   readonly #claims: Array<[number, number]> = [];
+  /**
+   * Called with one past the last cluster of a run before its refcounts are raised: the owner
+   * makes the file cover it first (a refcount past the end of the file is a leak no check sees).
+   */
+  beforeRaise: ((endCluster: number) => Promise<void>) | undefined;
 
   constructor(
     private readonly refcounts: RefcountManager,
@@ -101,6 +106,7 @@ export class ClusterAllocator implements FreeClusterSource {
     const runs = opts.contiguous ? [await this.#findRun(count, true)] : await this.#findRuns(count);
     for (const r of runs) this.#claims.push([r.first, r.first + r.count]);
     try {
+      if (this.beforeRaise) await this.beforeRaise(Math.max(...runs.map((r) => r.first + r.count)));
       for (const r of runs) await this.refcounts.update(r.first, r.count, 1);
     } finally {
       for (const r of runs) this.#unclaim(r.first);

@@ -126,10 +126,16 @@ export class MetadataCache {
     return n;
   }
 
-  /** Writes every dirty table (dependencies first); no final flush. */
+  /**
+   * Writes every dirty table (dependencies first); no final flush. With nothing dirty, a pending
+   * dependency is still satisfied: tables written earlier (e.g. while satisfying another cache's
+   * dependency on this one) may point at clusters whose refcounts are not durable yet, and a
+   * caller about to point at them (an L1 entry) relies on `flush()` covering that.
+   */
   async writeBack(): Promise<void> {
     const dirty = [...this.#entries.values()].filter((e) => e.dirty);
     if (dirty.length) await this.#write(dirty);
+    else await this.#satisfyDependencies();
   }
 
   /** writeBack, then a file flush: every change made so far is durable. */

@@ -374,7 +374,10 @@ export class Qcow2Image implements BlockLayer {
 
   async close(): Promise<void> {
     try {
-      if (this.#writer) await this.#writer.close();
+      // After a failed write the caller already has that error: closing releases the image
+      // without writing more (and without throwing a vaguer error in place of the real one).
+      if (this.#writer?.failed) this.#writer.abandon();
+      else if (this.#writer) await this.#writer.close();
     } catch (e) {
       this.#writer?.abandon();
       throw e;

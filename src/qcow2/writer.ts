@@ -87,6 +87,27 @@ export class Qcow2Writer {
     this.l2Cache = refcounts.l2Cache!;
     this.refcountCache = refcounts.cache;
     this.allocator = new ClusterAllocator(refcounts, discards, Math.ceil(img.fileSize / img.clusterSize), img.path);
+    this.#fileEnd = img.fileSize;
+    this.allocator.beforeRaise = (end) => this.#cover(end);
+  }
+
+  /** Bytes the file is known to cover. */
+  #fileEnd: number;
+
+  /**
+   * Clusters handed out past the end of the file: the file is extended to cover them, and that
+   * is durable before any raised refcount reaches the file. Otherwise a crash could leave a
+   * refcount of 1 past the end of the file, a leak that no check reports or repairs (qemu-img
+   * check looks only inside the file) and that shows up once the file grows over it.
+   */
+  async #cover(endCluster: number): Promise<void> {
+    const bytes = endCluster * this.cs;
+    if (bytes <= this.#fileEnd) return;
+    this.#fileEnd = Math.max(bytes, await this.file.size());
+    if (bytes > (await this.file.size())) {
+      await this.file.truncate(bytes);
+      this.refcountCache.dependsOnFlush();
+    }
   }
 
   static async open(img: Qcow2Image): Promise<Qcow2Writer> {
@@ -107,6 +128,11 @@ export class Qcow2Writer {
 
   get file(): ImageFile {
     return this.#img.file;
+  }
+
+  /** An operation failed: nothing more is written (see `abandon`). */
+  get failed(): boolean {
+    return this.#failed;
   }
 
   /** Runs one operation at a time (callers may fire several; the engine is not re-entrant). */
@@ -239,8 +265,9 @@ export class Qcow2Writer {
         await this.refcountCache.flush();
         await this.file.writeAt(buf, at);
         await this.file.flush();
-        await this.header.setL1Table(at, need);
+        // (Read before the switch: the header writer updates img.header in place.)
         const oldOffset = img.header.l1TableOffset;
+        await this.header.setL1Table(at, need);
         img.l1 = { offsets, copied, invalid: img.l1.invalid };
         if (oldOffset && oldSize) await this.refcounts.update(oldOffset / this.cs, Math.ceil((oldSize * 8) / this.cs), -1);
       }
