@@ -172,6 +172,7 @@ interface RawExports {
   clearBits(ptr: number, startBit: number, nBits: number): void;
   extents(ptr: number, startBit: number, endBit: number, out: number, maxOut: number): number;
   extentsNext(): number;
+  bitmapConvertOr(dst: number, dstBits: number, src: number, srcBits: number, shift: number): void;
   isZero(ptr: number, nBytes: number): number;
   firstNonZero(ptr: number, nBytes: number): number;
   firstDifference(a: number, b: number, nBytes: number): number;
@@ -243,6 +244,7 @@ export function createWasmKernels(): Kernels {
     clearBits: x.clearBits,
     extents: (ptr, startBit, endBit, out, maxOut) => x.extents(ptr, startBit, endBit, out, maxOut) >>> 0,
     extentsNext: x.extentsNext,
+    bitmapConvertOr: x.bitmapConvertOr,
 
     isZero: (ptr, nBytes) => x.isZero(ptr, nBytes) !== 0,
     firstNonZero: x.firstNonZero,
