@@ -16,7 +16,7 @@ export function command() {
     ],
   )
     .addOption(formatOption())
-    .addOption(new Option('--bitmap <name...>', 'persistent bitmap(s) of FILENAME whose dirty ranges to report (repeatable)'))
+    .addOption(new Option('--bitmap <name>', 'a persistent bitmap of FILENAME whose dirty ranges to report (repeat for a union)').argParser((v: string, prev: string[] | undefined) => [...(prev ?? []), v]))
     .addOption(new Option('--since <image>', "a layer of FILENAME's backing chain: report what the layers above it provide"))
     .option('-U, --force-share', 'open even if another process uses the image')
     .addOption(outputOption())
