@@ -110,6 +110,28 @@ export async function readBitmapTable(img: Qcow2Image, e: BitmapDirectoryEntry):
   return out;
 }
 
+/**
+ * What QEMU checks when it opens an image (it loads every bitmap not in use): each such bitmap's
+ * table must be readable with valid entries (no reserved bits, aligned offsets, the all-ones flag
+ * only without an offset), else the open fails. Data clusters past the end of the file are left
+ * to `check`, which counts them as QEMU does.
+ */
+export async function validateBitmapTables(img: Qcow2Image): Promise<void> {
+  for (const e of img.bitmaps) {
+    if (isInUse(e)) continue;
+    const fail = () => new QcowError('CORRUPT', `Could not read bitmap_table table from image for bitmap '${e.name}': Invalid argument`, img.path);
+    if (e.tableOffset + e.tableSize * 8 > img.fileSize) throw fail();
+    const raw = new Uint8Array(e.tableSize * 8);
+    await img.file.readAt(raw, e.tableOffset);
+    const v = new DataView(raw.buffer);
+    for (let i = 0; i < e.tableSize; i++) {
+      const word = v.getBigUint64(i * 8);
+      const off = word & BME_TABLE_OFFSET_MASK;
+      if (word & BME_TABLE_RESERVED_MASK || off % BigInt(img.clusterSize) || (off && word & 1n)) throw fail();
+    }
+  }
+}
+
 /** Host cluster runs (ascending table order, merged where contiguous) of a decoded table. */
 function dataRuns(table: Float64Array, cs: number): ClusterRun[] {
   const runs: ClusterRun[] = [];

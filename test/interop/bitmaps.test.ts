@@ -9,6 +9,10 @@ import { join } from 'node:path';
 import { expect, it } from 'vitest';
 import { command as bitmapCommand } from '../../src/cli/commands/bitmap.js';
 import { command as changesCommand } from '../../src/cli/commands/changes.js';
+import { command as checkCommand } from '../../src/cli/commands/check.js';
+import { command as commitCommand } from '../../src/cli/commands/commit.js';
+import { copyFileSync } from 'node:fs';
+import { patchBytes } from '../helpers/bytes.js';
 import { markBitmapsDirty, openImage } from '../../src/index.js';
 import { runCommandInProcess } from '../helpers/cli.js';
 import { describeQemu, qemuImg, qemuImgJson, qemuIo } from '../helpers/qemu.js';
@@ -275,6 +279,65 @@ describeQemu('persistent bitmaps: qcowkit and QEMU read and write each other', (
     }
     expectClean(img);
     expect(await nbdDirtyMaps(img, ['on', 'off'])).toEqual({ on: atGranularity(ranges, 128 * K, size), off: [] });
+  });
+
+  it('check: bitmap tables, data clusters and directory flags judged and counted as qemu-img check does', async () => {
+    const dir = tmpDir();
+    const img = join(dir, 'c.qcow2');
+    must(qemuImg(['create', '-f', 'qcow2', img, '1G']), 'create');
+    must(qemuImg(['bitmap', '--add', img, 'b0']), 'add');
+    must(qemuImg(['bitmap', '--add', '-g', '4k', img, 'b1']), 'add');
+    must(qemuIo(img, ['write 0 1M', 'write 500M 64k']), 'write');
+    const h = await openImage(img);
+    const [b0, b1] = h.bitmaps.map((b) => ({ ...b }));
+    const dirOffset = h.header.bitmaps!.directoryOffset;
+    await h.close();
+    const b0Data = readFileSync(img).readBigUInt64BE(b0!.tableOffset);
+    const u64 = (v: bigint) => {
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(v);
+      return b;
+    };
+    const cases: Array<[string, number, Buffer]> = [
+      ['clean', 0, Buffer.alloc(0)],
+      ['table entry with a reserved bit', b1!.tableOffset, u64(b0Data | 2n)],
+      ['data cluster shared with another bitmap', b1!.tableOffset, u64(b0Data)],
+      ['data cluster past the end of the file', b1!.tableOffset, u64(0x10000000n)],
+      ['all-ones entry (its data cluster leaks)', b1!.tableOffset, u64(1n)],
+      ['reserved flag bit', dirOffset + 12, Buffer.from([0, 0, 0, 8])],
+      ['table size not matching the disk', dirOffset + 8, Buffer.from([0, 0, 0, 2])],
+    ];
+    for (const [what, at, bytes] of cases) {
+      const f = join(dir, `${what.replace(/\W+/g, '-')}.qcow2`);
+      copyFileSync(img, f);
+      if (bytes.length) patchBytes(f, at, bytes);
+      const q = qemuImg(['check', '--output=json', f]);
+      const k = await qcowkit(checkCommand, ['--output', 'json', f], dir);
+      expect(k.status, `${what}: ${k.stderr}`).toBe(q.status);
+      if (q.status !== 1) expect(JSON.parse(k.stdout), what).toEqual(JSON.parse(q.stdout));
+    }
+  });
+
+  it("commit marks the base's recording bitmaps for every range it writes, as qemu-img commit does", async () => {
+    const results: Record<string, Record<string, Extent[]>> = {};
+    for (const tool of ['qemu-img', 'qcowkit']) {
+      const dir = tmpDir();
+      const base = join(dir, 'base.qcow2');
+      const top = join(dir, 'top.qcow2');
+      must(qemuImg(['create', '-f', 'qcow2', base, '1G']), 'base');
+      must(qemuImg(['bitmap', '--add', '-g', '128k', base, 'rec']), 'add');
+      must(qemuImg(['bitmap', '--add', '--disable', base, 'off']), 'add');
+      must(qemuIo(base, ['write 0 4M']), 'base write');
+      must(qemuImg(['create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top]), 'top');
+      qemuWrites(top, G, 25, prng(11));
+      must(qemuIo(top, ['write -z 300M 2M', 'write -z -u 600M 1M']), 'zeroes');
+      if (tool === 'qemu-img') must(qemuImg(['commit', top]), 'qemu-img commit');
+      else await ok(commitCommand, [top], dir);
+      expectClean(base);
+      results[tool] = await nbdDirtyMaps(base, ['rec', 'off']);
+    }
+    expect(results['qcowkit']).toEqual(results['qemu-img']);
+    expect(results['qcowkit']!['rec']!.length).toBeGreaterThan(1);
   });
 
   it('changes --since equals the union of what qemu-img map shows allocated above that layer', async () => {
