@@ -403,7 +403,7 @@ export class BitmapStore {
 
   /** Everything written so far durable, refcounts of the new clusters included. */
   async #durable(): Promise<void> {
-    await this.w.refcountCache.flush();
+    await this.w.refcountCache.writeBack();
     await this.img.file.flush();
   }
 
@@ -501,6 +501,5 @@ export async function markBitmapsDirty(img: Qcow2Image, ranges: ReadonlyArray<By
       bm.free();
     }
   }
-  await img.flush();
   return done;
 }
