@@ -13,6 +13,7 @@ export type QcowErrorCode =
   | 'LOCKED' // another process holds a conflicting lock
   | 'IO' // read/write/flush failed
   | 'NO_SPACE' // the filesystem has no room for what an operation would write (checked before writing)
+  | 'KERNELS' // the package's WebAssembly kernels (wasm/kernels.wasm) are missing or broken
   | 'ABORTED' // AbortSignal fired
   | 'INTERNAL'; // an invariant of qcowkit itself failed (a bug: please report it)
 
@@ -28,6 +29,7 @@ export const EXIT_CODES: Record<QcowErrorCode, number> = {
   LOCKED: 1,
   IO: 1,
   NO_SPACE: 1,
+  KERNELS: 1,
   ABORTED: 130,
   INTERNAL: 70,
 };

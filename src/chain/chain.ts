@@ -34,6 +34,8 @@ export interface OpenChainOptions {
    * the top) or file paths (matched by real path). The others stay read-only.
    */
   write?: ReadonlyArray<number | string> | undefined;
+  /** Opened for an operation that writes some layer (lock errors say so). */
+  writeOperation?: boolean | undefined;
 }
 
 /** One entry of `map`, with qemu-img's semantics (depth = layer index that answered). */
@@ -91,12 +93,12 @@ export async function probeFormat(path: string): Promise<LayerFormat> {
 export async function openLayer(
   path: string,
   format: LayerFormat,
-  opts: { metadataOnly?: boolean | undefined; forceShare?: boolean | undefined; openFile?: FileOpener | undefined; writable?: boolean | undefined } = {},
+  opts: { metadataOnly?: boolean | undefined; forceShare?: boolean | undefined; openFile?: FileOpener | undefined; writable?: boolean | undefined; writeOperation?: boolean | undefined } = {},
 ): Promise<BlockLayer> {
   const forceShare = opts.forceShare === true && !opts.writable;
   const writable = opts.writable === true;
   const lock = writable ? ('write' as const) : forceShare ? ('read-shared' as const) : ('read' as const);
-  const file = await (opts.openFile ?? openImageFile)(path, { writable, lock });
+  const file = await (opts.openFile ?? openImageFile)(path, { writable, lock, forWrite: writable || opts.writeOperation === true });
   try {
     if (format === 'raw') return await RawLayer.open(path, { forceShare, writable, file });
     return await Qcow2Image.open(path, { metadataOnly: opts.metadataOnly ?? false, forceShare, writable, file });

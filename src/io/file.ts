@@ -36,6 +36,8 @@ export interface OpenFileOptions {
   writable?: boolean;
   /** QEMU-compatible locking; default 'write' for writable files, else 'read'. */
   lock?: LockMode;
+  /** The file is opened by an operation that writes (its lock errors don't suggest -U). */
+  forWrite?: boolean;
 }
 
 /** Crash-test hook (test/faults): the process SIGKILLs itself right after its Nth write. */
@@ -153,7 +155,7 @@ export async function openImageFile(path: string, opts: OpenFileOptions = {}): P
     const st = await handle.stat();
     size = st.size;
     if (st.isDirectory()) throw new QcowError('NOT_QCOW2', 'Could not open: Is a directory', path);
-    if (st.isFile()) await lockImage(handle.fd, st.dev, st.ino, opts.lock ?? (writable ? 'write' : 'read'), path);
+    if (st.isFile()) await lockImage(handle.fd, st.dev, st.ino, opts.lock ?? (writable ? 'write' : 'read'), path, opts.forWrite ?? writable);
   } catch (e) {
     await handle.close();
     throw fromSystemError(e, path, 'Could not open');

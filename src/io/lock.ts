@@ -4,7 +4,7 @@
  * 3 resize. Conflicts are found the way QEMU's F_OFD_GETLK finds them, by reading /proc/locks
  * (an exclusive test lock would need a writable descriptor and would block QEMU's readers).
  */
-import { readFile } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { QcowError } from '../errors.js';
 import { tryLock } from './fsx.js';
 
@@ -30,9 +30,9 @@ const PLANS: Record<Exclude<LockMode, 'none'>, LockPlan> = {
 const SNAPSHOT_MS = 250;
 let snapshot: { text: string; at: number } | undefined;
 
-async function procLocks(): Promise<string> {
+async function procLocks(fresh = false): Promise<string> {
   const now = performance.now();
-  if (snapshot && now - snapshot.at < SNAPSHOT_MS) return snapshot.text;
+  if (!fresh && snapshot && now - snapshot.at < SNAPSHOT_MS) return snapshot.text;
   let text = '';
   try {
     text = await readFile('/proc/locks', 'utf8');
@@ -43,12 +43,47 @@ async function procLocks(): Promise<string> {
   return text;
 }
 
-/** Byte offsets other processes hold locks on for this inode (from /proc/locks). */
-async function lockedBytes(dev: number, ino: number): Promise<Set<number>> {
-  const text = await procLocks();
+/** The inode as /proc/locks names it (major:minor:inode, hex device numbers). */
+function inodeId(dev: number, ino: number): string {
   const major = ((dev >>> 8) & 0xfff) | (Math.floor(dev / 2 ** 32) & ~0xfff);
   const minor = (dev & 0xff) | ((dev >>> 12) & 0xfff00);
-  const id = `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}:${ino}`;
+  return `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}:${ino}`;
+}
+
+/**
+ * Processes holding OFD locks on the inode: /proc/locks shows no PID for OFD locks, but each
+ * process's /proc/PID/fdinfo/FD lists the locks of that descriptor. Only read on a conflict.
+ */
+async function lockHolders(id: string): Promise<string[]> {
+  const out: string[] = [];
+  let pids: string[] = [];
+  try {
+    pids = (await readdir('/proc')).filter((p) => /^\d+$/.test(p) && Number(p) !== process.pid);
+  } catch {
+    return out;
+  }
+  for (const pid of pids) {
+    let fds: string[];
+    try {
+      fds = await readdir(`/proc/${pid}/fdinfo`);
+    } catch {
+      continue;
+    }
+    for (const fd of fds) {
+      const text = await readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8').catch(() => '');
+      if (!text.includes(` ${id} `)) continue;
+      const comm = (await readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '?')).trim();
+      out.push(`PID ${pid} (${comm})`);
+      break;
+    }
+  }
+  return out;
+}
+
+/** Byte offsets other processes hold locks on for this inode (from /proc/locks). */
+async function lockedBytes(dev: number, ino: number, fresh = false): Promise<Set<number>> {
+  const text = await procLocks(fresh);
+  const id = inodeId(dev, ino);
   const out = new Set<number>();
   for (const line of text.split('\n')) {
     if (line.includes('->')) continue; // a waiter, not a holder
@@ -67,20 +102,24 @@ async function lockedBytes(dev: number, ino: number): Promise<Set<number>> {
  * Takes the locks for `mode` on an open descriptor, refusing when another process holds a
  * conflicting one (as QEMU: "Failed to get shared "write" lock").
  */
-export async function lockImage(fd: number, dev: number, ino: number, mode: LockMode, path: string): Promise<void> {
+export async function lockImage(fd: number, dev: number, ino: number, mode: LockMode, path: string, forWrite = mode === 'write'): Promise<void> {
   if (mode === 'none') return;
   const plan = PLANS[mode];
-  const taken = await lockedBytes(dev, ino);
-  for (const p of plan.hold)
-    if (taken.has(200 + p)) throw lockError(path, `Failed to get "${PERM_NAMES[p]}" lock`, mode);
-  for (const p of plan.forbid)
-    if (taken.has(100 + p)) throw lockError(path, `Failed to get shared "${PERM_NAMES[p]}" lock`, mode);
+  let taken = await lockedBytes(dev, ino);
+  // A remembered /proc/locks may name an inode number since freed and reused: look again before
+  // calling anything a conflict.
+  const conflicts = (t: Set<number>) => plan.hold.some((p) => t.has(200 + p)) || plan.forbid.some((p) => t.has(100 + p));
+  if (conflicts(taken)) taken = await lockedBytes(dev, ino, true);
+  const conflict = async (what: string) => lockError(path, what, forWrite, await lockHolders(inodeId(dev, ino)));
+  for (const p of plan.hold) if (taken.has(200 + p)) throw await conflict(`Failed to get "${PERM_NAMES[p]}" lock`);
+  for (const p of plan.forbid) if (taken.has(100 + p)) throw await conflict(`Failed to get shared "${PERM_NAMES[p]}" lock`);
   for (const byte of [...plan.hold.map((p) => 100 + p), ...plan.forbid.map((p) => 200 + p)]) {
-    if (!tryLock(fd, byte, 1, true)) throw lockError(path, `Failed to lock byte ${byte}`, mode);
+    if (!tryLock(fd, byte, 1, true)) throw await conflict(`Failed to lock byte ${byte}`);
   }
 }
 
-function lockError(path: string, what: string, mode: LockMode): QcowError {
-  const hint = mode === 'write' ? 'stop it before changing the image' : 'use -U to read it anyway';
-  return new QcowError('LOCKED', `${what}: is another process (QEMU, qemu-nbd) using the image? ${hint}`, path);
+function lockError(path: string, what: string, forWrite: boolean, holders: string[]): QcowError {
+  const hint = forWrite ? 'stop it before changing the image' : 'use -U to read it anyway';
+  const who = holders.length ? `the image is in use by ${holders.join(', ')}` : 'is another process (QEMU, qemu-nbd) using the image?';
+  return new QcowError('LOCKED', `${what}: ${who}; ${hint}`, path);
 }

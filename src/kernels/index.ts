@@ -1,5 +1,6 @@
 /**
- * Entry point of the WebAssembly kernels: `kernels()` instantiates build/kernels.wasm on first use.
+ * Entry point of the WebAssembly kernels: `kernels()` instantiates wasm/kernels.wasm on first use
+ * (a missing or broken file throws QcowError KERNELS).
  * Imports only node:fs/node:path/node:url (through wasm.ts) to keep startup cheap.
  */
 import type { Kernels } from './api.js';

@@ -1,6 +1,7 @@
 /**
- * Loads build/kernels.wasm (synchronously, once per process) and wraps it as `Kernels`, with a
- * JS-side heap over the wasm memory.
+ * Loads wasm/kernels.wasm (synchronously, once per process) and wraps it as `Kernels`, with a
+ * JS-side heap over the wasm memory. The file lives in its own folder, not in build/: a native
+ * rebuild (`node-gyp rebuild`, the package's install script) empties build/.
  *
  * Memory growth detaches every ArrayBuffer view of `memory.buffer`: after any `alloc`,
  * `allocZeroed` or `reserve`, re-create views with `u8()` (or `new DataView(memory.buffer)`).
@@ -8,6 +9,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { QcowError } from '../errors.js';
 import type { Kernels } from './api.js';
 
 const ALIGN = 16;
@@ -179,30 +181,79 @@ interface RawExports {
   zeroBlocks(ptr: number, nBytes: number, blockBits: number, outBitmap: number): void;
 }
 
-/** build/kernels.wasm of the package this file belongs to (works from src/ and dist/). */
+/** wasm/kernels.wasm of the package this file belongs to (works from src/, dist/ and dist/cli-bundle/). */
 export function wasmPath(): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
+  const here = fileURLToPath(import.meta.url);
+  let dir = dirname(here);
   while (!existsSync(join(dir, 'package.json'))) {
     const parent = dirname(dir);
-    if (parent === dir) throw new Error('kernels: package.json not found above ' + fileURLToPath(import.meta.url));
+    if (parent === dir) throw kernelsError(`package.json not found above ${here}`, here);
     dir = parent;
   }
-  return join(dir, 'build', 'kernels.wasm');
+  return join(dir, 'wasm', 'kernels.wasm');
+}
+
+/** Every export createWasmKernels() wraps: a file missing one is stale or not ours. */
+const REQUIRED_EXPORTS = [
+  'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'refsAddRange', 'refcountCompare',
+  'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits', 'clearBits', 'extents',
+  'extentsNext', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
+] as const satisfies ReadonlyArray<keyof RawExports>;
+
+const REINSTALL = 'reinstall qcowkit, or run `npm run build:wasm` in a checkout';
+
+function kernelsError(message: string, file: string, cause?: unknown): QcowError {
+  return new QcowError('KERNELS', `WebAssembly kernels: ${message} (${REINSTALL})`, file, cause === undefined ? undefined : { cause });
+}
+
+/** Reads and compiles the kernels file; any failure is one KERNELS error naming the file. */
+function compileKernels(path: string): object {
+  let bytes: Uint8Array;
+  try {
+    bytes = readFileSync(path);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const why = code === 'ENOENT' ? 'file missing' : code === 'EACCES' || code === 'EPERM' ? 'permission denied' : `cannot read (${(e as Error).message})`;
+    throw kernelsError(why, path, e);
+  }
+  let module: object;
+  try {
+    module = new wasmApi.Module(bytes);
+  } catch (e) {
+    throw kernelsError(`not a valid WebAssembly module (${(e as Error).message})`, path, e);
+  }
+  const names = new Set(wasmApi.Module.exports(module).map((x) => x.name));
+  const missing = ['memory', ...REQUIRED_EXPORTS].filter((n) => !names.has(n));
+  if (missing.length > 0) throw kernelsError(`stale or foreign file, missing exports: ${missing.join(', ')}`, path);
+  return module;
 }
 
 /** The part of the WebAssembly JS API used here (the project's `lib` has no DOM types). */
 interface WasmApi {
-  Module: new (bytes: Uint8Array) => object;
+  Module: { new (bytes: Uint8Array): object; exports(module: object): Array<{ name: string; kind: string }> };
   Instance: new (module: object, imports: object) => { readonly exports: unknown };
 }
 
 const wasmApi = (globalThis as unknown as { WebAssembly: WasmApi }).WebAssembly;
-let compiled: object | undefined;
+const compiled = new Map<string, object>();
 
-/** A fresh kernels instance with its own memory and heap (the module is compiled once). */
-export function createWasmKernels(): Kernels {
-  compiled ??= new wasmApi.Module(readFileSync(wasmPath()));
-  const x = new wasmApi.Instance(compiled, {}).exports as RawExports;
+/**
+ * A fresh kernels instance with its own memory and heap (each file is compiled once). `path`
+ * (default: the package's wasm/kernels.wasm) is there for tests. A missing, unreadable or broken
+ * file throws QcowError KERNELS naming it.
+ */
+export function createWasmKernels(path: string = wasmPath()): Kernels {
+  let module = compiled.get(path);
+  if (!module) {
+    module = compileKernels(path);
+    compiled.set(path, module);
+  }
+  let x: RawExports;
+  try {
+    x = new wasmApi.Instance(module, {}).exports as RawExports;
+  } catch (e) {
+    throw kernelsError(`cannot instantiate (${(e as Error).message})`, path, e);
+  }
   const heap = new WasmHeap(x.memory, x.heapBase());
   const memory = x.memory;
   return {

@@ -8,7 +8,7 @@
  * returned (with the first pass's fixed counts), exactly as qemu-img reports it.
  */
 import { QcowError, isQcowError } from '../errors.js';
-import { openImageFile, type ImageFile } from '../io/file.js';
+import { openImageFile, type FileOpener, type ImageFile } from '../io/file.js';
 import { QCOW2_MAGIC } from '../format/constants.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { createContext } from '../qcow2/check/context.js';
@@ -32,6 +32,8 @@ export interface CheckOptions extends OperationOptions {
   onRepaired?: ((fixed: { leaks: number; corruptions: number }) => void) | undefined;
   /** An already opened file (tests inject faulty ones); it must be writable for a repair. */
   file?: ImageFile | undefined;
+  /** Opens the image file when `file` is absent (tests inject faulty files here); default openImageFile. */
+  openFile?: FileOpener | undefined;
 }
 
 /**
@@ -62,7 +64,7 @@ export async function check(path: string, opts: CheckOptions = {}): Promise<Chec
     throw new QcowError('INVALID_ARGUMENT', `Unknown option value for -r (expecting 'leaks' or 'all'): ${String(opts.repair)}`, path);
   if (fix && opts.forceShare) throw new QcowError('INVALID_ARGUMENT', 'force-share=on can only be used with read-only images', path);
 
-  const file = opts.file ?? (await openImageFile(path, { writable: fix !== 0, lock: fix ? 'write' : opts.forceShare ? 'read-shared' : 'read' }));
+  const file = opts.file ?? (await (opts.openFile ?? openImageFile)(path, { writable: fix !== 0, lock: fix ? 'write' : opts.forceShare ? 'read-shared' : 'read' }));
   try {
     if ((opts.format ?? (await probe(file))) === 'raw') throw new QcowError('UNSUPPORTED', NO_CHECKS, path);
     const first = await pass(path, file, fix, opts);

@@ -33,6 +33,8 @@ export interface CommitOptions extends OperationOptions {
   drop?: boolean | undefined;
   /** Report what would be done; write nothing. */
   dryRun?: boolean | undefined;
+  /** -r: at most this many bytes per second are copied (0 or absent: no limit). */
+  rateLimit?: number | undefined;
   openFile?: FileOpener | undefined;
 }
 
@@ -69,7 +71,7 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
   const drop = opts.drop === true || opts.base !== undefined;
   const baseDepth = await findBase(top, opts);
   const write = dryRun ? [] : drop ? [baseDepth] : [0, baseDepth];
-  const chain = await BackingChain.open(top, { format: opts.format, openFile: opts.openFile, write, signal: opts.signal, onWarning: opts.onWarning });
+  const chain = await BackingChain.open(top, { format: opts.format, openFile: opts.openFile, write, writeOperation: !dryRun, signal: opts.signal, onWarning: opts.onWarning });
   try {
     const topLayer = chain.top;
     const base = chain.layers[baseDepth]!;
@@ -120,7 +122,8 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
 
 /** The depth of the base: the immediate backing file, or the layer -b names (as qemu-img matches it). */
 async function findBase(top: string, opts: CommitOptions): Promise<number> {
-  const chain = await BackingChain.open(top, { format: opts.format, openFile: opts.openFile, signal: opts.signal, onWarning: opts.onWarning });
+  // Names only: a shared look (the locking open that follows refuses images in use).
+  const chain = await BackingChain.open(top, { format: opts.format, forceShare: true, signal: opts.signal, onWarning: opts.onWarning });
   try {
     if (chain.layers.length < 2) throw new QcowError('INVALID_ARGUMENT', 'Image does not have a backing file', top);
     if (opts.base === undefined) return 1;
@@ -223,6 +226,7 @@ async function copyExtents(chain: BackingChain, base: WritableLayer, plan: CopyP
   }
   const k = kernels();
   k.reserve((READS_AHEAD + 1) * (CHUNK + cs) + 64 * 1024 * 1024); // no memory growth while reads are in flight
+  const started = performance.now();
   let done = 0;
   let data = 0;
   let zero = 0;
@@ -263,6 +267,11 @@ async function copyExtents(chain: BackingChain, base: WritableLayer, plan: CopyP
       }
       done += c.length;
       opts.onProgress?.(done, total);
+      if (opts.rateLimit) {
+        // Sleep until the average since the start is back under the limit.
+        const ahead = (done / opts.rateLimit) * 1000 - (performance.now() - started);
+        if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
+      }
     }
   } finally {
     for (const p of reads.values()) await p.then((ptr) => k.free(ptr)).catch(() => {});

@@ -1,126 +1,18 @@
-// Repairs interrupted at every write: by an I/O error (the check fails cleanly), by a crash that
-// keeps every write made so far (process killed: SIGKILL through QCOWKIT_FAULT_KILL_AFTER_WRITES,
-// and the in-process equivalent), and by a power loss that drops writes not yet flushed (none,
-// or a random subset of them). In every resulting file:
+// Repairs interrupted at every write, truncate, punch and flush (test/helpers/fault-file.ts): by an
+// I/O error (the check fails cleanly), by a crash that keeps every op made so far (process killed:
+// SIGKILL through QCOWKIT_FAULT_KILL_AFTER_WRITES, and the in-process equivalent), and by a power
+// loss that drops ops not yet flushed (all of them, or a random subset). In every resulting file:
 //   - no refcount is lower than its references unless it already was (and not lower than it was),
 //     no error of a new kind appears (leaks and COPIED flags may change: that is what repair does);
 //   - guest data is unchanged;
 //   - running the repair again yields an image qemu-img finds clean.
 // A leak-only image must never show a corruption at all.
-import { copyFileSync, openSync, closeSync, writeSync, ftruncateSync, statSync, truncateSync } from 'node:fs';
-import { join } from 'node:path';
+import { truncateSync, statSync } from 'node:fs';
 import { expect, it } from 'vitest';
-import { check, QcowError } from '../../src/index.js';
-import { openImageFile, type ImageFile } from '../../src/io/file.js';
-import { runCli } from '../helpers/cli.js';
+import { check } from '../../src/index.js';
+import { range, runCrashMatrix, runKillMatrix } from '../helpers/fault-file.js';
 import { describeQemu, qemuImg, qemuIo } from '../helpers/qemu.js';
-import { tmpDir } from '../helpers/tmp.js';
 import { activeL2Entries, geometry, getRefcount, mutate, setRefcount } from '../interop/check-support.js';
-import { prng } from '../helpers/prng.js';
-
-class Crash extends Error {}
-
-interface LoggedOp {
-  epoch: number;
-  kind: 'write' | 'truncate' | 'punch';
-  offset: number;
-  data?: Buffer;
-  length?: number;
-}
-
-/**
- * An ImageFile that logs every modification with its flush epoch, and can fail (I/O error) or
- * "crash" (stop before executing) at its Nth write.
- */
-class JournalFile implements ImageFile {
-  readonly log: LoggedOp[] = [];
-  writes = 0;
-  epoch = 0;
-
-  constructor(
-    private readonly inner: ImageFile,
-    private readonly stopAt: number,
-    private readonly mode: 'crash' | 'io-error' | 'none',
-  ) {}
-
-  get path() {
-    return this.inner.path;
-  }
-  get writable() {
-    return this.inner.writable;
-  }
-  get fd() {
-    return this.inner.fd;
-  }
-  size() {
-    return this.inner.size();
-  }
-  allocatedBytes() {
-    return this.inner.allocatedBytes();
-  }
-  readAt(b: Uint8Array, o: number) {
-    return this.inner.readAt(b, o);
-  }
-  dataExtents(s: number, e: number) {
-    return this.inner.dataExtents(s, e);
-  }
-  close() {
-    return this.inner.close();
-  }
-  #gate(): void {
-    this.writes++;
-    if (this.writes !== this.stopAt) return;
-    if (this.mode === 'crash') throw new Crash(`crash at write ${this.stopAt}`);
-    if (this.mode === 'io-error') throw new QcowError('IO', `injected write error (write ${this.stopAt})`, this.path);
-  }
-  async writeAt(b: Uint8Array, o: number) {
-    this.#gate();
-    await this.inner.writeAt(b, o);
-    this.log.push({ epoch: this.epoch, kind: 'write', offset: o, data: Buffer.from(b) });
-  }
-  async truncate(length: number) {
-    this.#gate();
-    await this.inner.truncate(length);
-    this.log.push({ epoch: this.epoch, kind: 'truncate', offset: length });
-  }
-  async punchHole(offset: number, length: number) {
-    await this.inner.punchHole(offset, length);
-    this.log.push({ epoch: this.epoch, kind: 'punch', offset, length });
-  }
-  async flush() {
-    await this.inner.flush();
-    this.epoch++;
-  }
-}
-
-/** Awaits a rejection caused (directly or through `cause`) by a Crash. */
-async function expectCrash(p: Promise<unknown>): Promise<void> {
-  let err: unknown;
-  try {
-    await p;
-  } catch (e) {
-    err = e;
-  }
-  let e = err;
-  while (e && !(e instanceof Crash)) e = (e as { cause?: unknown }).cause;
-  expect(e, `expected a crash, got ${String(err)}`).toBeInstanceOf(Crash);
-}
-
-/** The file as a power loss could leave it: flushed operations, plus `keep` of the unflushed. */
-function replay(original: string, out: string, log: LoggedOp[], epoch: number, keep: (i: number) => boolean): void {
-  copyFileSync(original, out);
-  const fd = openSync(out, 'r+');
-  try {
-    log.forEach((op, i) => {
-      if (op.epoch >= epoch && !keep(i)) return;
-      if (op.kind === 'write') writeSync(fd, op.data!, 0, op.data!.length, op.offset);
-      else if (op.kind === 'truncate') ftruncateSync(fd, op.offset);
-      else writeSync(fd, Buffer.alloc(op.length!), 0, op.length!, op.offset);
-    });
-  } finally {
-    closeSync(fd);
-  }
-}
 
 interface Findings {
   status: number;
@@ -251,79 +143,60 @@ const SCENARIOS: Scenario[] = [
   },
 ];
 
+const IMG = 'img.qcow2';
+
 describeQemu('check -r: interrupted repairs never lower a refcount below its references', () => {
-  const dir = tmpDir('qcowkit-check-faults-');
-  let n = 0;
-
-  for (const s of SCENARIOS) {
+  SCENARIOS.forEach((s, id) => {
     it(s.name, async () => {
-      const id = n++;
-      const original = join(dir, `orig-${id}.qcow2`);
-      s.make(original);
-      const before = findings(original);
-      expect(before.status, 'the scenario starts damaged').not.toBe(0);
-
-      // A full run, to count its writes.
-      const full = join(dir, `full-${id}.qcow2`);
-      copyFileSync(original, full);
-      const counter = new JournalFile(await openImageFile(full, { writable: true }), 0, 'none');
-      try {
-        await check(full, { repair: s.repair, file: counter });
-      } finally {
-        await counter.close();
-      }
-      const total = counter.writes;
-      expect(total).toBeGreaterThan(0);
-      expect(findings(full).status === 0 || s.repair === 'leaks').toBe(true);
-
-      const rnd = prng(7 + id);
-      for (let stop = 1; stop <= total; stop++) {
-        // Crash before write `stop`: keep everything (process death), or lose the unflushed part.
-        const work = join(dir, `work-${id}-${stop}.qcow2`);
-        copyFileSync(original, work);
-        const j = new JournalFile(await openImageFile(work, { writable: true }), stop, 'crash');
-        await expectCrash(check(work, { repair: s.repair, file: j }));
-        await j.close();
-        await expectSafe(work, original, before, s.leakOnly, `${s.name}, killed before write ${stop}`);
-        const lost = join(dir, `lost-${id}-${stop}.qcow2`);
-        replay(original, lost, j.log, j.epoch, () => false);
-        await expectSafe(lost, original, before, s.leakOnly, `${s.name}, power loss before write ${stop}`);
-        const some = join(dir, `some-${id}-${stop}.qcow2`);
-        replay(original, some, j.log, j.epoch, () => rnd() < 0.5);
-        await expectSafe(some, original, before, s.leakOnly, `${s.name}, power loss before write ${stop} (some unflushed writes kept)`);
-
-        // An I/O error at that write: the check fails cleanly.
-        const failed = join(dir, `io-${id}-${stop}.qcow2`);
-        copyFileSync(original, failed);
-        const f = new JournalFile(await openImageFile(failed, { writable: true }), stop, 'io-error');
-        // Fails with an I/O error — or, when the failed write was the resize of the file,
-        // carries on and rebuilds instead, as QEMU does.
-        await check(failed, { repair: s.repair, file: f }).catch((e: unknown) => expect(e).toMatchObject({ code: 'IO' }));
-        await f.close();
-        await expectSafe(failed, original, before, s.leakOnly, `${s.name}, I/O error at write ${stop}`);
-      }
+      let before: Findings | undefined;
+      const report = await runCrashMatrix({
+        name: s.name,
+        setup: (dir) => {
+          s.make(`${dir}/${IMG}`);
+          before = findings(`${dir}/${IMG}`);
+          expect(before.status, 'the scenario starts damaged').not.toBe(0);
+        },
+        operation: ({ path, openFile }) => check(path(IMG), { repair: s.repair, openFile }),
+        // Every op (write, truncate, punch) and flush: crash before it (and after each flush); at
+        // each, process death (all unflushed ops kept), power loss (none kept), only the newest
+        // unflushed op kept, and a random subset kept.
+        points: { ops: 'all', flushes: true, modes: ['all', 'none', 'latest', { random: 7 + id }] },
+        // An I/O error at each op: the check fails with an I/O error — or, when the failed op was
+        // the resize of the file, carries on and rebuilds instead, as QEMU does.
+        ioErrors: { errnos: ['EIO'], points: 'all' },
+        check: async (st) => {
+          if (st.kind === 'complete') {
+            expect(findings(st.path(IMG)).status === 0 || s.repair === 'leaks', st.label).toBe(true);
+            return;
+          }
+          if (st.kind === 'io-error' && st.error !== undefined) expect(st.error, st.label).toMatchObject({ code: 'IO' });
+          await expectSafe(st.path(IMG), st.pristine(IMG), before!, s.leakOnly, st.label);
+        },
+      });
+      expect(report.counts.writes).toBeGreaterThan(0);
+      expect(report.crashRuns).toBeGreaterThanOrEqual(report.counts.ops);
+      expect(report.ioRuns).toBe(report.counts.ops);
     });
-  }
+  });
 
   it('the CLI killed with SIGKILL after each write (QCOWKIT_FAULT_KILL_AFTER_WRITES)', async () => {
     for (const s of [SCENARIOS[0]!, SCENARIOS[1]!, SCENARIOS[3]!]) {
-      const original = join(dir, `kill-orig-${n++}.qcow2`);
-      s.make(original);
-      const before = findings(original);
-      let completed = false;
-      for (let k = 1; !completed && k < 200; k++) {
-        const work = join(dir, `kill-${n}-${k}.qcow2`);
-        copyFileSync(original, work);
-        const r = runCli(['check', '-r', s.repair, work], { env: { QCOWKIT_FAULT_KILL_AFTER_WRITES: String(k) } });
-        if (r.signal === 'SIGKILL') {
-          await expectSafe(work, original, before, s.leakOnly, `${s.name}, SIGKILL after write ${k}`);
-        } else {
-          expect(r.status, r.stderr).toBe(s.repair === 'leaks' && !s.leakOnly ? r.status : 0);
-          completed = true;
-        }
-      }
-      expect(completed, 'the repair eventually completes with fewer writes than the kill point').toBe(true);
+      let before: Findings | undefined;
+      const r = await runKillMatrix({
+        name: s.name,
+        setup: (dir) => {
+          s.make(`${dir}/${IMG}`);
+          before = findings(`${dir}/${IMG}`);
+        },
+        args: ({ path }) => ['check', '-r', s.repair, path(IMG)],
+        points: range(1, 199),
+        check: async (st) => {
+          if (st.killed) await expectSafe(st.path(IMG), st.pristine(IMG), before!, s.leakOnly, st.label);
+          else expect(st.result.status, st.result.stderr).toBe(s.repair === 'leaks' && !s.leakOnly ? st.result.status : 0);
+        },
+      });
+      expect(r.completedAt, 'the repair eventually completes with fewer writes than the kill point').toBeDefined();
+      expect(r.killed.length).toBe(r.completedAt! - 1);
     }
   });
 });
-

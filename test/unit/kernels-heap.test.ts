@@ -1,9 +1,12 @@
 // The JS-side heap over wasm memory, and module loading.
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join, sep } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { QcowError } from '../../src/errors.js';
 import { kernels } from '../../src/kernels/index.js';
 import { createWasmKernels, WasmHeap, wasmPath } from '../../src/kernels/wasm.js';
 import { prng } from '../helpers/prng.js';
+import { tmpDir } from '../helpers/tmp.js';
 
 const PAGE = 65536;
 
@@ -109,9 +112,63 @@ describe('WasmHeap', () => {
 });
 
 describe('kernels loading', () => {
-  it('finds build/kernels.wasm from the package root', () => {
-    expect(wasmPath().endsWith('build/kernels.wasm')).toBe(true);
+  it('finds wasm/kernels.wasm from the package root (not in build/, which node-gyp rebuild empties)', () => {
+    expect(wasmPath().endsWith(`${sep}wasm${sep}kernels.wasm`)).toBe(true);
+    expect(wasmPath().split(sep)).not.toContain('build');
     expect(existsSync(wasmPath())).toBe(true);
+  });
+
+  /** Loads `path` and returns the KERNELS error it must throw (fails the test otherwise). */
+  function loadError(path: string): QcowError {
+    let caught: unknown;
+    try {
+      createWasmKernels(path);
+    } catch (e) {
+      caught = e;
+    }
+    expect(caught).toBeInstanceOf(QcowError);
+    const e = caught as QcowError;
+    expect(e.code).toBe('KERNELS');
+    expect(e.file).toBe(path);
+    expect(e.message).not.toContain('\n');
+    return e;
+  }
+
+  it('a missing kernels file is a KERNELS error naming the file', () => {
+    const path = join(tmpDir(), 'kernels.wasm');
+    expect(loadError(path).message).toMatch(/^WebAssembly kernels: file missing \(reinstall qcowkit/);
+  });
+
+  it('a file that is not wasm, or a truncated one, is a KERNELS error', () => {
+    const dir = tmpDir();
+    const garbage = join(dir, 'garbage.wasm');
+    writeFileSync(garbage, 'not wasm at all\n');
+    expect(loadError(garbage).message).toContain('not a valid WebAssembly module');
+    const truncated = join(dir, 'truncated.wasm');
+    const real = readFileSync(wasmPath());
+    writeFileSync(truncated, real.subarray(0, real.length >> 1));
+    expect(loadError(truncated).message).toContain('not a valid WebAssembly module');
+  });
+
+  it('a valid module without the kernels\' exports (stale or foreign file) is a KERNELS error', () => {
+    const path = join(tmpDir(), 'empty.wasm');
+    writeFileSync(path, Uint8Array.from([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00])); // empty module
+    const msg = loadError(path).message;
+    expect(msg).toContain('missing exports: memory, heapBase, l2Scan');
+    expect(msg).toContain('zeroBlocks');
+  });
+
+  it('a directory in place of the file is a KERNELS error, not EISDIR', () => {
+    expect(loadError(tmpDir()).message).toMatch(/^WebAssembly kernels: cannot read \(/);
+  });
+
+  it('an explicit path to the real file loads', () => {
+    const copy = join(tmpDir(), 'kernels.wasm');
+    writeFileSync(copy, readFileSync(wasmPath()));
+    const k = createWasmKernels(copy);
+    const p = k.allocZeroed(32);
+    k.setBits(p, 3, 2);
+    expect(k.popcount(p, 32)).toBe(2);
   });
 
   it('exports exactly the documented functions and needs no imports', () => {

@@ -2,7 +2,7 @@
 // the plain-TS reference on seeded random inputs.
 import { afterEach, describe, expect, it } from 'vitest';
 import { kernels, L2_RUN_BYTES } from '../../src/kernels/index.js';
-import { referenceKernels } from '../../src/kernels/reference.js';
+import { referenceKernels } from '../helpers/kernel-reference.js';
 import { prng } from '../helpers/prng.js';
 
 const k = kernels();

@@ -1,7 +1,7 @@
 // WebAssembly kernels versus the plain-TS reference: spec examples plus seeded random inputs.
 import { afterEach, describe, expect, it } from 'vitest';
 import { InvalidReason, kernels, L2_RUN_BYTES, L2Stat, RunKind } from '../../src/kernels/index.js';
-import { referenceKernels } from '../../src/kernels/reference.js';
+import { referenceKernels } from '../helpers/kernel-reference.js';
 
 const k = kernels();
 const ref = referenceKernels(k);

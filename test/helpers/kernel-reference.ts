@@ -3,7 +3,7 @@
  * (and heap) as a real `Kernels` instance. Written for obviousness, not speed: unit-by-unit L2
  * decoding with BigInt, bit-by-bit bitmaps. Tests compare the wasm kernels against it.
  */
-import { InvalidReason, L2_RUN_BYTES, RunKind, type Kernels } from './api.js';
+import { InvalidReason, L2_RUN_BYTES, RunKind, type Kernels } from '../../src/kernels/api.js';
 
 const MAX_OFFSET = 2n ** 53n;
 const HOST_MASK = 0x00ff_ffff_ffff_fe00n;
