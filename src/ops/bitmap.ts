@@ -7,6 +7,7 @@ import { realpath } from 'node:fs/promises';
 import { QcowError, throwIfAborted } from '../errors.js';
 import { probeFormat, BackingChain } from '../chain/chain.js';
 import type { LayerFormat } from '../chain/layer.js';
+import type { FileOpener } from '../io/file.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { kernels } from '../kernels/index.js';
 import type { BitmapDirectoryEntry } from '../format/bitmap.js';
@@ -36,6 +37,21 @@ export type BitmapAction =
 export interface BitmapOptions extends OperationOptions {
   /** -f: format of FILENAME (must be qcow2); probed when omitted. */
   format?: LayerFormat | undefined;
+  /** Opens the files (tests inject faulty ones); default openImageFile. */
+  openFile?: FileOpener | undefined;
+}
+
+/** Opens a qcow2 image through `openFile` when given (with QEMU's locks for the mode). */
+async function openQcow2(path: string, writable: boolean, opts: BitmapOptions): Promise<Qcow2Image> {
+  if (!opts.openFile) return Qcow2Image.open(path, { writable, forceShare: !writable && opts.forceShare === true });
+  const lock = writable ? ('write' as const) : opts.forceShare ? ('read-shared' as const) : ('read' as const);
+  const file = await opts.openFile(path, { writable, lock, forWrite: writable });
+  try {
+    return await Qcow2Image.open(path, { writable, file });
+  } catch (e) {
+    await file.close();
+    throw e;
+  }
 }
 
 /** A bitmap as `qemu-img info` lists it, plus its state in qcowkit's words. */
@@ -84,7 +100,7 @@ async function sameFile(a: string, b: string): Promise<boolean> {
 export async function bitmap(file: string, name: string, actions: BitmapAction[], opts: BitmapOptions = {}): Promise<BitmapResult> {
   if (!actions.length) throw new QcowError('INVALID_ARGUMENT', 'Need at least one of --add, --remove, --clear, --enable, --disable, or --merge', file);
   await requireQcow2(file, opts.format);
-  const img = await Qcow2Image.open(file, { writable: true });
+  const img = await openQcow2(file, true, opts);
   const sources = new Map<string, Qcow2Image>();
   try {
     if (img.dirty) await validateForWrite(img, { repairLeaks: true });
@@ -130,7 +146,7 @@ async function apply(store: BitmapStore, img: Qcow2Image, name: string, act: Bit
         let s = sources.get(act.sourceFile);
         if (!s) {
           await requireQcow2(act.sourceFile, act.sourceFormat);
-          s = await Qcow2Image.open(act.sourceFile, { forceShare: opts.forceShare === true });
+          s = await openQcow2(act.sourceFile, false, opts);
           sources.set(act.sourceFile, s);
         }
         src = s;
@@ -173,7 +189,7 @@ export interface BitmapDump {
 /** The dirty extents of one bitmap (what `qemu-nbd -B NAME` serves as qemu:dirty-bitmap:NAME). */
 export async function bitmapDump(file: string, name: string, opts: BitmapOptions = {}): Promise<BitmapDump> {
   await requireQcow2(file, opts.format);
-  const img = await Qcow2Image.open(file, { forceShare: opts.forceShare === true });
+  const img = await openQcow2(file, false, opts);
   try {
     const e = findBitmap(img, name);
     const bm = await loadBitmap(img, e, opts);

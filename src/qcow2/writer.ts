@@ -300,8 +300,10 @@ export class Qcow2Writer {
     for (const [first, end] of this.discards.take()) {
       try {
         await this.file.punchHole(first * this.cs, (end - first) * this.cs);
-      } catch {
-        // Advisory: the clusters are free either way.
+      } catch (e) {
+        // Advisory: the clusters are free either way. Only a failed punch is ignored; anything
+        // else (the process dying under a fault harness) goes on.
+        if (!(e instanceof QcowError)) throw e;
       }
       this.allocator.noteFreed(first);
     }
