@@ -197,7 +197,7 @@ export function wasmPath(): string {
 const REQUIRED_EXPORTS = [
   'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'refsAddRange', 'refcountCompare',
   'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits', 'clearBits', 'extents',
-  'extentsNext', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
+  'extentsNext', 'bitmapConvertOr', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
 ] as const satisfies ReadonlyArray<keyof RawExports>;
 
 const REINSTALL = 'reinstall qcowkit, or run `npm run build:wasm` in a checkout';

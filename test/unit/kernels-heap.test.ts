@@ -178,7 +178,7 @@ describe('kernels loading', () => {
       [
         'memory', 'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'l2Fill', 'refsAddRange', 'refcountAddRange', 'refcountFind', 'refcountCompare',
         'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits',
-        'clearBits', 'extents', 'extentsNext', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
+        'clearBits', 'extents', 'extentsNext', 'bitmapConvertOr', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
       ].sort(),
     );
   });
