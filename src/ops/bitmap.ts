@@ -116,6 +116,7 @@ export async function bitmap(file: string, name: string, actions: BitmapAction[]
         throw e;
       }
       done.push(act.action);
+      opts.onProgress?.(done.length, actions.length);
     }
     await store.close();
     return { file, bitmap: name, actions: done, bitmaps: img.bitmaps.map(summary) };
