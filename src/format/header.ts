@@ -99,7 +99,7 @@ function describeFeatures(mask: bigint, names: FeatureName[]): string {
  * Decodes the header from the first bytes of the file (at least min(fileSize, cluster size);
  * pass cluster 0 when available). `fileSize` bounds every table offset.
  */
-export function decodeHeader(buf: Uint8Array, fileSize: number, file: string): Qcow2Header {
+export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, opts: { check?: boolean } = {}): Qcow2Header {
   if (buf.length < V2_HEADER_LENGTH || fileSize < V2_HEADER_LENGTH) {
     if (buf.length >= 4 && dataView(buf).getUint32(0) === QCOW2_MAGIC)
       throw corrupt(file, `truncated qcow2 header (file is ${fileSize} bytes)`);
@@ -191,9 +191,13 @@ export function decodeHeader(buf: Uint8Array, fileSize: number, file: string): Q
   checkTable(file, 'L1 table', h.l1TableOffset, h.l1Size * 8, cs, fileSize, MAX_L1_BYTES, 'Active L1 table too large');
   if (h.l1Size < minL1Size(h.size, clusterBits, extendedL2)) throw corrupt(file, 'L1 table is too small');
 
-  if (h.refcountTableClusters === 0) throw corrupt(file, 'Image does not contain a reference count table');
+  // In check mode (as QEMU's BDRV_O_CHECK) an image without a refcount table opens: check reports
+  // every cluster as a corruption and `-r all` rebuilds the structure. The snapshot table is
+  // validated by check itself then.
+  if (h.refcountTableClusters === 0 && !opts.check) throw corrupt(file, 'Image does not contain a reference count table');
   checkTable(file, 'Reference count table', h.refcountTableOffset, h.refcountTableClusters * cs, cs, fileSize, MAX_REFTABLE_BYTES, 'Reference count table too large');
 
+  if (opts.check) return h;
   if (h.nbSnapshots > MAX_SNAPSHOTS) throw corrupt(file, 'Too many snapshots');
   if (h.nbSnapshots) {
     if (!isAligned(h.snapshotsOffset, cs) || h.snapshotsOffset === 0) throw corrupt(file, 'Invalid snapshot table offset');
@@ -217,6 +221,8 @@ export function hasDataFile(h: Qcow2Header): boolean {
   return (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
 }
 
+const KNOWN_EXTENSIONS = new Set<number>([ExtensionType.BackingFormat, ExtensionType.FeatureTable, ExtensionType.Bitmaps, ExtensionType.FullDiskEncryption, ExtensionType.DataFile]);
+
 function decodeExtensions(buf: Uint8Array, h: Qcow2Header, cs: number, fileSize: number, file: string): void {
   const v = dataView(buf);
   const limit = Math.min(h.backingFileOffset || cs, cs, buf.length, fileSize);
@@ -232,7 +238,10 @@ function decodeExtensions(buf: Uint8Array, h: Qcow2Header, cs: number, fileSize:
     const len = v.getUint32(off + 4);
     if (type === ExtensionType.End) break;
     if (off + 8 + len > limit) throw corrupt(file, `Header extension 0x${type.toString(16)} too large`);
-    if (seen.has(type)) throw corrupt(file, `Duplicate header extension 0x${type.toString(16)}`);
+    // QEMU takes the last backing-format extension and ignores unknown ones, repeated or not;
+    // a repeated structural extension (bitmaps, encryption, data file, features) stays an error.
+    const repeatable = type === ExtensionType.BackingFormat || !KNOWN_EXTENSIONS.has(type);
+    if (seen.has(type) && !repeatable) throw corrupt(file, `Duplicate header extension 0x${type.toString(16)}`);
     seen.add(type);
     const data = buf.slice(off + 8, off + 8 + len);
     h.extensions.push({ type, data });

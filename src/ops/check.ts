@@ -93,7 +93,7 @@ async function probe(file: ImageFile): Promise<LayerFormat> {
  * from unreadable refcounts) is cleared.
  */
 async function pass(path: string, file: ImageFile, fix: FixMode, opts: CheckOptions, settle = false): Promise<CheckCounters> {
-  const img = await Qcow2Image.open(path, { file, writable: fix !== 0, forRepair: true, metadataOnly: true });
+  const img = await Qcow2Image.open(path, { file, writable: fix !== 0, forRepair: true, metadataOnly: true, check: true });
   try {
     if (img.header.cryptMethod !== 0)
       throw new QcowError('UNSUPPORTED', `encrypted images are not supported (encryption method ${img.header.cryptMethod === 1 ? 'aes' : 'luks'})`, path);

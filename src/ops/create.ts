@@ -42,6 +42,12 @@ export interface CreateOptions extends OperationOptions {
   /** -u: don't open the backing file (then size is required). */
   unsafe?: boolean | undefined;
   options?: Qcow2CreateOptions | undefined;
+  /**
+   * Called with the final size once the image-level checks (size, backing file) passed and
+   * before the format's own checks — where qemu-img prints its "Formatting ..." line. An error
+   * it throws ends the create before anything is written.
+   */
+  onFormatting?: ((size: number) => void) | undefined;
 }
 
 export interface CreateResult {
@@ -68,17 +74,23 @@ export async function create(path: string, opts: CreateOptions): Promise<CreateR
   const bad = (msg: string) => new QcowError('INVALID_ARGUMENT', msg, path);
   if (opts.format !== 'qcow2' && opts.format !== 'raw') throw bad(`Unknown file format '${String(opts.format)}' (qcow2 and raw are supported)`);
   const o = opts.options ?? {};
+  // As qemu-img: what bdrv_img_create checks (size, backing file) comes before the "Formatting"
+  // line, what the format driver checks (option values, preallocation) after it.
+  const driverChecks = () => {
+    if (!['off', 'metadata', 'falloc', 'full'].includes(preallocation)) throw bad(`Parameter 'preallocation' does not accept value '${preallocation}'`);
+    if (preallocation === 'falloc')
+      throw new QcowError('UNSUPPORTED', "preallocation=falloc is not supported by qcowkit (use 'metadata' or 'full')", path);
+  };
   const preallocation = o.preallocation ?? 'off';
-  if (!['off', 'metadata', 'falloc', 'full'].includes(preallocation)) throw bad(`Parameter 'preallocation' does not accept value '${preallocation}'`);
-  if (preallocation === 'falloc')
-    throw new QcowError('UNSUPPORTED', "preallocation=falloc is not supported by qcowkit (use 'metadata' or 'full')", path);
 
   if (opts.format === 'raw') {
+    if (opts.backing) throw bad("Backing file not supported for file format 'raw'");
+    const size = checkSize(opts.size, path);
+    opts.onFormatting?.(size);
+    driverChecks();
     const extra = Object.entries(o).find(([k, v]) => k !== 'preallocation' && v !== undefined);
     if (extra) throw bad(`Invalid parameter '${extra[0]}' for format 'raw'`);
-    if (opts.backing) throw bad("Backing file not supported for file format 'raw'");
     if (preallocation === 'metadata') throw bad('Unsupported preallocation mode: metadata');
-    const size = checkSize(opts.size, path);
     await writeImage(path, async (file) => {
       await file.truncate(size);
       if (preallocation === 'full') await writeZeros(file, 0, size, opts);
@@ -86,12 +98,14 @@ export async function create(path: string, opts: CreateOptions): Promise<CreateR
     return { path, format: 'raw', size, preallocation, fileLength: size };
   }
 
+  const backing = opts.backing ? await checkBacking(path, opts.backing, opts) : undefined;
+  const size = checkSize(opts.size ?? backing?.size, path);
+  opts.onFormatting?.(size);
+  driverChecks();
   const s = qcow2Settings(o, path);
   // Preallocated clusters would hide the backing file's data (extended L2 keeps them unallocated).
   if (opts.backing && preallocation !== 'off' && !s.extendedL2)
     throw bad('Backing file and preallocation can only be used at the same time if extended_l2 is on');
-  const backing = opts.backing ? await checkBacking(path, opts.backing, opts) : undefined;
-  const size = checkSize(opts.size ?? backing?.size, path);
   const layout = freshLayout({ clusterBits: s.clusterBits, refcountOrder: s.refcountOrder, extendedL2: s.extendedL2, size, preallocate: preallocation !== 'off' }, path);
   const header = encodeHeader(
     {

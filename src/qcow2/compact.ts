@@ -133,7 +133,7 @@ async function movables(img: Qcow2Image, w: Qcow2Writer): Promise<Movable[]> {
   }
   // The snapshot table and each snapshot's L1 table.
   if (h.nbSnapshots && h.snapshotsOffset) {
-    out.push({ offset: h.snapshotsOffset, bytes: img.snapshotTableBytes, repoint: (to) => w.header.setSnapshotTable(to, h.nbSnapshots) });
+    out.push({ offset: h.snapshotsOffset, bytes: img.snapshotTableBytes, repoint: (to) => w.header.setSnapshotTable(h.nbSnapshots, to) });
     let pos = 0;
     for (const s of img.snapshots) {
       const entryAt = pos;

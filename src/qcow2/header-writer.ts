@@ -16,7 +16,7 @@ import { ExtensionType, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_COR
 const OFF_SIZE = 24;
 const OFF_L1 = 36; // u32 l1_size + u64 l1_table_offset: one 12-byte write switches both
 const OFF_REFCOUNT_TABLE = 48; // u64 offset + u32 clusters: one 12-byte write switches both
-const OFF_SNAPSHOTS = 60; // u32 nb_snapshots + u64 snapshots_offset
+const OFF_NB_SNAPSHOTS = 60; // u32 count + u64 offset
 const OFF_INCOMPATIBLE = 72;
 const OFF_AUTOCLEAR = 88;
 const KNOWN_AUTOCLEAR = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
@@ -142,21 +142,6 @@ export class HeaderWriter {
     }
   }
 
-  /** Switches the snapshot table (count and offset in one write), durably. */
-  async setSnapshotTable(offset: number, count: number): Promise<void> {
-    const buf = new Uint8Array(12);
-    const v = new DataView(buf.buffer);
-    v.setUint32(0, count);
-    v.setUint32(4, Math.floor(offset / 2 ** 32));
-    v.setUint32(8, offset >>> 0);
-    await this.file.writeAt(buf, OFF_SNAPSHOTS);
-    await this.file.flush();
-    if (this.#decoded) {
-      this.#decoded.snapshotsOffset = offset;
-      this.#decoded.nbSnapshots = count;
-    }
-  }
-
   /** Points the bitmaps extension at another directory (one 8-byte field), durably. */
   async setBitmapDirectory(offset: number): Promise<void> {
     const h = this.#decoded;
@@ -253,6 +238,33 @@ export class HeaderWriter {
     await this.#writeU64(OFF_SIZE, BigInt(size));
     await this.file.flush();
     if (this.#decoded) this.#decoded.size = size;
+  }
+
+  /** Sets the snapshot count alone (dropping entries off the table's end), durably. */
+  async setSnapshotCount(count: number): Promise<void> {
+    const buf = new Uint8Array(4);
+    new DataView(buf.buffer).setUint32(0, count);
+    await this.file.writeAt(buf, OFF_NB_SNAPSHOTS);
+    await this.file.flush();
+    if (this.#decoded) this.#decoded.nbSnapshots = count;
+  }
+
+  /**
+   * Switches to another snapshot table: count and offset change in one write (they are
+   * adjacent), durably. The new table must already be durable.
+   */
+  async setSnapshotTable(count: number, offset: number): Promise<void> {
+    const buf = new Uint8Array(12);
+    const v = new DataView(buf.buffer);
+    v.setUint32(0, count);
+    v.setUint32(4, Math.floor(offset / 2 ** 32));
+    v.setUint32(8, offset >>> 0);
+    await this.file.writeAt(buf, OFF_NB_SNAPSHOTS);
+    await this.file.flush();
+    if (this.#decoded) {
+      this.#decoded.snapshotsOffset = offset;
+      this.#decoded.nbSnapshots = count;
+    }
   }
 
   async #writeU64(at: number, value: bigint): Promise<void> {

@@ -7,7 +7,8 @@ import { openImageFile, type ImageFile } from '../io/file.js';
 import { dataView } from '../format/bytes.js';
 import { decodeHeader, hasDataFile, isExtendedL2, type Qcow2Header } from '../format/header.js';
 import { decodeL1Table, type DecodedTable } from '../format/tables.js';
-import { decodeSnapshotTable, MAX_SNAPSHOT_TABLE_BYTES, type SnapshotEntry } from '../format/snapshot.js';
+import type { SnapshotEntry } from '../format/snapshot.js';
+import { readSnapshotTable, SnapshotTableError } from './snapshot-table.js';
 import { decodeBitmapDirectory, type BitmapDirectoryEntry } from '../format/bitmap.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS } from '../format/constants.js';
 import { pushExtent, type BlockLayer, type LayerExtent } from '../chain/layer.js';
@@ -29,6 +30,11 @@ export interface OpenQcow2Options {
   forceShare?: boolean;
   /** `check -r`: a writable open is allowed even when the corrupt bit is set. */
   forRepair?: boolean;
+  /**
+   * `check`: open as QEMU does in check mode — no refcount table is no error, and the snapshot
+   * table is not read (check reads it itself and reports what is wrong with it).
+   */
+  check?: boolean;
 }
 
 export class Qcow2Image implements BlockLayer {
@@ -53,8 +59,8 @@ export class Qcow2Image implements BlockLayer {
     readonly header: Qcow2Header,
     fileSize: number,
     public l1: DecodedTable,
-    readonly snapshots: SnapshotEntry[],
-    readonly snapshotTableBytes: number,
+    snapshots: SnapshotEntry[],
+    snapshotTableBytes: number,
     readonly bitmaps: BitmapDirectoryEntry[],
   ) {
     this.clusterBits = header.clusterBits;
@@ -63,6 +69,8 @@ export class Qcow2Image implements BlockLayer {
     this.l2Entries = this.clusterSize / (this.extendedL2 ? 16 : 8);
     this.l2Span = this.l2Entries * this.clusterSize;
     this.#l2 = new L2Tables(file, this.clusterSize);
+    this.#snapshots = snapshots;
+    this.#snapshotTableBytes = snapshotTableBytes;
     this.#fileSize = fileSize;
   }
 
@@ -138,6 +146,21 @@ export class Qcow2Image implements BlockLayer {
     this.#l2.dropReadCache();
   }
 
+  #snapshots: SnapshotEntry[];
+  #snapshotTableBytes: number;
+  get snapshots(): SnapshotEntry[] {
+    return this.#snapshots;
+  }
+  /** Bytes the snapshot table occupies from the header's snapshots_offset. */
+  get snapshotTableBytes(): number {
+    return this.#snapshotTableBytes;
+  }
+  /** `check`: the snapshot table as check read it (a check-mode open reads none). */
+  useSnapshotTable(entries: SnapshotEntry[], bytes: number): void {
+    this.#snapshots = entries;
+    this.#snapshotTableBytes = bytes;
+  }
+
   static async open(path: string, opts: OpenQcow2Options = {}): Promise<Qcow2Image> {
     const file = opts.file ?? (await openImageFile(path, { writable: opts.writable ?? false, ...(opts.forceShare ? { lock: 'read-shared' as const } : {}) }));
     try {
@@ -160,7 +183,7 @@ export class Qcow2Image implements BlockLayer {
         await file.readAt(head, 0);
       }
     }
-    const header = decodeHeader(head, fileSize, path);
+    const header = decodeHeader(head, fileSize, path, { check: opts.check === true });
     if (!opts.metadataOnly) assertReadable(header, path);
     if (opts.writable && !opts.forRepair && header.incompatibleFeatures & INCOMPAT_CORRUPT)
       throw new QcowError('CORRUPT', 'Image is corrupt; cannot be opened read/write (run check -r all first)', path);
@@ -170,7 +193,7 @@ export class Qcow2Image implements BlockLayer {
     await file.readAt(l1Bytes, header.l1TableOffset);
     const l1 = decodeL1Table(l1Bytes, header.l1Size, cs);
 
-    const { entries: snapshots, bytes: snapshotTableBytes } = await readSnapshots(file, header, fileSize, path);
+    const { entries: snapshots, bytes: snapshotTableBytes } = opts.check ? { entries: [], bytes: 0 } : await readSnapshots(file, header, path);
     let bitmaps: BitmapDirectoryEntry[] = [];
     if (header.bitmaps) {
       const dir = new Uint8Array(header.bitmaps.directorySize);
@@ -344,17 +367,12 @@ function assertReadable(h: Qcow2Header, path: string): void {
   if (hasDataFile(h)) throw new QcowError('UNSUPPORTED', `images with an external data file are not supported (data file '${h.dataFile ?? '?'}')`, path);
 }
 
-async function readSnapshots(file: ImageFile, h: Qcow2Header, fileSize: number, path: string): Promise<{ entries: SnapshotEntry[]; bytes: number }> {
+async function readSnapshots(file: ImageFile, h: Qcow2Header, path: string): Promise<{ entries: SnapshotEntry[]; bytes: number }> {
   if (h.nbSnapshots === 0) return { entries: [], bytes: 0 };
-  const available = Math.min(fileSize - h.snapshotsOffset, MAX_SNAPSHOT_TABLE_BYTES);
-  // Entries are variable-sized: read a guess, grow until the whole table decodes.
-  for (let want = Math.min(available, Math.max(65536, h.nbSnapshots * 128)); ; want = Math.min(available, want * 4)) {
-    const buf = new Uint8Array(want);
-    await file.readAt(buf, h.snapshotsOffset);
-    try {
-      return decodeSnapshotTable(buf, h.nbSnapshots, 2 ** h.clusterBits, h.version, path);
-    } catch (e) {
-      if (want >= available) throw e;
-    }
+  try {
+    return await readSnapshotTable(file, h.snapshotsOffset, h.nbSnapshots, 2 ** h.clusterBits);
+  } catch (e) {
+    if (e instanceof SnapshotTableError) throw new QcowError('CORRUPT', `${e.message} (${e.hint})`, path);
+    throw e;
   }
 }

@@ -23,8 +23,9 @@ import { MAX_REFTABLE_BYTES, REFT_OFFSET_MASK } from '../format/constants.js';
 import { maxRefcount, refcountBlockEntries } from '../format/tables.js';
 import { dataView, setU64 } from '../format/bytes.js';
 import type { HeaderWriter } from './header-writer.js';
-import type { MetadataCache } from './cache.js';
-import type { DiscardQueue } from './discard-queue.js';
+import { MetadataCache } from './cache.js';
+import { DiscardQueue } from './discard-queue.js';
+import { ClusterAllocator } from './allocator.js';
 
 const TWO32 = 2 ** 32;
 
@@ -61,7 +62,7 @@ export class RefcountManager {
     tableBytes: Uint8Array,
     readonly cache: MetadataCache,
     readonly l2Cache: MetadataCache | undefined,
-    private readonly header: HeaderWriter,
+    private readonly headerWriter: HeaderWriter | undefined,
     private readonly discards: DiscardQueue,
   ) {
     this.clusterBits = geometry.clusterBits;
@@ -86,6 +87,49 @@ export class RefcountManager {
     const table = new Uint8Array(geometry.refcountTableClusters * 2 ** geometry.clusterBits);
     await file.readAt(table, geometry.refcountTableOffset);
     return new RefcountManager(file, geometry, table, cache, l2Cache, header, discards);
+  }
+
+  /**
+   * A manager of its own for `check -r` (no L2 cache: check orders its own table writes): its own
+   * refcount cache, discard queue and allocator.
+   */
+  static standalone(file: ImageFile, geometry: RefcountGeometry, tableBytes: Uint8Array, header: HeaderWriter | undefined, fileBytes: number): RefcountManager {
+    const cs = 2 ** geometry.clusterBits;
+    const discards = new DiscardQueue();
+    const m = new RefcountManager(file, geometry, tableBytes, new MetadataCache('refcount', file, cs, 64), undefined, header, discards);
+    new ClusterAllocator(m, discards, Math.ceil(fileBytes / cs), file.path);
+    return m;
+  }
+
+  /** Sets one refcount to `value` (buffered in the cache until `commit`). */
+  async set(cluster: number, value: number): Promise<void> {
+    if (!Number.isInteger(value) || value < 0 || value > this.maxRefcount)
+      throw new QcowError('CORRUPT', `refcount ${value} of cluster ${cluster} does not fit in ${2 ** this.refcountOrder} bits`, this.file.path);
+    const now = await this.get(cluster);
+    if (now !== value) await this.update(cluster, 1, value - now);
+  }
+
+  /** Sets refcounts[i] of clusters[i] for every i. */
+  async setMany(clusters: ArrayLike<number>, values: ArrayLike<number>): Promise<void> {
+    for (let i = 0; i < clusters.length; i++) await this.set(clusters[i]!, values[i]!);
+  }
+
+  /** Every buffered change durable; then the clusters that reached 0 are punched. */
+  async commit(): Promise<void> {
+    await this.cache.flush();
+    for (const [first, end] of this.discards.take()) {
+      await this.file.punchHole(first * this.clusterSize, (end - first) * this.clusterSize).catch(() => {});
+      (this.free as ClusterAllocator | undefined)?.noteFreed?.(first);
+    }
+  }
+
+  /** A contiguous run of `count` free clusters, counted (refcount 1) durably; returns the first. */
+  async allocateRun(count: number): Promise<number> {
+    const alloc = this.free as ClusterAllocator | undefined;
+    if (!alloc?.allocate) throw new QcowError('INTERNAL', 'refcount manager has no allocator', this.file.path);
+    const [run] = await alloc.allocate(count, { contiguous: true });
+    await this.commit();
+    return run!.first;
   }
 
   get tableOffset(): number {
@@ -214,6 +258,12 @@ export class RefcountManager {
   }
 
   // --- growth --------------------------------------------------------------------------------------
+
+  /** Header writes (table switches): only an image opened for writing has them. */
+  get header(): HeaderWriter {
+    if (!this.headerWriter) throw new QcowError('INTERNAL', 'refcount structure change on a read-only image', this.file.path);
+    return this.headerWriter;
+  }
 
   #source(): FreeClusterSource {
     if (!this.free) throw new QcowError('INTERNAL', 'refcount manager has no allocator', this.file.path);

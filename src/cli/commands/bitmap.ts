@@ -1,7 +1,7 @@
 import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
 import { bitmap, bitmapCheck, bitmapDump, type BitmapAction, type BitmapCheckResult, type BitmapDump } from '../../ops/bitmap.js';
-import { fail, formatOption, newCommand, outputOption, parseSize, printPlainJson, warn } from '../util.js';
+import { fail, formatOption, imageFilename, newCommand, outputOption, parseSize, printPlainJson, warn } from '../util.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 
 type Fmt = 'qcow2' | 'raw';
@@ -36,6 +36,7 @@ export function command() {
       'qcowkit bitmap --dump --output json disk.qcow2 backup0     # dirty extents in guest bytes',
       'qcowkit bitmap --check --repair top.qcow2                  # every bitmap along the chain; drop inconsistent ones',
     ],
+    { imageOpts: true },
   )
     .addOption(new Option('--add', 'create BITMAP, enabled to record future edits'))
     .addOption(new Option('--remove', 'remove BITMAP'))
@@ -48,7 +49,6 @@ export function command() {
     .addOption(new Option('-b, --source-file <file>', 'file holding the SOURCE bitmaps of --merge'))
     .addOption(formatOption('-F, --source-format <fmt>', 'format of the --merge source file'))
     .addOption(formatOption())
-    .addOption(new Option('--image-opts', 'FILENAME is an option string (driver=qcow2,file.filename=PATH)'))
     .option('--dump', "print BITMAP's dirty extents (guest bytes), dirty bytes and bits set")
     .option('--check', 'report every bitmap along the backing chain of FILENAME (no BITMAP argument)')
     .option('--repair', 'with --check: remove inconsistent (in-use) bitmaps')
@@ -91,7 +91,7 @@ export function command() {
         let m = 0;
         const list: BitmapAction[] = actions.map((a): BitmapAction => {
           if (a === 'add') return { action: 'add', granularity, disabled: o.disabled === true };
-          if (a === 'merge') return { action: 'merge', source: merges[m++]!, sourceFile: o.sourceFile, sourceFormat: o.sourceFormat };
+          if (a === 'merge') return { action: 'merge', source: merges[m++]!, sourceFile: o.sourceFile === undefined ? undefined : imageFilename(o.sourceFile), sourceFormat: o.sourceFormat };
           return { action: a };
         });
         const r = await bitmap(imagePath(filename, o), name, list, { format: o.format });
@@ -111,7 +111,7 @@ export function command() {
 
 /** --image-opts: the file name from `driver=qcow2,file.driver=file,file.filename=PATH`. */
 function imagePath(filename: string, o: Opts): string {
-  if (!o.imageOpts) return filename;
+  if (!o.imageOpts) return imageFilename(filename);
   const opts = new Map<string, string>();
   for (const part of filename.split(/,(?!,)/)) {
     const eq = part.indexOf('=');
@@ -122,7 +122,7 @@ function imagePath(filename: string, o: Opts): string {
   const path = opts.get('file.filename') ?? opts.get('file');
   if (path === undefined) throw new QcowError('INVALID_ARGUMENT', 'no file.filename in the image options', filename);
   if (o.format === undefined) o.format = 'qcow2';
-  return path;
+  return imageFilename(path);
 }
 
 function dumpHuman(r: BitmapDump): string {

@@ -1,7 +1,7 @@
 import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
 import { changes, type ChangesResult } from '../../ops/changes.js';
-import { fail, formatOption, newCommand, outputOption, printPlainJson, warn } from '../util.js';
+import { fail, formatOption, imageFilename, newCommand, outputOption, printPlainJson, warn } from '../util.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 
 export function command() {
@@ -24,7 +24,7 @@ export function command() {
     .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; bitmap?: string[]; since?: string; forceShare?: boolean; output: string }) => {
       try {
         if ((o.bitmap?.length ?? 0) > 0 === (o.since !== undefined)) throw new QcowError('INVALID_ARGUMENT', 'give either --bitmap NAME... or --since IMAGE');
-        const r = await changes(filename, { format: o.format, bitmaps: o.bitmap, since: o.since, forceShare: o.forceShare === true, onWarning: warn });
+        const r = await changes(imageFilename(filename), { format: o.format, bitmaps: o.bitmap, since: o.since, forceShare: o.forceShare === true, onWarning: warn });
         if (o.output === 'json') printPlainJson(r.extents);
         else process.stdout.write(human(r));
       } catch (e) {

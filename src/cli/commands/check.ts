@@ -1,7 +1,7 @@
 import { Option } from 'commander';
 import { check, checkExitCode, NO_CHECKS, type CheckResult } from '../../ops/check.js';
 import { QcowError } from '../../errors.js';
-import { fail, formatOption, newCommand, outputOption, printJson } from '../util.js';
+import { fail, formatOption, imageFilename, newCommand, outputOption, printJson } from '../util.js';
 
 export function command() {
   return newCommand(
@@ -16,11 +16,13 @@ export function command() {
     .option('-q, --quiet', 'print nothing on stdout; the exit status tells')
     .option('-U, --force-share', 'open the image even if another process uses it (read-only checks only)')
     .argument('<filename>')
-    .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; repair?: 'leaks' | 'all'; output: string; quiet?: boolean; forceShare?: boolean }) => {
+    .action(async (name: string, o: { format?: 'qcow2' | 'raw'; repair?: 'leaks' | 'all'; output: string; quiet?: boolean; forceShare?: boolean }) => {
+      let filename = name;
       const out = (s: string) => void (o.quiet || process.stdout.write(s));
       const json = o.output === 'json';
       let result: CheckResult;
       try {
+        filename = imageFilename(name);
         result = await check(filename, {
           format: o.format,
           repair: o.repair,

@@ -1,7 +1,7 @@
 import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
 import { compare, comparePhase } from '../../ops/compare.js';
-import { fail, newCommand, progressPrinter, warn } from '../util.js';
+import { fail, imageFilename, newCommand, progressPrinter, warn } from '../util.js';
 
 /** -f/-F: checked when the images are opened, so an unknown format is an open error (exit 2) as in qemu-img. */
 function imageFormat(fmt: string | undefined, file: string): 'qcow2' | 'raw' | undefined {
@@ -26,7 +26,7 @@ export function command() {
     .action(async (file1: string, file2: string, o: { format?: string; format2?: string; strict?: boolean; progress?: boolean; quiet?: boolean; forceShare?: boolean }) => {
       const say = (s: string) => o.quiet || process.stdout.write(s + '\n');
       try {
-        const r = await compare(file1, file2, {
+        const r = await compare(imageFilename(file1), imageFilename(file2), {
           format1: imageFormat(o.format, file1),
           format2: imageFormat(o.format2, file2),
           strict: o.strict === true,

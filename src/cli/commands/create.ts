@@ -1,7 +1,7 @@
 import { QcowError } from '../../errors.js';
-import { create, type CreateResult, type Preallocation, type Qcow2CreateOptions } from '../../ops/create.js';
+import { create, type Preallocation, type Qcow2CreateOptions } from '../../ops/create.js';
 import type { LayerFormat } from '../../chain/layer.js';
-import { formatOption, newCommand, parseSize, warn } from '../util.js';
+import { formatOption, imageFilename, newCommand, parseSize, warn } from '../util.js';
 
 type Kind = 'size' | 'num' | 'bool' | 'str';
 
@@ -32,8 +32,11 @@ const REFUSED: Record<string, string> = {
   encryption: 'encryption',
 };
 
+/** Values of a refused option that ask for nothing qcowkit lacks (qemu-img accepts them too). */
+const HARMLESS: Record<string, string[]> = { encryption: ['off'] };
+
 /** Order and defaults of qemu-img's "Formatting ..." line. */
-const LINE_ORDER = ['cluster_size', 'extended_l2', 'preallocation', 'compression_type', 'size', 'compat', 'backing_file', 'backing_fmt', 'lazy_refcounts', 'refcount_bits'];
+const LINE_ORDER = ['encryption', 'cluster_size', 'extended_l2', 'preallocation', 'compression_type', 'size', 'compat', 'backing_file', 'backing_fmt', 'lazy_refcounts', 'refcount_bits'];
 const LINE_DEFAULTS: Record<string, string> = { cluster_size: '65536', extended_l2: 'off', compression_type: 'zlib', lazy_refcounts: 'off', refcount_bits: '16' };
 
 const BOOLS: Record<string, boolean> = { on: true, yes: true, true: true, off: false, no: false, false: false };
@@ -54,7 +57,7 @@ export function command() {
     'qcowkit create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2',
     'qcowkit create -f qcow2 -o help',
   ])
-    .addOption(formatOption('-f, --format <fmt>', 'image format: qcow2 or raw').default('raw'))
+    .addOption(formatOption('-f, --format <fmt>', 'image format: qcow2 or raw (default qcow2; qemu-img defaults to raw)').default('qcow2'))
     .option('-b, --backing <file>', 'backing file (relative names are relative to FILENAME)')
     .option('-F, --backing-format <fmt>', 'format of the backing file: qcow2 or raw (required with -b)')
     .option('-u, --unsafe', "don't open the backing file (SIZE is then required)")
@@ -63,6 +66,8 @@ export function command() {
     .argument('[filename]')
     .argument('[size]')
     .action(async (filename: string | undefined, sizeText: string | undefined, f: Flags) => {
+      // qemu-img checks each -o on its own: no empty list, no leading comma, no lone trailing one.
+      for (const list of f.options ?? []) if (!isValidOptionList(list)) throw new QcowError('INVALID_ARGUMENT', `Invalid option list: ${list}`);
       const opts = parseOptionList((f.options ?? []).join(','), f.format, filename);
       if (opts === 'help') {
         process.stdout.write(helpText(f.format));
@@ -70,25 +75,37 @@ export function command() {
       }
       if (filename === undefined) throw new QcowError('INVALID_ARGUMENT', 'Expecting image file name');
       if (sizeText !== undefined && opts.has('size')) throw new QcowError('INVALID_ARGUMENT', 'The image size must be specified only once', filename);
-      if (sizeText !== undefined) opts.set('size', String(parseSize(sizeText, 'image size')));
+      if (sizeText !== undefined) opts.set('size', String(parseSize(sizeText, 'image size', warn)));
       // -b / -F win over their -o aliases.
       if (f.backing !== undefined) opts.set('backing_file', f.backing);
       if (f.backingFormat !== undefined) opts.set('backing_fmt', f.backingFormat);
       const backingFile = opts.get('backing_file');
       const backingFmt = opts.get('backing_fmt');
-      if (backingFmt !== undefined && backingFile === undefined)
-        throw new QcowError('INVALID_ARGUMENT', 'Backing format cannot be used without backing file', filename);
 
       const size = opts.get('size');
-      const result = await create(filename, {
+      // Option values the format checks (compat=, preallocation=, ...) fail after qemu-img printed
+      // its "Formatting" line: keep such an error until then.
+      let optionError: unknown;
+      let options: Qcow2CreateOptions | { preallocation: Preallocation | undefined } = {};
+      try {
+        options = f.format === 'qcow2' ? typedOptions(opts, filename) : { preallocation: preallocation(opts, filename) };
+      } catch (e) {
+        optionError = e;
+      }
+      if (backingFmt !== undefined && backingFile === undefined)
+        optionError ??= new QcowError('INVALID_ARGUMENT', 'Backing format cannot be used without backing file', filename);
+      await create(imageFilename(filename), {
         format: f.format,
         size: size === undefined ? undefined : Number(size),
         backing: backingFile === undefined ? undefined : { file: backingFile, format: backingFmt as LayerFormat | undefined },
         unsafe: f.unsafe === true,
-        options: f.format === 'qcow2' ? typedOptions(opts, filename) : { preallocation: preallocation(opts, filename) },
+        options,
         onWarning: warn,
+        onFormatting: (finalSize) => {
+          if (!f.quiet) process.stdout.write(formattingLine(filename, f.format, finalSize, opts));
+          if (optionError !== undefined) throw optionError;
+        },
       });
-      if (!f.quiet) process.stdout.write(formattingLine(filename, result, opts));
     });
 }
 
@@ -106,22 +123,38 @@ function parseOptionList(text: string, format: LayerFormat, filename: string | u
     const eq = item.indexOf('=');
     const key = eq < 0 ? item : item.slice(0, eq);
     const refused = REFUSED[key] ?? (key.startsWith('encrypt.') ? 'encryption' : undefined);
-    if (refused && format === 'qcow2') throw new QcowError('UNSUPPORTED', `qcowkit does not support '${key}' (${refused})`, filename);
+    const harmless = eq >= 0 && HARMLESS[key]?.includes(item.slice(eq + 1));
+    if (refused && format === 'qcow2' && !harmless) throw new QcowError('UNSUPPORTED', `qcowkit does not support '${key}' (${refused})`, filename);
+    if (harmless && format === 'qcow2') {
+      out.set(key, item.slice(eq + 1));
+      continue;
+    }
     const spec = OPTIONS[format][key];
     if (!spec) throw new QcowError('INVALID_ARGUMENT', `Invalid parameter '${key}'`, filename);
     let value = eq < 0 ? (spec[0] === 'bool' ? 'on' : '') : item.slice(eq + 1);
     const bad = (what: string) => new QcowError('INVALID_ARGUMENT', `Parameter '${key}' expects ${what}`, filename);
     if (spec[0] === 'size') {
       try {
-        value = String(parseSize(value, key));
+        value = String(parseSize(value, key, warn));
       } catch {
         throw bad('a size (bytes or a k, M, G, T suffix)');
       }
-    } else if (spec[0] === 'num' && !/^\d+$/.test(value)) throw bad('a number');
-    else if (spec[0] === 'bool' && !(value in BOOLS)) throw bad("'on' or 'off'");
+    } else if (spec[0] === 'num') {
+      // QEMU parses numbers with strtoull base 0: decimal, 0x hex or 0 octal.
+      const n = /^\s*\+?(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9]\d*))$/.exec(value);
+      if (!n) throw bad('a number');
+      value = String(n[1] !== undefined ? parseInt(n[1], 16) : n[2] !== undefined ? parseInt(n[2], 8) : Number(n[3]));
+    } else if (spec[0] === 'bool' && !(value in BOOLS)) throw bad("'on' or 'off'");
     out.set(key, value);
   }
   return out;
+}
+
+/** QEMU's is_valid_option_list: not empty, no leading comma, trailing commas only in escaped pairs. */
+export function isValidOptionList(list: string): boolean {
+  if (list === '' || list.startsWith(',')) return false;
+  const trailing = list.length - list.replace(/,+$/, '').length;
+  return trailing % 2 === 0;
 }
 
 /** Splits at single commas; ",," stands for a comma inside a value. */
@@ -163,15 +196,16 @@ function preallocation(opts: Map<string, string>, filename: string): Preallocati
 }
 
 /** `Formatting 'FILE', fmt=qcow2 cluster_size=65536 ...` with the values as given (qemu-img). */
-function formattingLine(filename: string, r: CreateResult, opts: Map<string, string>): string {
+function formattingLine(filename: string, format: LayerFormat, size: number, opts: Map<string, string>): string {
   const values = new Map(opts);
-  if (!values.has('size')) values.set('size', String(r.size));
-  const keys = r.format === 'raw' ? ['size', 'preallocation'] : LINE_ORDER;
+  if (!values.has('size')) values.set('size', String(size));
+  const keys = format === 'raw' ? ['size', 'preallocation'] : LINE_ORDER;
   const parts = keys.flatMap((k) => {
-    const v = values.get(k) ?? (r.format === 'qcow2' ? LINE_DEFAULTS[k] : undefined);
-    return v === undefined ? [] : [`${k}=${v}`];
+    const v = values.get(k) ?? (format === 'qcow2' ? LINE_DEFAULTS[k] : undefined);
+    // Values are printed as qemu-img prints them: a comma in a value escaped as ",,".
+    return v === undefined ? [] : [`${k}=${v.replaceAll(',', ',,')}`];
   });
-  return `Formatting '${filename}', fmt=${r.format} ${parts.join(' ')}\n`;
+  return `Formatting '${filename}', fmt=${format} ${parts.join(' ')}\n`;
 }
 
 function helpText(format: LayerFormat): string {

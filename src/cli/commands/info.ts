@@ -1,5 +1,5 @@
 import { info, type ImageInfo } from '../../ops/info.js';
-import { formatOption, newCommand, outputOption, warn } from '../util.js';
+import { formatOption, imageFilename, newCommand, outputOption, warn } from '../util.js';
 import { qdictKeys, qemuJson, sizeToStr } from '../qemu-output.js';
 
 export function command() {
@@ -13,7 +13,7 @@ export function command() {
     .option('-U, --force-share', 'open the image even if another process uses it')
     .argument('<filename>')
     .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; output: string; backingChain?: boolean; forceShare?: boolean }) => {
-      const infos = await info(filename, { format: o.format, backingChain: o.backingChain === true, forceShare: o.forceShare === true, onWarning: warn });
+      const infos = await info(imageFilename(filename), { format: o.format, backingChain: o.backingChain === true, forceShare: o.forceShare === true, onWarning: warn });
       if (o.output === 'json') process.stdout.write(qemuJson(o.backingChain ? infos : infos[0]) + '\n');
       else process.stdout.write(infos.map(humanInfo).join('\n'));
     });

@@ -1,7 +1,7 @@
 import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
 import { mapImage, type MapEntry } from '../../ops/map.js';
-import { formatOption, newCommand, outputOption, parseSize, warn } from '../util.js';
+import { formatOption, imageFilename, newCommand, outputOption, parseSize, warn } from '../util.js';
 
 // printf("%#x"): 0 prints as "0".
 const hex = (n: number): string => (n === 0 ? "0" : `0x${n.toString(16)}`);
@@ -18,7 +18,8 @@ export function command() {
     .addOption(new Option('--max-length <len>', 'map at most this many bytes'))
     .option('-U, --force-share', 'open the image even if another process uses it')
     .argument('<filename>')
-    .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; output: string; startOffset: string; maxLength?: string; forceShare?: boolean }) => {
+    .action(async (name: string, o: { format?: 'qcow2' | 'raw'; output: string; startOffset: string; maxLength?: string; forceShare?: boolean }) => {
+      const filename = imageFilename(name);
       const json = o.output === 'json';
       const start = parseSize(o.startOffset, 'start offset');
       const length = o.maxLength !== undefined ? parseSize(o.maxLength, 'max length') : undefined;

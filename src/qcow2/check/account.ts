@@ -19,6 +19,8 @@ import { CheckAborted, FIX_ERRORS, hex, type CheckCounters, type FixMode } from 
 
 const TWO32 = 2 ** 32;
 const MAX_EXACT = 2 ** 53;
+/** QCOW_MAX_L1_SIZE / 8 */
+const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
 
 /** Per-pass scratch in wasm memory (allocated before streaming starts: no allocation mid-stream). */
 interface Scratch {
@@ -45,6 +47,11 @@ export async function calculateRefcounts(ctx: CheckContext, res: CheckCounters, 
     for (const sn of ctx.img.snapshots) {
       if (sn.l1TableOffset % ctx.cs) {
         ctx.report(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${hex(sn.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+        res.corruptions++;
+        continue;
+      }
+      if (sn.l1Size > MAX_L1_ENTRIES) {
+        ctx.report(`ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${hex(sn.l1Size)}: L1 table is too large; snapshot table entry corrupted`);
         res.corruptions++;
         continue;
       }

@@ -221,7 +221,7 @@ export function classify(ctx: CheckContext, scan: CompareScan, res: CheckCounter
   return { rebuild, plan };
 }
 
-/** Writes a plan: raises, flush, lowers, flush, then discards of the freed clusters. */
+/** Writes a plan: raises, flush, lowers, flush; clusters that reach 0 are punched after that. */
 export async function applyPlan(ctx: CheckContext, plan: RepairPlan): Promise<void> {
   if (!plan.raise.clusters.length && !plan.lower.clusters.length) return;
   try {
@@ -234,8 +234,6 @@ export async function applyPlan(ctx: CheckContext, plan: RepairPlan): Promise<vo
     if (plan.lower.clusters.length) {
       await writer.setMany(plan.lower.clusters, plan.lower.values);
       await writer.commit();
-      const freed = plan.lower.clusters.filter((_, i) => plan.lower.values[i] === 0);
-      await writer.discard(freed);
     }
   } catch (e) {
     ctx.report(`ERROR: could not update refcounts: ${e instanceof Error ? e.message : String(e)}`);

@@ -8,7 +8,7 @@ import type { ImageFile } from '../../io/file.js';
 import { hasDataFile } from '../../format/header.js';
 import { maxRefcount, refcountBlockEntries } from '../../format/tables.js';
 import type { Qcow2Image } from '../image.js';
-import { RefcountWriter } from '../refcount-writer.js';
+import { RefcountManager } from '../refcount-manager.js';
 import { HeaderWriter } from '../header-writer.js';
 import { CheckAborted, type Reporter } from './types.js';
 import { INCOMPAT_CORRUPT } from '../../format/constants.js';
@@ -131,13 +131,14 @@ export async function beginWrite(ctx: CheckContext): Promise<void> {
   ctx.wroteSomething = true;
 }
 
-/** A refcount writer over the current refcount table. */
-export function refcountWriter(ctx: CheckContext): RefcountWriter {
-  return new RefcountWriter(
+/** The engine's refcount manager over the current refcount table (repairs write through it). */
+export function refcountWriter(ctx: CheckContext): RefcountManager {
+  return RefcountManager.standalone(
     ctx.file,
-    { clusterBits: ctx.cb, refcountOrder: ctx.order, tableOffset: ctx.reftableOffset, tableClusters: ctx.reftableClusters },
+    { clusterBits: ctx.cb, refcountOrder: ctx.order, refcountTableOffset: ctx.reftableOffset, refcountTableClusters: ctx.reftableClusters },
     ctx.reftableRaw.slice(),
     ctx.header,
+    ctx.fileSize,
   );
 }
 

@@ -9,14 +9,25 @@ import { applyPlan, classify, scanRefcounts, storedView, type CompareScan } from
 import { checkOflagCopied } from './copied.js';
 import { Imrt } from './imrt.js';
 import { rebuildRefcountStructure } from './rebuild.js';
+import { checkFixSnapshotTable, checkReadSnapshotTable } from './snapshots.js';
 import { CheckAborted, FIX_ERRORS, FIX_LEAKS, newCounters, type CheckCounters, type FixMode } from './types.js';
 import { kernels } from '../../kernels/index.js';
 import { reftableEntries, reftableEntry, u64Of } from './context.js';
 
 export async function runCheckPass(ctx: CheckContext, fix: FixMode): Promise<CheckCounters> {
-  const res = newCounters();
+  // QEMU's qcow2_co_check_locked: the snapshot table's findings are counted apart and added to
+  // the refcount check's result (whose allocation figures are kept).
+  const snap = newCounters();
   // An exception leaves the header as it is: a dirty bit we raised stays up, like after a crash.
+  await checkReadSnapshotTable(ctx, snap, fix);
+  const res = newCounters();
   await checkRefcounts(ctx, res, fix);
+  await checkFixSnapshotTable(ctx, snap, fix);
+  res.corruptions += snap.corruptions;
+  res.leaks += snap.leaks;
+  res.checkErrors += snap.checkErrors;
+  res.corruptionsFixed += snap.corruptionsFixed;
+  res.leaksFixed += snap.leaksFixed;
   if (fix && ctx.header) {
     if (!res.checkErrors && !res.corruptions) {
       if (ctx.header.dirty || ctx.header.corrupt) await ctx.header.clearUnknownAutoclear();

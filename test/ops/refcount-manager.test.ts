@@ -1,4 +1,5 @@
-// RefcountWriter (the one place that changes on-disk refcounts) and HeaderWriter, verified by
+// RefcountManager (the one place that changes on-disk refcounts; check -r uses it standalone)
+// and HeaderWriter, verified by
 // qcowkit's own check and, when installed, by qemu-img check: set refcounts of unused clusters
 // (leaks of exactly that many clusters, nothing corrupt), in existing blocks, in missing blocks
 // (self-describing or described by another block), beyond the refcount table (new area).
@@ -7,7 +8,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { check, create } from '../../src/index.js';
 import { openImageFile } from '../../src/io/file.js';
-import { RefcountWriter } from '../../src/qcow2/refcount-writer.js';
+import { RefcountManager } from '../../src/qcow2/refcount-manager.js';
 import { HeaderWriter } from '../../src/qcow2/header-writer.js';
 import { Qcow2Image } from '../../src/qcow2/image.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../../src/format/constants.js';
@@ -23,11 +24,13 @@ async function newImage(dir: string, name: string, clusterSize: number, refcount
   return path;
 }
 
-async function withWriter<T>(path: string, fn: (w: RefcountWriter) => Promise<T>): Promise<T> {
+async function withWriter<T>(path: string, fn: (w: RefcountManager) => Promise<T>): Promise<T> {
   const file = await openImageFile(path, { writable: true });
   try {
     const img = await Qcow2Image.open(path, { file, writable: true });
-    const w = await RefcountWriter.open(file, img.header, HeaderWriter.for(file, img.header));
+    const table = new Uint8Array(img.header.refcountTableClusters * img.clusterSize);
+    await file.readAt(table, img.header.refcountTableOffset);
+    const w = RefcountManager.standalone(file, img.header, table, HeaderWriter.for(file, img.header), await file.size());
     const r = await fn(w);
     await w.commit();
     return r;
@@ -49,7 +52,7 @@ async function expectLeaks(path: string, leaks: number): Promise<void> {
   }
 }
 
-describe('RefcountWriter', () => {
+describe('RefcountManager (standalone, as check -r uses it)', () => {
   for (const bits of WIDTHS) {
     it(`${bits}-bit refcounts: set/get round trip and leaks in an existing block`, async () => {
       const dir = tmpDir();
@@ -66,7 +69,7 @@ describe('RefcountWriter', () => {
       await expectLeaks(path, values.length);
       await withWriter(path, async (w) => {
         for (let i = 0; i < values.length; i++) expect(await w.get(10 + i)).toBe(values[i]);
-        await w.adjust(10, 4, 0);
+        await w.update(10, 4, 0);
         await w.set(11, 0);
       });
       await expectLeaks(path, values.length - 1);
