@@ -65,3 +65,23 @@ export function zeroBlocks(ptr: usize, nBytes: usize, blockBits: u32, outBitmap:
     store<u8>(outBitmap + (b >> 3), byte);
   }
 }
+
+/**
+ * Sets bit i of outBitmap when block i (1 << blockBits bytes) of a differs from block i of b,
+ * clears it when they are equal; bits past the last block keep their value. nBytes is a
+ * multiple of the block. (rebase: which units of the old and new backing views differ.)
+ */
+export function diffBlocks(a: usize, b: usize, nBytes: usize, blockBits: u32, outBitmap: usize): void {
+  const blocks = nBytes >> blockBits;
+  const size: usize = 1 << blockBits;
+  for (let i: usize = 0; i < blocks; i += 8) {
+    const count = <u32>min<usize>(8, blocks - i);
+    let byte: u32 = 0;
+    for (let j: u32 = 0; j < count; j++) {
+      const at = (i + j) << blockBits;
+      if (firstMismatch(a + at, b + at, size, true) >= 0) byte |= 1 << j;
+    }
+    if (count < 8) byte |= <u32>load<u8>(outBitmap + (i >> 3)) & (0xFF << count);
+    store<u8>(outBitmap + (i >> 3), byte);
+  }
+}

@@ -13,6 +13,7 @@ export type QcowErrorCode =
   | 'LOCKED' // another process holds a conflicting lock
   | 'IO' // read/write/flush failed
   | 'NO_SPACE' // the filesystem has no room for what an operation would write (checked before writing)
+  | 'NO_CHECKS' // check on a format without consistency checks (raw): qemu-img's exit 63
   | 'KERNELS' // the package's WebAssembly kernels (wasm/kernels.wasm) are missing or broken
   | 'ABORTED' // AbortSignal fired
   | 'INTERNAL'; // an invariant of qcowkit itself failed (a bug: please report it)
@@ -29,10 +30,14 @@ export const EXIT_CODES: Record<QcowErrorCode, number> = {
   LOCKED: 1,
   IO: 1,
   NO_SPACE: 1,
+  NO_CHECKS: 63,
   KERNELS: 1,
   ABORTED: 130,
   INTERNAL: 70,
 };
+
+/** Marks every QcowError, whichever copy of this module made it (see hasInstance). */
+const BRAND = Symbol.for('qcowkit.QcowError');
 
 export class QcowError extends Error {
   readonly code: QcowErrorCode;
@@ -42,6 +47,15 @@ export class QcowError extends Error {
     this.name = 'QcowError';
     this.code = code;
     this.file = file;
+    Object.defineProperty(this, BRAND, { value: true });
+  }
+
+  /**
+   * `instanceof` by brand: the CLI's self-contained bundles (main.js, each command) carry their
+   * own copy of this class, and an error thrown in a command must still be a QcowError to main.
+   */
+  static override [Symbol.hasInstance](x: unknown): boolean {
+    return typeof x === 'object' && x !== null && (x as Record<symbol, unknown>)[BRAND] === true;
   }
 }
 

@@ -28,6 +28,8 @@ export {
 } from './ops/bitmap.js';
 export { changes, type ChangesOptions, type ChangesResult } from './ops/changes.js';
 export { BitmapStore, markBitmapsDirty, loadBitmap, bitmapExtents, type LoadedBitmap, type ByteExtent } from './qcow2/bitmaps.js';
+export { rebase, type RebaseOptions, type RebaseResult } from './ops/rebase.js';
+export { plan, type PlanOptions, type PlanResult, type PlanWay } from './ops/plan.js';
 export type { WritableLayer } from './chain/layer.js';
 export type { ZeroOptions } from './qcow2/writer.js';
 

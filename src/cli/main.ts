@@ -3,6 +3,10 @@
  * (start-up time is most of a short command's cost).
  */
 import { fail } from './fail.js';
+import { quickParse, type QuickSpec } from './quick.js';
+
+/** Commands with a commander-free module in run/ (their plain invocations load no commander). */
+const QUICK = new Set(['info']);
 
 const COMMANDS: Record<string, string> = {
   create: 'create a new image (qcow2 or raw), optionally over a backing file',
@@ -14,6 +18,8 @@ const COMMANDS: Record<string, string> = {
   'make-empty': 'drop all guest data of an overlay and give its space back',
   bitmap: 'add, remove, clear, enable, disable, merge, dump or check persistent dirty bitmaps',
   changes: 'print the guest ranges that changed (from bitmaps or a backing chain)',
+  rebase: 'change the backing file of an image (safe copy, -u rename only, -b "" flatten)',
+  plan: 'compare the two ways of dropping a layer from a chain: commit it down or pull it up',
 };
 
 const HELP = `Usage: qcowkit <command> [options]
@@ -32,13 +38,18 @@ check: 2 corruptions, 3 leaks only; compare: 1 images differ, 2 error;
 130 aborted; 70 internal error (a bug: please report it).
 `;
 
-export async function main(argv: string[]): Promise<void> {
-  // `qcowkit map big.qcow2 | head`: a closed pipe ends the output quietly, as for any tool.
+/** `qcowkit map big.qcow2 | head`: a closed pipe ends the output quietly, as for any tool. */
+function quietEpipe(): void {
   process.stdout.on('error', (e: NodeJS.ErrnoException) => {
     if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
     throw e;
   });
+}
+
+export async function main(argv: string[]): Promise<void> {
   const name = argv[0];
+  // The quick path writes to fd 1 itself; everything else goes through process.stdout.
+  if (!QUICK.has(name ?? '')) quietEpipe();
   if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
     process.stdout.write(HELP);
     if (name === undefined) process.exitCode = 1;
@@ -55,6 +66,16 @@ export async function main(argv: string[]): Promise<void> {
     return;
   }
   try {
+    if (QUICK.has(name)) {
+      const runSpecifier = './run/' + name + '.js'; // computed at run time, as below
+      const run = (await import(runSpecifier)) as { spec: QuickSpec; run: (args: string[], opts: Record<string, unknown>) => Promise<void> };
+      const parsed = quickParse(argv.slice(1), run.spec);
+      if (parsed) {
+        await run.run(parsed.args, parsed.opts);
+        return;
+      }
+      quietEpipe();
+    }
     // A computed specifier: resolved at run time next to this file (bundled or not).
     const specifier = './commands/' + name + '.js';
     const mod = (await import(specifier)) as { command: () => import('commander').Command };

@@ -3,9 +3,10 @@
  * field validated against the spec, QEMU 7.2's limits and the file size.
  */
 import { QcowError } from '../errors.js';
-import { dataView, decodeUtf8, isAligned, setU64, u64 } from './bytes.js';
+import { dataView, decodeUtf8, setU64, u64 } from './bytes.js';
 import {
   AUTOCLEAR_BITMAPS,
+  AUTOCLEAR_DATA_FILE_RAW,
   ExtensionType,
   FEATURE_NAMES,
   INCOMPAT_COMPRESSION,
@@ -99,8 +100,15 @@ function describeFeatures(mask: bigint, names: FeatureName[]): string {
  * Decodes the header from the first bytes of the file (at least min(fileSize, cluster size);
  * pass cluster 0 when available). `fileSize` bounds every table offset.
  */
-export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, opts: { check?: boolean } = {}): Qcow2Header {
-  if (buf.length < V2_HEADER_LENGTH || fileSize < V2_HEADER_LENGTH) {
+export interface DecodeHeaderOptions {
+  /** `check`: an image without a refcount table is opened (QEMU's BDRV_O_CHECK). */
+  checkMode?: boolean;
+}
+
+export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, opts: DecodeHeaderOptions = {}): Qcow2Header {
+  // `buf` is zero-padded past the end of the file (QEMU reads zeros there), so only a short
+  // buffer is a truncated header.
+  if (buf.length < V2_HEADER_LENGTH) {
     if (buf.length >= 4 && dataView(buf).getUint32(0) === QCOW2_MAGIC)
       throw corrupt(file, `truncated qcow2 header (file is ${fileSize} bytes)`);
     throw new QcowError('NOT_QCOW2', 'Image is not in qcow2 format', file);
@@ -145,7 +153,7 @@ export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, op
   };
 
   if (version === 3) {
-    if (buf.length < V3_MIN_HEADER_LENGTH || fileSize < V3_MIN_HEADER_LENGTH) throw corrupt(file, 'truncated qcow2 v3 header');
+    if (buf.length < V3_MIN_HEADER_LENGTH) throw corrupt(file, 'truncated qcow2 v3 header');
     h.incompatibleFeatures = v.getBigUint64(72);
     h.compatibleFeatures = v.getBigUint64(80);
     h.autoclearFeatures = v.getBigUint64(88);
@@ -153,7 +161,7 @@ export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, op
     h.headerLength = v.getUint32(100);
     if (h.headerLength < V3_MIN_HEADER_LENGTH) throw corrupt(file, 'qcow2 header too short');
     if (h.headerLength > cs) throw corrupt(file, 'qcow2 header exceeds cluster size');
-    if (h.headerLength > buf.length || h.headerLength > fileSize) throw corrupt(file, 'qcow2 header extends past the end of the file');
+    if (h.headerLength > buf.length) throw corrupt(file, 'qcow2 header extends past the end of the file');
     if (h.headerLength > 104) h.compressionType = buf[104]!;
     if (h.headerLength > V3_HEADER_LENGTH) h.unknownHeaderBytes = buf.slice(V3_HEADER_LENGTH, h.headerLength);
   }
@@ -162,8 +170,8 @@ export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, op
   if (h.backingFileOffset) {
     if (h.backingFileSize > MAX_BACKING_NAME || h.backingFileOffset + h.backingFileSize > cs)
       throw corrupt(file, 'Backing file name too long');
-    if (h.backingFileOffset + h.backingFileSize > Math.min(buf.length, fileSize))
-      throw corrupt(file, 'backing file name extends past the end of the file');
+    // Bytes past the end of the file read as zeros (as in QEMU): pass cluster 0 zero-padded.
+    if (h.backingFileOffset + h.backingFileSize > buf.length) throw corrupt(file, 'backing file name extends past the end of the file');
   }
 
   // Extensions come first so the feature-name table can name unknown features.
@@ -188,28 +196,43 @@ export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, op
   if (extendedL2 && clusterBits < 14) throw corrupt(file, 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
 
   if (h.size > MAX_HOST_OFFSET) throw new QcowError('UNSUPPORTED', `Image size too large: ${h.size}`, file);
-  checkTable(file, 'L1 table', h.l1TableOffset, h.l1Size * 8, cs, fileSize, MAX_L1_BYTES, 'Active L1 table too large');
+  // QEMU validates the table offsets only for alignment and range (an offset of 0 is accepted);
+  // qcowkit also refuses tables past the end of the file (README: deliberate differences).
+  checkTable(file, 'L1 table', v, 40, h.l1Size * 8, cs, fileSize, MAX_L1_BYTES, 'Active L1 table too large');
   if (h.l1Size < minL1Size(h.size, clusterBits, extendedL2)) throw corrupt(file, 'L1 table is too small');
 
-  // In check mode (as QEMU's BDRV_O_CHECK) an image without a refcount table opens: check reports
-  // every cluster as a corruption and `-r all` rebuilds the structure. The snapshot table is
-  // validated by check itself then.
-  if (h.refcountTableClusters === 0 && !opts.check) throw corrupt(file, 'Image does not contain a reference count table');
-  checkTable(file, 'Reference count table', h.refcountTableOffset, h.refcountTableClusters * cs, cs, fileSize, MAX_REFTABLE_BYTES, 'Reference count table too large');
+  // `check` opens images without a refcount table (and reports every cluster), as QEMU does.
+  if (h.refcountTableClusters === 0 && !opts.checkMode) throw corrupt(file, 'Image does not contain a reference count table');
+  checkTable(file, 'Reference count table', v, 48, h.refcountTableClusters * cs, cs, fileSize, MAX_REFTABLE_BYTES, 'Reference count table too large');
 
-  if (opts.check) return h;
-  if (h.nbSnapshots > MAX_SNAPSHOTS) throw corrupt(file, 'Too many snapshots');
-  if (h.nbSnapshots) {
-    if (!isAligned(h.snapshotsOffset, cs) || h.snapshotsOffset === 0) throw corrupt(file, 'Invalid snapshot table offset');
-    if (h.snapshotsOffset >= fileSize) throw corrupt(file, 'Snapshot table lies past the end of the file');
-  }
+  // Validated even without snapshots, as QEMU does; the entries are checked when the table is read.
+  if (h.nbSnapshots > MAX_SNAPSHOTS) throw corrupt(file, 'Snapshot table too large');
+  const snapshotsRaw = v.getBigUint64(64);
+  if (snapshotsRaw % BigInt(cs) !== 0n || snapshotsRaw >= 1n << 63n) throw corrupt(file, 'Snapshot table offset invalid');
+  if (h.nbSnapshots && h.snapshotsOffset >= fileSize) throw corrupt(file, 'Snapshot table lies past the end of the file');
+
+  // QEMU crashes on LUKS images without the encryption header extension; refuse them.
+  if (h.cryptMethod === 2 && !h.encryption) throw corrupt(file, 'LUKS encryption header extension missing');
+  if (h.cryptMethod !== 2 && h.encryption) throw corrupt(file, 'Encryption header extension present but the image is not LUKS-encrypted');
   return h;
 }
 
-function checkTable(file: string, name: string, offset: number, bytes: number, cs: number, fileSize: number, max: number, tooLarge: string): void {
+/**
+ * Refusals QEMU makes only when it opens an image for I/O (map, check, reads), not for `info`:
+ * the raw-external-data autoclear bit needs an external data file.
+ */
+export function assertIoConsistent(h: Qcow2Header, file: string): void {
+  if (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW && !hasDataFile(h)) throw corrupt(file, 'data-file-raw requires a data file');
+  if (hasDataFile(h) && h.dataFile === undefined) throw corrupt(file, "'data-file' is required for this image (external data file feature set without a data file name)");
+}
+
+function checkTable(file: string, name: string, v: DataView, at: number, bytes: number, cs: number, fileSize: number, max: number, tooLarge: string): void {
   if (bytes > max) throw corrupt(file, tooLarge);
+  // Exact on the 64-bit field: unaligned or >= 2^63 is "offset invalid" in QEMU.
+  const raw = v.getBigUint64(at);
+  if (raw % BigInt(cs) !== 0n || raw >= 1n << 63n) throw corrupt(file, `${name} offset invalid`);
   if (bytes === 0) return;
-  if (offset === 0 || !isAligned(offset, cs)) throw corrupt(file, `Invalid ${name} offset`);
+  const offset = u64(v, at);
   if (offset + bytes > fileSize) throw corrupt(file, `${name} lies past the end of the file (offset ${offset}, ${bytes} bytes, file is ${fileSize} bytes)`);
 }
 
@@ -221,37 +244,37 @@ export function hasDataFile(h: Qcow2Header): boolean {
   return (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
 }
 
-const KNOWN_EXTENSIONS = new Set<number>([ExtensionType.BackingFormat, ExtensionType.FeatureTable, ExtensionType.Bitmaps, ExtensionType.FullDiskEncryption, ExtensionType.DataFile]);
 
 function decodeExtensions(buf: Uint8Array, h: Qcow2Header, cs: number, fileSize: number, file: string): void {
   const v = dataView(buf);
-  const limit = Math.min(h.backingFileOffset || cs, cs, buf.length, fileSize);
+  // The area ends at the backing file name or at the end of cluster 0; `buf` is cluster 0
+  // zero-padded past the end of the file (QEMU reads zeros there).
+  const limit = Math.min(h.backingFileOffset || cs, cs);
+  if (buf.length < limit) throw corrupt(file, 'truncated header cluster');
   let off = h.headerLength;
-  const seen = new Set<number>();
   for (;;) {
-    if (off + 8 > limit) {
-      // QEMU tolerates a missing terminator at the very end of the area.
-      if (off >= limit) break;
-      throw corrupt(file, 'Header extension too large');
-    }
+    // QEMU tolerates a missing terminator at the very end of the area.
+    if (off >= limit) break;
+    if (off + 8 > limit) throw corrupt(file, 'Header extension too large');
     const type = v.getUint32(off);
     const len = v.getUint32(off + 4);
+    // Checked for the terminator too, as QEMU does. A repeated extension replaces the earlier one.
+    if (len > limit - off - 8) throw corrupt(file, 'Header extension too large');
     if (type === ExtensionType.End) break;
-    if (off + 8 + len > limit) throw corrupt(file, `Header extension 0x${type.toString(16)} too large`);
-    // QEMU takes the last backing-format extension and ignores unknown ones, repeated or not;
-    // a repeated structural extension (bitmaps, encryption, data file, features) stays an error.
-    const repeatable = type === ExtensionType.BackingFormat || !KNOWN_EXTENSIONS.has(type);
-    if (seen.has(type) && !repeatable) throw corrupt(file, `Duplicate header extension 0x${type.toString(16)}`);
-    seen.add(type);
     const data = buf.slice(off + 8, off + 8 + len);
     h.extensions.push({ type, data });
     decodeKnownExtension(type, data, h, cs, fileSize, file);
     off += 8 + Math.ceil(len / 8) * 8;
   }
   if (h.backingFileOffset) {
-    const name = buf.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize);
-    h.backingFile = decodeUtf8(name);
+    h.backingFile = cString(buf.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize));
   }
+}
+
+/** QEMU keeps names as C strings: the first NUL ends them. */
+function cString(b: Uint8Array): string {
+  const nul = b.indexOf(0);
+  return decodeUtf8(nul < 0 ? b : b.subarray(0, nul));
 }
 
 function decodeKnownExtension(type: number, data: Uint8Array, h: Qcow2Header, cs: number, fileSize: number, file: string): void {
@@ -259,7 +282,8 @@ function decodeKnownExtension(type: number, data: Uint8Array, h: Qcow2Header, cs
   switch (type) {
     case ExtensionType.BackingFormat:
       if (data.length > 15) throw corrupt(file, 'Backing file format name too long');
-      h.backingFormat = decodeUtf8(data);
+      // A C string for QEMU: it ends at the first NUL, and an empty name means "not recorded".
+      h.backingFormat = cString(data) || undefined;
       break;
     case ExtensionType.FeatureTable:
       for (let i = 0; i + 48 <= data.length; i += 48) {
@@ -277,8 +301,8 @@ function decodeKnownExtension(type: number, data: Uint8Array, h: Qcow2Header, cs
       if (ext.nbBitmaps === 0) throw corrupt(file, 'Bitmaps extension declares no bitmaps');
       if (ext.nbBitmaps > 65535) throw corrupt(file, 'Too many persistent bitmaps');
       if (ext.directorySize > 1024 * 65535) throw corrupt(file, 'Bitmap directory too large');
-      if (!ext.directoryOffset || !isAligned(ext.directoryOffset, cs)) throw corrupt(file, 'Invalid bitmap directory offset');
-      if (ext.directoryOffset + ext.directorySize > fileSize) throw corrupt(file, 'Bitmap directory lies past the end of the file');
+      if (v.getBigUint64(16) % BigInt(cs) !== 0n) throw corrupt(file, 'Invalid bitmap directory offset');
+      if (ext.directoryOffset + ext.directorySize > MAX_HOST_OFFSET) throw corrupt(file, 'Bitmap directory offset invalid');
       h.bitmaps = ext;
       break;
     }

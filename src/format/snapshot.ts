@@ -1,9 +1,11 @@
 /** Pure decode/encode of the internal snapshot table. */
 import { QcowError } from '../errors.js';
-import { dataView, decodeUtf8, isAligned, setU64, u64 } from './bytes.js';
+import { dataView, decodeUtf8, setU64, u64 } from './bytes.js';
 
 export interface SnapshotEntry {
   l1TableOffset: number;
+  /** The field exactly, when it does not fit a double (>= 2^53; only a corrupt table has that). */
+  l1TableOffsetExact?: bigint | undefined;
   l1Size: number;
   id: string;
   name: string;
@@ -20,19 +22,19 @@ export interface SnapshotEntry {
 const MAX_EXTRA = 1024;
 
 /** Decodes `count` entries from the table bytes; returns entries and the table's byte length. */
-export function decodeSnapshotTable(buf: Uint8Array, count: number, clusterSize: number, version: number, file: string): { entries: SnapshotEntry[]; bytes: number } {
+export function decodeSnapshotTable(buf: Uint8Array, count: number, file: string): { entries: SnapshotEntry[]; bytes: number } {
   const v = dataView(buf);
   const entries: SnapshotEntry[] = [];
   let off = 0;
   const bad = (msg: string) => new QcowError('CORRUPT', `Snapshot table: ${msg}`, file);
   for (let i = 0; i < count; i++) {
-    if (off + 40 > buf.length) throw bad('entry lies past the end of the table');
+    if (off + 40 > buf.length) throw bad('entry lies past the end of the file');
     const extraSize = v.getUint32(off + 36);
     const idLen = v.getUint16(off + 12);
     const nameLen = v.getUint16(off + 14);
     if (extraSize > MAX_EXTRA) throw bad(`too much extra metadata in snapshot ${i}`);
     const end = off + 40 + extraSize + idLen + nameLen;
-    if (end > buf.length) throw bad('entry lies past the end of the table');
+    if (end > buf.length) throw bad('entry lies past the end of the file');
     const extra = buf.slice(off + 40, off + 40 + extraSize);
     const ev = dataView(extra);
     const e: SnapshotEntry = {
@@ -48,11 +50,13 @@ export function decodeSnapshotTable(buf: Uint8Array, count: number, clusterSize:
       id: decodeUtf8(buf.subarray(off + 40 + extraSize, off + 40 + extraSize + idLen)),
       name: decodeUtf8(buf.subarray(off + 40 + extraSize + idLen, end)),
     };
-    if (version >= 3 && extraSize < 16) throw bad(`snapshot ${i} lacks the disk size extra data required in v3`);
-    if (!isAligned(e.l1TableOffset, clusterSize)) throw bad(`snapshot ${i} has an unaligned L1 table offset`);
-    if (e.l1Size > (32 * 1024 * 1024) / 8) throw bad(`snapshot ${i} L1 table is too large`);
+    // As QEMU 7.2, opening accepts entries with an unaligned or oversized L1 table and v3 entries
+    // without the disk size (then the current disk size): `check` reports them as corruptions.
+    const exact = v.getBigUint64(off);
+    if (exact >= 2n ** 53n) e.l1TableOffsetExact = exact;
     entries.push(e);
     off = Math.ceil(end / 8) * 8;
+    if (off > MAX_SNAPSHOT_TABLE_BYTES) throw bad('Snapshot table is too big');
   }
   return { entries, bytes: off };
 }

@@ -11,7 +11,7 @@ export interface DecodedTable {
   offsets: Float64Array;
   /** COPIED flag per entry (L1 only). */
   copied: Uint8Array;
-  /** Indices of entries with reserved bits set, unaligned offsets or offsets >= 2^53. */
+  /** Indices of entries with unaligned offsets, offsets >= 2^53 or (refcount table) reserved bits set. */
   invalid: number[];
 }
 
@@ -29,13 +29,15 @@ function decodeOffsetTable(buf: Uint8Array, count: number, clusterSize: number, 
     const lo = v.getUint32(i * 8 + 4);
     if (hi === 0 && lo === 0) continue;
     let offHi = hi;
-    let bad = (lo & 0x1ff) !== 0;
+    // L1: reserved bits are ignored, as QEMU masks them (L1E_OFFSET_MASK); only an offset that
+    // is not cluster aligned makes the entry unusable. Refcount table: reserved bits are errors.
+    const bad = !l1 && (lo & 0x1ff) !== 0;
     if (l1) {
       copied[i] = hi >>> 31;
       offHi = hi & 0x00ffffff;
-      bad ||= (hi & 0x7f000000) !== 0;
     }
     const value = offHi * TWO32 + ((lo & ~0x1ff) >>> 0);
+    if (l1 && value === 0) continue;
     if (bad || offHi >= 0x200000 || value % clusterSize !== 0) {
       invalid.push(i);
       continue;

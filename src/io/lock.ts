@@ -4,7 +4,7 @@
  * 3 resize. Conflicts are found the way QEMU's F_OFD_GETLK finds them, by reading /proc/locks
  * (an exclusive test lock would need a writable descriptor and would block QEMU's readers).
  */
-import { readdir, readFile } from 'node:fs/promises';
+import { readdirSync, readFileSync } from 'node:fs';
 import { QcowError } from '../errors.js';
 import { tryLock } from './fsx.js';
 
@@ -26,21 +26,43 @@ const PLANS: Record<Exclude<LockMode, 'none'>, LockPlan> = {
   write: { hold: [PERM_READ, PERM_WRITE, PERM_RESIZE], forbid: [PERM_WRITE, PERM_RESIZE] },
 };
 
-// Opening a long backing chain checks every layer: one read of /proc/locks serves them all.
+// Opening a long backing chain checks every layer: one read (and parse) of /proc/locks serves
+// them all. The lines are indexed by inode id once: machines running many QEMUs have thousands.
 const SNAPSHOT_MS = 250;
-let snapshot: { text: string; at: number } | undefined;
+let snapshot: { holders: Map<string, [number, number][]>; at: number } | undefined;
+const INODE_ID = /^[0-9a-f]+:[0-9a-f]+:\d+$/;
 
-async function procLocks(fresh = false): Promise<string> {
-  const now = performance.now();
-  if (!fresh && snapshot && now - snapshot.at < SNAPSHOT_MS) return snapshot.text;
+function procLocks(fresh = false): Map<string, [number, number][]> {
+  const now = Date.now(); // (performance.now() would load perf_hooks: ~1 ms of start-up)
+  if (!fresh && snapshot && now - snapshot.at < SNAPSHOT_MS) return snapshot.holders;
   let text = '';
   try {
-    text = await readFile('/proc/locks', 'utf8');
+    text = readFileSync('/proc/locks', 'utf8'); // procfs: no I/O to wait for
   } catch {
     /* not Linux, or no procfs: nothing to learn */
   }
-  snapshot = { text, at: now };
-  return text;
+  const holders = new Map<string, [number, number][]>();
+  for (const line of text.split('\n')) {
+    if (line.includes('->')) continue; // a waiter, not a holder
+    const f = line.trim().split(/\s+/);
+    const at = f.findIndex((x) => INODE_ID.test(x));
+    if (at < 0) continue;
+    const endField = f[at + 2];
+    const range: [number, number] = [Number(f[at + 1]), endField === 'EOF' ? 300 : Number(endField)];
+    const list = holders.get(f[at]!);
+    if (list) list.push(range);
+    else holders.set(f[at]!, [range]);
+  }
+  snapshot = { holders, at: now };
+  return holders;
+}
+
+/**
+ * Forgets the snapshot: called when this process releases locks (a file closed), which the
+ * snapshot would still list as taken (`check -r` right after a read-only open of the same image).
+ */
+export function forgetLockSnapshot(): void {
+  snapshot = undefined;
 }
 
 /** The inode as /proc/locks names it (major:minor:inode, hex device numbers). */
@@ -54,25 +76,35 @@ function inodeId(dev: number, ino: number): string {
  * Processes holding OFD locks on the inode: /proc/locks shows no PID for OFD locks, but each
  * process's /proc/PID/fdinfo/FD lists the locks of that descriptor. Only read on a conflict.
  */
-async function lockHolders(id: string): Promise<string[]> {
+function lockHolders(id: string): string[] {
   const out: string[] = [];
   let pids: string[] = [];
   try {
-    pids = (await readdir('/proc')).filter((p) => /^\d+$/.test(p) && Number(p) !== process.pid);
+    pids = readdirSync('/proc').filter((p) => /^\d+$/.test(p) && Number(p) !== process.pid);
   } catch {
     return out;
   }
   for (const pid of pids) {
     let fds: string[];
     try {
-      fds = await readdir(`/proc/${pid}/fdinfo`);
+      fds = readdirSync(`/proc/${pid}/fdinfo`);
     } catch {
       continue;
     }
     for (const fd of fds) {
-      const text = await readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8').catch(() => '');
+      let text = '';
+      try {
+        text = readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
+      } catch {
+        continue;
+      }
       if (!text.includes(` ${id} `)) continue;
-      const comm = (await readFile(`/proc/${pid}/comm`, 'utf8').catch(() => '?')).trim();
+      let comm = '?';
+      try {
+        comm = readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+      } catch {
+        /* gone meanwhile */
+      }
       out.push(`PID ${pid} (${comm})`);
       break;
     }
@@ -81,18 +113,10 @@ async function lockHolders(id: string): Promise<string[]> {
 }
 
 /** Byte offsets other processes hold locks on for this inode (from /proc/locks). */
-async function lockedBytes(dev: number, ino: number, fresh = false): Promise<Set<number>> {
-  const text = await procLocks(fresh);
+function lockedBytes(dev: number, ino: number, fresh = false): Set<number> {
   const id = inodeId(dev, ino);
   const out = new Set<number>();
-  for (const line of text.split('\n')) {
-    if (line.includes('->')) continue; // a waiter, not a holder
-    const f = line.trim().split(/\s+/);
-    const at = f.indexOf(id);
-    if (at < 0) continue;
-    const start = Number(f[at + 1]);
-    const endField = f[at + 2];
-    const end = endField === 'EOF' ? 300 : Number(endField);
+  for (const [start, end] of procLocks(fresh).get(id) ?? []) {
     for (let b = Math.max(start, 100); b <= Math.min(end, 299); b++) out.add(b);
   }
   return out;
@@ -105,16 +129,16 @@ async function lockedBytes(dev: number, ino: number, fresh = false): Promise<Set
 export async function lockImage(fd: number, dev: number, ino: number, mode: LockMode, path: string, forWrite = mode === 'write'): Promise<void> {
   if (mode === 'none') return;
   const plan = PLANS[mode];
-  let taken = await lockedBytes(dev, ino);
-  // A remembered /proc/locks may name an inode number since freed and reused: look again before
-  // calling anything a conflict.
   const conflicts = (t: Set<number>) => plan.hold.some((p) => t.has(200 + p)) || plan.forbid.some((p) => t.has(100 + p));
-  if (conflicts(taken)) taken = await lockedBytes(dev, ino, true);
-  const conflict = async (what: string) => lockError(path, what, forWrite, await lockHolders(inodeId(dev, ino)));
-  for (const p of plan.hold) if (taken.has(200 + p)) throw await conflict(`Failed to get "${PERM_NAMES[p]}" lock`);
-  for (const p of plan.forbid) if (taken.has(100 + p)) throw await conflict(`Failed to get shared "${PERM_NAMES[p]}" lock`);
+  let taken = lockedBytes(dev, ino);
+  // A remembered /proc/locks may name an inode number since freed and reused, or locks this
+  // process has released: look again before calling anything a conflict.
+  if (conflicts(taken)) taken = lockedBytes(dev, ino, true);
+  const conflict = (what: string) => lockError(path, what, forWrite, lockHolders(inodeId(dev, ino)));
+  for (const p of plan.hold) if (taken.has(200 + p)) throw conflict(`Failed to get "${PERM_NAMES[p]}" lock`);
+  for (const p of plan.forbid) if (taken.has(100 + p)) throw conflict(`Failed to get shared "${PERM_NAMES[p]}" lock`);
   for (const byte of [...plan.hold.map((p) => 100 + p), ...plan.forbid.map((p) => 200 + p)]) {
-    if (!tryLock(fd, byte, 1, true)) throw await conflict(`Failed to lock byte ${byte}`);
+    if (!tryLock(fd, byte, 1, true)) throw conflict(`Failed to lock byte ${byte}`);
   }
 }
 

@@ -4,7 +4,11 @@ import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-type Addon = { dataExtents(fd: number, start: number, end: number, max: number): Float64Array | null };
+type Addon = {
+  dataExtents(fd: number, start: number, end: number, max: number): Float64Array | null;
+  /** Older builds of the addon lack it. */
+  dataExtentsMany?(fd: number, ranges: Float64Array): Float64Array | null;
+};
 let addon: Addon | null | undefined;
 
 function load(): Addon | null {
@@ -26,14 +30,51 @@ function load(): Addon | null {
 export function dataExtentsNative(fd: number, start: number, end: number): Float64Array | null {
   if (addon === undefined) addon = load();
   if (!addon) return null;
-  const out: number[] = [];
-  let pos = start;
-  for (;;) {
-    const part = addon.dataExtents(fd, pos, end, 65536);
-    if (!part) return null;
-    for (const v of part) out.push(v);
-    if (part.length < 2 * 65536) break;
-    pos = part[part.length - 1]!;
+  const MAX = 65536;
+  const first = addon.dataExtents(fd, start, end, MAX);
+  // The common case: everything in one call, returned as the addon made it (no copies).
+  if (!first || first.length < 2 * MAX) return first;
+  const parts = [first];
+  let total = first.length;
+  for (let part = first; part.length === 2 * MAX; ) {
+    const next = addon.dataExtents(fd, part[part.length - 1]!, end, MAX);
+    if (!next) return null;
+    parts.push(next);
+    total += next.length;
+    part = next;
   }
-  return Float64Array.from(out);
+  const out = new Float64Array(total);
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+/**
+ * Data extents of many ranges in one call: `ranges` = [s0, e0, s1, e1, ...]; the result holds,
+ * per range in order, a count c and c pairs [dataStart, dataEnd). null when the platform can't
+ * tell.
+ */
+export function dataExtentsManyNative(fd: number, ranges: Float64Array): Float64Array | null {
+  if (addon === undefined) addon = load();
+  if (!addon) return null;
+  if (addon.dataExtentsMany) return addon.dataExtentsMany(fd, ranges);
+  const parts: Float64Array[] = [];
+  let total = 0;
+  for (let i = 0; i < ranges.length; i += 2) {
+    const p = dataExtentsNative(fd, ranges[i]!, ranges[i + 1]!);
+    if (!p) return null;
+    parts.push(p);
+    total += 1 + p.length;
+  }
+  const out = new Float64Array(total);
+  let at = 0;
+  for (const p of parts) {
+    out[at++] = p.length / 2;
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
 }

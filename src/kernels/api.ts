@@ -45,6 +45,14 @@ export const enum L2Stat {
   OutOfRange = 4, // references to clusters >= nClusters (not counted)
 }
 
+/**
+ * One map entry record for the map JSON writer = 32 bytes, four f64: start, length, host offset
+ * (negative: none), depth * 8 + flags (1 present, 2 zero, 4 data: chain.ts's MAP_* bits).
+ */
+export const MAP_ENTRY_BYTES = 32;
+/** Most bytes the JSON writer produces per record (",\n" + one entry with 16-digit numbers). */
+export const MAP_JSON_MAX_ENTRY_BYTES = 192;
+
 export interface Kernels {
   readonly memory: WebAssembly.Memory;
   /** Allocates `size` bytes (16-byte aligned) in wasm memory; contents unspecified. */
@@ -135,4 +143,18 @@ export interface Kernels {
   firstDifference(a: number, b: number, nBytes: number): number;
   /** Sets bit i of `outBitmap` (cleared first) when block i (1 << blockBits bytes) of ptr is all zero; nBytes is a multiple of the block. */
   zeroBlocks(ptr: number, nBytes: number, blockBits: number, outBitmap: number): void;
+
+  // --- map JSON text ------------------------------------------------------------------------------
+  /** Starts a new map: forgets the pending entry and the entry count. */
+  mapJsonReset(): void;
+  /**
+   * Merges `n` map entry records (MAP_ENTRY_BYTES each) as qemu-img map merges entries and writes
+   * the `--output=json` text of every finished entry to `out` (room: n * MAP_JSON_MAX_ENTRY_BYTES);
+   * returns the bytes written. The last entry stays pending for the next call.
+   */
+  mapJsonFeed(entries: number, n: number, out: number): number;
+  /** Writes the pending entry and "]\n" (room: 2 * MAP_JSON_MAX_ENTRY_BYTES); 0 when nothing was fed. */
+  mapJsonFinish(out: number): number;
+  /** Sets bit i of `outBitmap` when block i of a differs from block i of b (clears it when equal); bits past the last block are kept. */
+  diffBlocks(a: number, b: number, nBytes: number, blockBits: number, outBitmap: number): void;
 }

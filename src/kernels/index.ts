@@ -22,25 +22,45 @@ declare global {
 let shared: Kernels | undefined;
 
 /**
- * Address space set aside at start. Growing wasm memory detaches every view of it, and views are
- * handed to in-flight reads (data lands straight in wasm memory), so growth must not happen in
- * normal work. Untouched pages cost no RSS: the OS backs them only when written.
+ * Address space set aside when large or concurrent work starts (`reserveForLargeWork`: check,
+ * compare, guest reads). Growing wasm memory detaches every view of it, and views are handed to
+ * in-flight reads (data lands straight in wasm memory), so growth must not happen in the middle
+ * of such work. Untouched pages cost no RSS: the OS backs them only when written.
  */
-const INITIAL_HEAP_BYTES = 1024 * 1024 * 1024;
+const LARGE_WORK_HEAP_BYTES = 1024 * 1024 * 1024;
+/**
+ * What the heap starts with: enough for info, create and map (whose table reads are small and
+ * synchronous, or awaited one batch at a time after `reserve`). Growing by 1 GiB at start-up
+ * costs a mark-compact GC (V8 counts wasm memory as external memory) and ~2 ms.
+ */
+const INITIAL_HEAP_BYTES = 32 * 1024 * 1024;
 
 /** The process-wide kernels instance (lazy singleton). */
 export function kernels(): Kernels {
   if (!shared) {
     shared = createWasmKernels();
-    // Where address space is scarce (strict overcommit), settle for less rather than fail.
-    for (let bytes = INITIAL_HEAP_BYTES; bytes >= 16 * 1024 * 1024; bytes /= 4) {
-      try {
-        shared.reserve(bytes);
-        break;
-      } catch {
-        /* try a smaller reservation */
-      }
-    }
+    reserveAtMost(shared, INITIAL_HEAP_BYTES);
   }
   return shared;
+}
+
+let largeReserved = false;
+
+/** Sets the large work reservation aside (once per process), before any read of that work starts. */
+export function reserveForLargeWork(): void {
+  if (largeReserved) return;
+  largeReserved = true;
+  reserveAtMost(kernels(), LARGE_WORK_HEAP_BYTES);
+}
+
+/** Where address space is scarce (strict overcommit), settle for less rather than fail. */
+function reserveAtMost(k: Kernels, bytes: number): void {
+  for (; bytes >= 16 * 1024 * 1024; bytes /= 4) {
+    try {
+      k.reserve(bytes);
+      return;
+    } catch {
+      /* try a smaller reservation */
+    }
+  }
 }

@@ -179,6 +179,10 @@ interface RawExports {
   firstNonZero(ptr: number, nBytes: number): number;
   firstDifference(a: number, b: number, nBytes: number): number;
   zeroBlocks(ptr: number, nBytes: number, blockBits: number, outBitmap: number): void;
+  mapJsonReset(): void;
+  mapJsonFeed(entries: number, n: number, out: number): number;
+  mapJsonFinish(out: number): number;
+  diffBlocks(a: number, b: number, nBytes: number, blockBits: number, outBitmap: number): void;
 }
 
 /** wasm/kernels.wasm of the package this file belongs to (works from src/, dist/ and dist/cli-bundle/). */
@@ -301,5 +305,10 @@ export function createWasmKernels(path: string = wasmPath()): Kernels {
     firstNonZero: x.firstNonZero,
     firstDifference: x.firstDifference,
     zeroBlocks: x.zeroBlocks,
+
+    mapJsonReset: x.mapJsonReset,
+    mapJsonFeed: (entries, n, out) => x.mapJsonFeed(entries, n, out) >>> 0,
+    mapJsonFinish: (out) => x.mapJsonFinish(out) >>> 0,
+    diffBlocks: x.diffBlocks,
   };
 }

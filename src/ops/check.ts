@@ -7,9 +7,10 @@
  * when anything was fixed a second, read-only pass checks the result, and that is what is
  * returned (with the first pass's fixed counts), exactly as qemu-img reports it.
  */
+import { reserveForLargeWork } from '../kernels/index.js';
 import { QcowError, isQcowError } from '../errors.js';
 import { openImageFile, type FileOpener, type ImageFile } from '../io/file.js';
-import { QCOW2_MAGIC } from '../format/constants.js';
+import { BackingChain, probeFile } from '../chain/chain.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { createContext } from '../qcow2/check/context.js';
 import { runCheckPass } from '../qcow2/check/pass.js';
@@ -59,6 +60,7 @@ export interface CheckResult {
 export const NO_CHECKS = 'This image format does not support checks';
 
 export async function check(path: string, opts: CheckOptions = {}): Promise<CheckResult> {
+  reserveForLargeWork(); // before any read lands in wasm memory
   const fix: FixMode = opts.repair === 'all' ? FIX_LEAKS | FIX_ERRORS : opts.repair === 'leaks' ? FIX_LEAKS : 0;
   if (opts.repair !== undefined && opts.repair !== 'leaks' && opts.repair !== 'all')
     throw new QcowError('INVALID_ARGUMENT', `Unknown option value for -r (expecting 'leaks' or 'all'): ${String(opts.repair)}`, path);
@@ -66,7 +68,7 @@ export async function check(path: string, opts: CheckOptions = {}): Promise<Chec
 
   const file = opts.file ?? (await (opts.openFile ?? openImageFile)(path, { writable: fix !== 0, lock: fix ? 'write' : opts.forceShare ? 'read-shared' : 'read' }));
   try {
-    if ((opts.format ?? (await probe(file))) === 'raw') throw new QcowError('UNSUPPORTED', NO_CHECKS, path);
+    if ((opts.format ?? (await probeFile(file))) === 'raw') throw new QcowError('NO_CHECKS', NO_CHECKS, path);
     const first = await pass(path, file, fix, opts);
     let final = first;
     if (first.leaksFixed || first.corruptionsFixed) {
@@ -81,11 +83,6 @@ export async function check(path: string, opts: CheckOptions = {}): Promise<Chec
   }
 }
 
-async function probe(file: ImageFile): Promise<LayerFormat> {
-  const b = new Uint8Array(4);
-  await file.readAt(b, 0);
-  return new DataView(b.buffer).getUint32(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
-}
 
 /**
  * One pass. `settle`: the verification pass after a repair — when it finds the image consistent,
@@ -95,6 +92,9 @@ async function probe(file: ImageFile): Promise<LayerFormat> {
 async function pass(path: string, file: ImageFile, fix: FixMode, opts: CheckOptions, settle = false): Promise<CheckCounters> {
   const img = await Qcow2Image.open(path, { file, writable: fix !== 0, forRepair: true, metadataOnly: true, check: true });
   try {
+    // qemu-img check opens the whole backing chain (read-only) and fails when it can't.
+    if (!settle && img.backingName !== undefined)
+      await Promise.all((await BackingChain.openBackingOf(img, { forceShare: opts.forceShare, signal: opts.signal })).map((l) => l.close()));
     if (img.header.cryptMethod !== 0)
       throw new QcowError('UNSUPPORTED', `encrypted images are not supported (encryption method ${img.header.cryptMethod === 1 ? 'aes' : 'luks'})`, path);
     // QEMU fails the open itself when a bitmap table it loads is invalid.

@@ -9,7 +9,7 @@
  * flight, and is durable in the base (dirty bit cleared) before the top is emptied. An abort
  * stops between chunks with the base consistent; running the commit again completes it.
  */
-import { statfs, realpath } from 'node:fs/promises';
+import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import { QcowError, throwIfAborted } from '../errors.js';
 import type { FileOpener } from '../io/file.js';
@@ -22,6 +22,7 @@ import { BME_FLAG_AUTO } from '../format/bitmap.js';
 import { markBitmapsDirty } from '../qcow2/bitmaps.js';
 import type { OperationOptions } from './options.js';
 import { validateForWrite } from './validate.js';
+import { checkFreeSpace, writeDataChunk } from './copy.js';
 import { emptyOpenImage, type MakeEmptyResult } from './make-empty.js';
 
 export interface CommitOptions extends OperationOptions {
@@ -121,7 +122,7 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
 }
 
 /** The depth of the base: the immediate backing file, or the layer -b names (as qemu-img matches it). */
-async function findBase(top: string, opts: CommitOptions): Promise<number> {
+export async function findBase(top: string, opts: CommitOptions): Promise<number> {
   // Names only: a shared look (the locking open that follows refuses images in use).
   const chain = await BackingChain.open(top, { format: opts.format, forceShare: true, signal: opts.signal, onWarning: opts.onWarning });
   try {
@@ -183,22 +184,6 @@ async function estimateGrowth(base: BlockLayer, plan: CopyPlan, size: number, cs
   const metadata = base instanceof Qcow2Image ? Math.ceil(clusters / (cs / 8)) * cs * 2 + cs * 4 : 0;
   void size;
   return { bytes: clusters * cs + metadata, dataClusters: clusters };
-}
-
-async function checkFreeSpace(path: string, need: number): Promise<void> {
-  let avail: number;
-  try {
-    const st = await statfs(dirname(path));
-    avail = st.bavail * st.bsize;
-  } catch {
-    return; // unknown: let the writes tell
-  }
-  if (need > avail)
-    throw new QcowError(
-      'NO_SPACE',
-      `the base needs up to ${need} more bytes but its filesystem has ${avail} free; nothing was written (free space or commit elsewhere)`,
-      path,
-    );
 }
 
 async function grow(base: WritableLayer, size: number): Promise<void> {
@@ -277,56 +262,5 @@ async function copyExtents(chain: BackingChain, base: WritableLayer, plan: CopyP
     for (const p of reads.values()) await p.then((ptr) => k.free(ptr)).catch(() => {});
   }
   if (!total) opts.onProgress?.(0, 0);
-  return { data, zero };
-}
-
-/** Writes one chunk read into wasm memory: all-zero whole clusters as zeroes, the rest as data. */
-async function writeDataChunk(base: WritableLayer, start: number, length: number, ptr: number, cs: number): Promise<{ data: number; zero: number }> {
-  const k = kernels();
-  // Whole base clusters inside the chunk: [a, b).
-  const a = Math.ceil(start / cs) * cs;
-  const b = Math.floor((start + length) / cs) * cs;
-  const runs: Array<{ start: number; length: number; zero: boolean }> = [];
-  const push = (s: number, e: number, z: boolean) => {
-    if (e <= s) return;
-    const last = runs[runs.length - 1];
-    if (last && last.zero === z && last.start + last.length === s) last.length += e - s;
-    else runs.push({ start: s, length: e - s, zero: z });
-  };
-  push(start, Math.min(a, start + length), false);
-  if (b > a) {
-    const blocks = (b - a) / cs;
-    const bits = k.allocZeroed(Math.ceil(blocks / 8) + 16);
-    const ext = k.alloc(16 * Math.max(1, blocks));
-    try {
-      k.zeroBlocks(ptr + (a - start), b - a, Math.log2(cs), bits);
-      let prev = 0;
-      const n = k.extents(bits, 0, blocks, ext, blocks);
-      const pairs = new Float64Array(k.memory.buffer, ext, n * 2).slice();
-      for (let i = 0; i < n; i++) {
-        const zs = pairs[i * 2]!;
-        const zl = pairs[i * 2 + 1]!;
-        push(a + prev * cs, a + zs * cs, false);
-        push(a + zs * cs, a + (zs + zl) * cs, true);
-        prev = zs + zl;
-      }
-      push(a + prev * cs, b, false);
-    } finally {
-      k.free(bits);
-      k.free(ext);
-    }
-  }
-  push(Math.max(b, a, start), start + length, false);
-  let data = 0;
-  let zero = 0;
-  for (const r of runs) {
-    if (r.zero) {
-      await base.writeZeroes(r.start, r.length, { unmap: true });
-      zero += r.length;
-    } else {
-      await base.write(r.start, k.u8(ptr + (r.start - start), r.length));
-      data += r.length;
-    }
-  }
   return { data, zero };
 }

@@ -6,7 +6,7 @@
 import { BackingChain } from '../chain/chain.js';
 import type { LayerFormat } from '../chain/layer.js';
 import { throwIfAborted } from '../errors.js';
-import { kernels } from '../kernels/index.js';
+import { kernels, reserveForLargeWork } from '../kernels/index.js';
 import type { OperationOptions } from './options.js';
 
 export interface CompareOptions extends OperationOptions {
@@ -27,6 +27,7 @@ const CHUNK = 4 * 1024 * 1024;
 const SECTOR = 512;
 
 export async function compare(path1: string, path2: string, opts: CompareOptions = {}): Promise<CompareResult> {
+  reserveForLargeWork(); // before any read lands in wasm memory
   const a = await BackingChain.open(path1, { format: opts.format1, forceShare: opts.forceShare, onWarning: opts.onWarning, signal: opts.signal });
   let b: BackingChain;
   try {

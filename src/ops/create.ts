@@ -3,7 +3,8 @@
  * (options, backing file, size) before the target is touched; then the file is created or, like
  * QEMU, truncated once its write lock is held, written, flushed and closed.
  */
-import { realpath, rm, writeFile } from 'node:fs/promises';
+import { realpathSync, writeFileSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { BackingChain, hasProtocolPrefix, probeFormat, resolveBackingPath } from '../chain/chain.js';
 import type { LayerFormat } from '../chain/layer.js';
@@ -229,8 +230,15 @@ async function checkBacking(
 /** Same name after resolving, or the same file through links (never overwrite the backing file). */
 async function sameFile(a: string, b: string): Promise<boolean> {
   if (resolve(a) === resolve(b)) return true;
-  const [ra, rb] = await Promise.all([realpath(a).catch(() => undefined), realpath(b).catch(() => undefined)]);
-  return ra !== undefined && ra === rb;
+  const real = (p: string): string | undefined => {
+    try {
+      return realpathSync.native(p);
+    } catch {
+      return undefined;
+    }
+  };
+  const ra = real(a);
+  return ra !== undefined && ra === real(b);
 }
 
 /**
@@ -241,7 +249,7 @@ async function sameFile(a: string, b: string): Promise<boolean> {
 async function writeImage(path: string, write: (file: ImageFile) => Promise<void>): Promise<void> {
   let created = false;
   try {
-    await writeFile(path, new Uint8Array(0), { flag: 'wx' });
+    writeFileSync(path, new Uint8Array(0), { flag: 'wx' }); // (no thread-pool trip: start-up counts)
     created = true;
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw fromSystemError(e, path, 'Could not create');

@@ -40,6 +40,56 @@ export class ClusterAllocator implements FreeClusterSource {
   /** Clusters below `cluster` may have become free (after discards): search from there again. */
   noteFreed(cluster: number): void {
     this.#hint = Math.max(1, Math.min(this.#hint, cluster));
+    // The cluster compressed data was being packed into may be among them: start a new one.
+    this.#freeByte = 0;
+  }
+
+  /** Byte where the next compressed cluster may be packed (0: start a new host cluster). */
+  #freeByte = 0;
+
+  /**
+   * Room for `bytes` (< one cluster) of compressed data, packed after the previous compressed
+   * cluster as QEMU does (qcow2_alloc_bytes): in the same host cluster while it has room and its
+   * refcount can grow, running into the next cluster only when that one is free and adjacent,
+   * else at the start of a new cluster. Every host cluster the bytes touch gets +1 refcount (a
+   * cluster shared by n compressed clusters has refcount n). Returns the byte offset.
+   */
+  async allocateCompressedBytes(bytes: number): Promise<number> {
+    const cs = this.refcounts.clusterSize;
+    if (!(bytes > 0 && bytes < cs)) throw new QcowError('INTERNAL', `compressed size ${bytes} out of range`, this.path);
+    let at = this.#freeByte;
+    if (at) {
+      const c = Math.floor(at / cs);
+      const rc = await this.refcounts.get(c);
+      // 0: the cluster was freed meanwhile (pending discard); max: no more references fit.
+      if (rc === 0 || rc >= this.refcounts.maxRefcount || this.#blockedUntil(c) !== undefined) at = 0;
+    }
+    if (at) {
+      const c = Math.floor(at / cs);
+      const room = (c + 1) * cs - at;
+      if (room >= bytes) {
+        await this.refcounts.update(c, 1, 1);
+      } else {
+        // Spill into the next cluster only when it is free.
+        const next = await this.#nextFree(c + 1, 1);
+        if (next.first === c + 1) {
+          this.#claims.push([c + 1, c + 2]);
+          try {
+            await this.refcounts.update(c, 2, 1);
+          } finally {
+            this.#unclaim(c + 1);
+          }
+          this.#high = Math.max(this.#high, c + 2);
+        } else at = 0;
+      }
+    }
+    if (!at) {
+      const [run] = await this.allocate(1);
+      at = run!.first * cs;
+    }
+    const end = at + bytes;
+    this.#freeByte = end % cs === 0 ? 0 : end;
+    return at;
   }
 
   /**

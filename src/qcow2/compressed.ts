@@ -28,3 +28,26 @@ export function decompressCluster(src: Uint8Array, dst: Uint8Array, compressionT
     throw new QcowError('CORRUPT', `Could not decompress the compressed cluster at guest offset ${guestOffset}: ${(e as Error).message}`, file);
   }
 }
+
+/**
+ * Compresses one cluster the way QEMU's qcow2 driver does (qcow2_compress): a raw deflate stream
+ * (no zlib header) with a 4 KiB window, default level, memLevel 9. Returns undefined when the
+ * result would not be smaller than the cluster (QEMU then writes the cluster uncompressed).
+ * zstd images: refused (see below).
+ */
+export async function compressCluster(src: Uint8Array, compressionType: number, file: string): Promise<Uint8Array | undefined> {
+  assertCanCompress(compressionType, file);
+  zlib ??= await import('node:zlib');
+  const out = zlib.deflateRawSync(src, { windowBits: 12, level: -1, memLevel: 9 });
+  return out.length < src.length ? out : undefined;
+}
+
+/** Compressed writes are possible for zlib images only (one line, before anything is written). */
+export function assertCanCompress(compressionType: number, file: string): void {
+  if (compressionType !== 0)
+    throw new QcowError(
+      'UNSUPPORTED',
+      'writing zstd-compressed clusters is not supported: Node 20 has no zstd encoder and no maintained pure-JS zstd encoder package exists on npm (only wasm or native builds); omit -c or use a zlib image',
+      file,
+    );
+}

@@ -10,7 +10,7 @@
  */
 import { QcowError } from '../errors.js';
 import type { ImageFile } from '../io/file.js';
-import type { BitmapsExtension, HeaderExtension, Qcow2Header } from '../format/header.js';
+import { encodeHeader, type BitmapsExtension, type HeaderExtension, type Qcow2Header } from '../format/header.js';
 import { ExtensionType, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/constants.js';
 
 const OFF_SIZE = 24;
@@ -231,6 +231,78 @@ export class HeaderWriter {
     h.autoclearFeatures = autoclear;
     h.extensions = exts;
     if (name) h.backingFileOffset = end;
+  }
+
+  /**
+   * Re-encodes the whole header cluster with another backing file name and format (undefined:
+   * none) and writes it with ONE write, then flushes. Everything else is kept: every field, the
+   * bytes between the known fields and header_length, the bitmaps extension and every extension
+   * qcowkit does not know (in their order, after the ones it writes, as QEMU does); the feature
+   * name table is rewritten as QEMU writes it.
+   *
+   * Why one in-place write is crash-safe enough (QEMU's qcow2_update_header does the same): the
+   * bytes that change are the backing offset/size fields (bytes 8..19), the extension area and
+   * the name, all inside the first `header_length + extensions + name` bytes — under 1.6 KiB
+   * (name <= 1023 bytes), so inside the first 4 KiB block of the file. A single pwrite of an
+   * aligned range reaches the disk through one page of the page cache: ext4/xfs/btrfs write
+   * that block as a unit, and 4Kn/512e disks (every current SSD and most HDDs) write a physical
+   * 4 KiB sector atomically. So after a crash the file holds the old header or the new one; the
+   * guest view is the same with either, because the data that makes it so was made durable
+   * before (the caller flushes first). A torn result is possible only on a 512n disk that loses
+   * power between two sectors of this one write, the same exposure QEMU has.
+   */
+  async rewriteBacking(backingFile: string | undefined, backingFormat: string | undefined): Promise<void> {
+    const h = this.#decoded;
+    if (!h) throw new QcowError('INTERNAL', 'header writer without the decoded header', this.file.path);
+    if (h.dataFile !== undefined || h.encryption !== undefined)
+      throw new QcowError('UNSUPPORTED', 'rewriting the header of an image with an external data file or encryption is not supported', this.file.path);
+    const own = new Set<number>([ExtensionType.BackingFormat, ExtensionType.FeatureTable, ExtensionType.Bitmaps, ExtensionType.DataFile, ExtensionType.FullDiskEncryption]);
+    const unknown = h.extensions.filter((e) => !own.has(e.type));
+    const cs = 2 ** h.clusterBits;
+    const encoded = encodeHeader(
+      {
+        version: h.version,
+        clusterBits: h.clusterBits,
+        size: h.size,
+        l1Size: h.l1Size,
+        l1TableOffset: h.l1TableOffset,
+        refcountTableOffset: h.refcountTableOffset,
+        refcountTableClusters: h.refcountTableClusters,
+        refcountOrder: h.refcountOrder,
+        incompatibleFeatures: this.#incompatible,
+        compatibleFeatures: h.compatibleFeatures,
+        autoclearFeatures: this.#autoclear,
+        compressionType: h.compressionType,
+        backingFile: backingFile === '' ? undefined : backingFile,
+        backingFormat: backingFile === '' || backingFile === undefined ? undefined : backingFormat,
+        extraExtensions: unknown,
+        bitmaps: h.bitmaps,
+        nbSnapshots: h.nbSnapshots,
+        snapshotsOffset: h.snapshotsOffset,
+        unknownHeaderBytes: h.version === 3 ? h.unknownHeaderBytes : undefined,
+      },
+      this.file.path,
+    );
+    const cluster = new Uint8Array(cs);
+    cluster.set(encoded);
+    await this.file.writeAt(cluster, 0);
+    await this.file.flush();
+    // Keep the decoded header in step.
+    const v = new DataView(encoded.buffer, encoded.byteOffset, encoded.byteLength);
+    h.backingFileOffset = Number(v.getBigUint64(8));
+    h.backingFileSize = v.getUint32(16);
+    h.backingFile = h.backingFileOffset ? backingFile : undefined;
+    h.backingFormat = h.backingFileOffset ? backingFormat : undefined;
+    if (h.version === 3) h.headerLength = v.getUint32(100);
+    const exts: Array<{ type: number; data: Uint8Array }> = [];
+    for (let off = h.headerLength; off + 8 <= encoded.length; ) {
+      const type = v.getUint32(off);
+      const len = v.getUint32(off + 4);
+      if (type === ExtensionType.End) break;
+      exts.push({ type, data: encoded.slice(off + 8, off + 8 + len) });
+      off += 8 + Math.ceil(len / 8) * 8;
+    }
+    h.extensions = exts;
   }
 
   /** Sets the virtual disk size, durably (after the L1 table covers it). */

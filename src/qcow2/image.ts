@@ -5,11 +5,11 @@
 import { QcowError } from '../errors.js';
 import { openImageFile, type ImageFile } from '../io/file.js';
 import { dataView } from '../format/bytes.js';
-import { decodeHeader, hasDataFile, isExtendedL2, type Qcow2Header } from '../format/header.js';
+import { assertIoConsistent, decodeHeader, hasDataFile, isExtendedL2, type Qcow2Header } from '../format/header.js';
 import { decodeL1Table, type DecodedTable } from '../format/tables.js';
 import type { SnapshotEntry } from '../format/snapshot.js';
 import { readSnapshotTable, SnapshotTableError } from './snapshot-table.js';
-import { decodeBitmapDirectory, type BitmapDirectoryEntry } from '../format/bitmap.js';
+import { BME_FLAG_IN_USE, decodeBitmapDirectory, validateBitmapTable, type BitmapDirectoryEntry } from '../format/bitmap.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS } from '../format/constants.js';
 import { pushExtent, type BlockLayer, type LayerExtent } from '../chain/layer.js';
 import { L2Tables } from './l2.js';
@@ -59,6 +59,7 @@ export class Qcow2Image implements BlockLayer {
     readonly header: Qcow2Header,
     fileSize: number,
     public l1: DecodedTable,
+    readonly l1Raw: Uint8Array,
     snapshots: SnapshotEntry[],
     snapshotTableBytes: number,
     readonly bitmaps: BitmapDirectoryEntry[],
@@ -87,16 +88,31 @@ export class Qcow2Image implements BlockLayer {
 
   /** The write engine of an image opened with `writable: true` (created on first use). */
   async writer(): Promise<Qcow2Writer> {
-    if (!this.#writer) {
-      this.#writer = await Qcow2Writer.open(this);
-      this.#l2.source = this.#writer.l2Cache; // reads see unwritten changes
-    }
-    return this.#writer;
+    if (this.#writer) return this.#writer;
+    // Concurrent first writes must share one engine (one cache, one allocator).
+    this.#opening ??= Qcow2Writer.open(this).then(
+      (w) => {
+        this.#writer = w;
+        this.#l2.source = w.l2Cache; // reads see unwritten changes
+        this.#opening = undefined;
+        return w;
+      },
+      (e) => {
+        this.#opening = undefined;
+        throw e;
+      },
+    );
+    return this.#opening;
   }
+  #opening: Promise<Qcow2Writer> | undefined;
 
   /** Writes guest data (copy-on-write from the backing chain where clusters are partly written). */
   async write(offset: number, data: Uint8Array): Promise<void> {
     await (await this.writer()).write(offset, data);
+  }
+  /** Writes one whole cluster compressed (see Qcow2Writer.writeCompressed). */
+  async writeCompressed(offset: number, cluster: Uint8Array): Promise<void> {
+    await (await this.writer()).writeCompressed(offset, cluster);
   }
   /** Makes a guest range read as zeros: zero flags (v3) or unmapped clusters, data only at the edges. */
   async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
@@ -173,18 +189,20 @@ export class Qcow2Image implements BlockLayer {
 
   static async #load(path: string, file: ImageFile, opts: OpenQcow2Options): Promise<Qcow2Image> {
     const fileSize = await file.size();
-    // One read covers cluster 0 of the common cluster sizes; larger ones take a second.
-    let head = new Uint8Array(Math.min(fileSize, 65536));
+    // One read covers cluster 0 of the common cluster sizes; larger ones take a second. Bytes
+    // past the end of the file read as zeros, as in QEMU (cluster 0 is always whole).
+    let head = new Uint8Array(Math.max(65536, Math.min(fileSize, 65536)));
     await file.readAt(head, 0);
-    if (head.length >= 24) {
+    if (fileSize >= 24) {
       const bits = dataView(head).getUint32(20);
-      if (bits > 16 && bits <= 21 && fileSize > head.length) {
-        head = new Uint8Array(Math.min(fileSize, 2 ** bits));
+      if (bits > 16 && bits <= 21) {
+        head = new Uint8Array(2 ** bits);
         await file.readAt(head, 0);
       }
     }
-    const header = decodeHeader(head, fileSize, path, { check: opts.check === true });
+    const header = decodeHeader(head, fileSize, path, { checkMode: opts.check === true });
     if (!opts.metadataOnly) assertReadable(header, path);
+    if (!opts.metadataOnly || opts.forRepair) assertIoConsistent(header, path);
     if (opts.writable && !opts.forRepair && header.incompatibleFeatures & INCOMPAT_CORRUPT)
       throw new QcowError('CORRUPT', 'Image is corrupt; cannot be opened read/write (run check -r all first)', path);
     const cs = 2 ** header.clusterBits;
@@ -196,11 +214,19 @@ export class Qcow2Image implements BlockLayer {
     const { entries: snapshots, bytes: snapshotTableBytes } = opts.check ? { entries: [], bytes: 0 } : await readSnapshots(file, header, path);
     let bitmaps: BitmapDirectoryEntry[] = [];
     if (header.bitmaps) {
-      const dir = new Uint8Array(header.bitmaps.directorySize);
-      await file.readAt(dir, header.bitmaps.directoryOffset);
-      bitmaps = decodeBitmapDirectory(dir, header.bitmaps, cs, header.size, path);
+      // As QEMU: bytes past the end of the file read as zeros; every bitmap that is not in use
+      // is loaded, so a bad bitmap table refuses the whole image.
+      const dir = await readZeroPadded(file, header.bitmaps.directoryOffset, header.bitmaps.directorySize, fileSize);
+      const virtualSize = Math.floor(header.size / 512) * 512;
+      bitmaps = decodeBitmapDirectory(dir, header.bitmaps, cs, virtualSize, path);
+      for (const b of bitmaps) {
+        if (b.flags & BME_FLAG_IN_USE) continue;
+        if (b.tableOffset + b.tableSize * 8 >= 2 ** 63)
+          throw new QcowError('CORRUPT', `Could not read bitmap_table table from image for bitmap '${b.name}': offset out of range`, path);
+        validateBitmapTable(await readZeroPadded(file, b.tableOffset, b.tableSize * 8, fileSize), b, cs, path);
+      }
     }
-    return new Qcow2Image(path, file, header, fileSize, l1, snapshots, snapshotTableBytes, bitmaps);
+    return new Qcow2Image(path, file, header, fileSize, l1, l1Bytes, snapshots, snapshotTableBytes, bitmaps);
   }
 
   /** QEMU counts whole 512-byte sectors of the header's size. */
@@ -235,8 +261,11 @@ export class Qcow2Image implements BlockLayer {
   l2Offset(l1Index: number): number {
     if (l1Index >= this.l1.offsets.length) return 0;
     const off = this.l1.offsets[l1Index]!;
-    if (off === 0 && this.l1.invalid.includes(l1Index))
-      throw new QcowError('CORRUPT', `L1 entry ${l1Index} is invalid (reserved bits set or unaligned offset)`, this.path);
+    if (off === 0 && this.l1.invalid.includes(l1Index)) {
+      const raw = new DataView(this.l1Raw.buffer, this.l1Raw.byteOffset).getBigUint64(l1Index * 8) & 0x00fffffffffffe00n;
+      if (raw >= 2n ** 53n) throw new QcowError('CORRUPT', `L2 table at offset ${raw} (L1 index ${l1Index}) lies past the end of the file`, this.path);
+      throw new QcowError('CORRUPT', `L2 table offset 0x${raw.toString(16)} unaligned (L1 index ${l1Index})`, this.path);
+    }
     if (off !== 0 && off + this.clusterSize > this.fileSize)
       throw new QcowError('CORRUPT', `L2 table at offset ${off} (L1 index ${l1Index}) lies past the end of the file`, this.path);
     return off;
@@ -261,28 +290,48 @@ export class Qcow2Image implements BlockLayer {
     const end = Math.min(start + length, this.virtualSize);
     const out: LayerExtent[] = [];
     if (start >= end) return out;
-    await this.#l2.scan(this, start, end, (e) => pushExtent(out, e));
+    const v2 = this.header.version === 2;
+    await this.#l2.scan(this, start, end, (e) => {
+      // v2 has no zero flag: QEMU fails the read and marks the image corrupt.
+      if (v2 && e.allocated && e.zero) throw new QcowError('CORRUPT', `Zero cluster entry found in pre-v3 image (guest offset ${e.start})`, this.path);
+      pushExtent(out, e);
+    });
     const plainData = (e: LayerExtent) => e.data && !e.compressed && e.offset !== undefined;
     // The preallocation heuristic reads refcounts: only worth it when there is data to refine.
     if (!opts.probeHost || !out.some(plainData) || !(await this.metadataPreallocated())) return out;
+    // One probe of the host file for all data extents of the scan (one native call per batch).
+    const data = out.filter(plainData);
+    const ranges = new Float64Array(data.length * 2);
+    data.forEach((e, i) => {
+      ranges[2 * i] = e.offset!;
+      ranges[2 * i + 1] = Math.min(e.offset! + e.length, this.fileSize);
+    });
+    const probed = this.file.dataExtentsMany ? this.file.dataExtentsMany(ranges) : perRange(this.file, ranges);
+    if (!probed) return out;
     const refined: LayerExtent[] = [];
+    let at = 0;
     for (const e of out) {
-      if (plainData(e)) this.#splitByHostHoles(e, refined);
-      else pushExtent(refined, e);
+      if (!plainData(e)) {
+        pushExtent(refined, e);
+        continue;
+      }
+      const n = probed[at++]!;
+      this.#splitByHostHoles(e, probed, at, n, refined);
+      at += 2 * n;
     }
     return refined;
   }
 
-  #splitByHostHoles(e: LayerExtent, out: LayerExtent[]): void {
+  /** Splits a data extent at the host-file holes in pairs [at, at + 2n) of `ext`. */
+  #splitByHostHoles(e: LayerExtent, ext: Float64Array, at: number, n: number, out: LayerExtent[]): void {
     const host = e.offset!;
     const hostEnd = host + e.length;
-    const ext = this.file.dataExtents(host, Math.min(hostEnd, this.fileSize));
-    if (!ext) return pushExtent(out, e);
+    if (n === 1 && ext[at] === host && ext[at + 1] === hostEnd) return pushExtent(out, e);
     let pos = host;
     const piece = (from: number, to: number, zero: boolean) => {
-      if (to > from) pushExtent(out, { ...e, start: e.start + (from - host), length: to - from, offset: from, zero });
+      if (to > from) pushExtent(out, { start: e.start + (from - host), length: to - from, allocated: true, data: true, zero, offset: from });
     };
-    for (let i = 0; i < ext.length; i += 2) {
+    for (let i = at; i < at + 2 * n; i += 2) {
       piece(pos, ext[i]!, true);
       piece(ext[i]!, ext[i + 1]!, false);
       pos = ext[i + 1]!;
@@ -338,6 +387,17 @@ export class Qcow2Image implements BlockLayer {
   }
 }
 
+/** `dataExtentsMany` layout from per-range `dataExtents` (files that lack the batch call). */
+function perRange(file: ImageFile, ranges: Float64Array): Float64Array | null {
+  const out: number[] = [];
+  for (let i = 0; i < ranges.length; i += 2) {
+    const ext = file.dataExtents(ranges[i]!, ranges[i + 1]!);
+    if (!ext) return null;
+    out.push(ext.length / 2, ...ext);
+  }
+  return Float64Array.from(out);
+}
+
 /**
  * Length of the zstd frame at the start of `src` (header, blocks, optional checksum), found from
  * the block headers without decoding; src.length when it can't tell (the decoder then complains).
@@ -359,6 +419,13 @@ export function zstdFrameLength(src: Uint8Array): number {
   }
   if (fhd & 4) pos += 4; // content checksum
   return Math.min(pos, src.length);
+}
+
+/** `length` bytes at `offset`; what lies past the end of the file reads as zeros (never read). */
+async function readZeroPadded(file: ImageFile, offset: number, length: number, fileSize: number): Promise<Uint8Array> {
+  const buf = new Uint8Array(length);
+  if (offset < fileSize) await file.readAt(buf.subarray(0, Math.min(length, fileSize - offset)), offset);
+  return buf;
 }
 
 function assertReadable(h: Qcow2Header, path: string): void {

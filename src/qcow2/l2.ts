@@ -13,6 +13,8 @@ import type { MetadataCache } from './cache.js';
 const WINDOW_BYTES = 16 * 1024 * 1024;
 const MAX_READ_BYTES = 8 * 1024 * 1024;
 const CACHE_TABLES = 64;
+/** Scans of at most this many tables use the cache (see #cachedTables). */
+const CACHED_SCAN_TABLES = 16;
 const MAX_RUNS = 4096;
 const READS_IN_FLIGHT = 4;
 
@@ -108,6 +110,19 @@ export class L2Tables {
     return ptr;
   }
 
+  /**
+   * Pointers to the tables at `offsets` (0 = none) through the cache, all present at once when it
+   * returns (a table evicted while another was read is read again). Small scans go this way: a
+   * backing chain's lower layers are asked for the gaps of the layers above, many short ranges
+   * in the same few tables.
+   */
+  async #cachedTables(offsets: number[]): Promise<number[]> {
+    for (;;) {
+      for (const off of offsets) if (off) await this.table(off);
+      if (offsets.every((off) => !off || this.#cache.has(off))) return offsets.map((off) => (off ? this.#cache.get(off)! : 0));
+    }
+  }
+
   /** Emits the extents of guest range [start, end) in order (not merged). */
   async scan(g: L2Geometry, start: number, end: number, emit: (e: LayerExtent) => void): Promise<void> {
     const firstL1 = Math.floor(start / g.l2Span);
@@ -125,7 +140,7 @@ export class L2Tables {
         }
         continue;
       }
-      if (n === 1 && offsets[0]) ptrs = [await this.table(offsets[0])];
+      if (n <= CACHED_SCAN_TABLES) ptrs = await this.#cachedTables(offsets);
       else ({ ptrs, release } = await this.load(offsets));
       try {
         for (let i = 0; i < n; i++) {
@@ -203,6 +218,8 @@ export class L2Tables {
   }
 
   clear(): void {
+    // Nothing in wasm memory (info, a closed chain): don't instantiate the kernels just to free.
+    if (this.#cache.size === 0 && !this.#runs) return;
     const k = kernels();
     for (const p of this.#cache.values()) k.free(p);
     this.#cache.clear();

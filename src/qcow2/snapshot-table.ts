@@ -142,8 +142,10 @@ export async function readSnapshotTable(
     extra.set(known);
     extra.set(unknown, known.length);
     const ev = dataView(extra);
+    const exact = h.getBigUint64(0);
     entries.push({
       l1TableOffset: u64(h, 0),
+      ...(exact >= 2n ** 53n ? { l1TableOffsetExact: exact } : {}),
       l1Size: h.getUint32(8),
       id,
       name,

@@ -17,7 +17,7 @@
  */
 import { QcowError, throwIfAborted } from '../errors.js';
 import { inParallel, type ImageFile } from '../io/file.js';
-import { kernels, L2_RUN_BYTES, RunKind } from '../kernels/index.js';
+import { kernels, L2_RUN_BYTES, reserveForLargeWork, RunKind } from '../kernels/index.js';
 import { dataView, setU64 } from '../format/bytes.js';
 import { INCOMPAT_CORRUPT } from '../format/constants.js';
 import { minL1Size } from '../format/header.js';
@@ -26,6 +26,7 @@ import { ClusterAllocator, type ClusterRun } from './allocator.js';
 import { DiscardQueue } from './discard-queue.js';
 import { HeaderWriter } from './header-writer.js';
 import { RefcountManager } from './refcount-manager.js';
+import { compressCluster } from './compressed.js';
 import type { Qcow2Image } from './image.js';
 
 const COPIED_HI = 0x80000000;
@@ -93,6 +94,8 @@ export class Qcow2Writer {
     if (!file.writable) throw new QcowError('INTERNAL', 'image was not opened for writing', img.path);
     if (img.header.incompatibleFeatures & INCOMPAT_CORRUPT)
       throw new QcowError('CORRUPT', 'Image is marked corrupt; repair it first (qcowkit check -r all)', img.path);
+    // Metadata and data reads land in wasm memory while other reads are in flight: no growth.
+    reserveForLargeWork();
     const cs = img.clusterSize;
     const header = HeaderWriter.for(file, img.header);
     const l2Cache = new MetadataCache('L2', file, cs, L2_CACHE_TABLES);
@@ -135,6 +138,58 @@ export class Qcow2Writer {
     return this.#serial(async () => {
       this.#checkRange(offset, data.length);
       await this.#forEachTable(offset, data.length, (l1i, s, e) => this.#writeInTable(l1i, s, data.subarray(s - offset, e - offset)));
+    });
+  }
+
+  /**
+   * Writes one whole guest cluster compressed (QEMU's compressed-cluster encoding). The
+   * compressed bytes go to newly allocated bytes packed after the previous compressed cluster
+   * (never in place); every host cluster they touch gets a reference; the old mapping of the
+   * guest cluster (data, zero, compressed, shared or not) is dropped after the new entry, as for
+   * any write. Clusters that do not compress to less than a cluster are written as plain data.
+   * `cluster` is always a full cluster; for the disk's partial last cluster the bytes past the
+   * end are ignored by readers (QEMU pads with zeros the same way).
+   */
+  writeCompressed(offset: number, cluster: Uint8Array): Promise<void> {
+    return this.#serial(async () => {
+      const img = this.#img;
+      const cs = this.cs;
+      if (offset % cs !== 0 || cluster.length !== cs || offset < 0 || offset >= img.virtualSize)
+        throw new QcowError('INVALID_ARGUMENT', `compressed writes take one whole cluster at a cluster boundary (offset ${offset}, ${cluster.length} bytes)`, img.path);
+      const packed = await compressCluster(cluster, img.header.compressionType, img.path);
+      const inside = Math.min(cs, img.virtualSize - offset);
+      if (!packed) {
+        await this.#forEachTable(offset, inside, (l1i, s, e) => this.#writeInTable(l1i, s, cluster.subarray(0, e - s)));
+        return;
+      }
+      const l1i = Math.floor(offset / img.l2Span);
+      const index = (offset - l1i * img.l2Span) / cs;
+      const tableOff = await this.#l2ForWrite(l1i);
+      this.l2Cache.pin(tableOff);
+      try {
+        const [seg] = this.#segments(await this.l2Cache.get(tableOff), index, 1);
+        const old = seg!.inPlace ? [{ first: seg!.host / cs, count: 1 }] : seg!.oldClusters;
+        const at = await this.allocator.allocateCompressedBytes(packed.length);
+        const x = 62 - (img.clusterBits - 8);
+        if (at + packed.length > 2 ** x) throw new QcowError('UNSUPPORTED', `compressed data would lie beyond the ${2 ** x}-byte limit of this cluster size`, img.path);
+        img.noteFileEnd(at + packed.length);
+        await this.file.writeAt(packed, at);
+        // The entry may point at the bytes only once they and their refcounts are durable.
+        this.l2Cache.dependsOnFlush();
+        await this.l2Cache.dependsOn(this.refcountCache);
+        const sectors = Math.floor((at + packed.length - 1) / 512) - Math.floor(at / 512);
+        const entry = (1n << 62n) | (BigInt(sectors) << BigInt(x)) | BigInt(at);
+        const tptr = await this.l2Cache.get(tableOff);
+        const v = new DataView(kernels().memory.buffer);
+        const pos = tptr + index * (img.extendedL2 ? 16 : 8);
+        v.setBigUint64(pos, entry);
+        if (img.extendedL2) v.setBigUint64(pos + 8, 0n);
+        this.l2Cache.markDirty(tableOff);
+        for (const r of old) await this.refcounts.update(r.first, r.count, -1);
+        img.invalidateReadCaches();
+      } finally {
+        this.l2Cache.unpin(tableOff);
+      }
     });
   }
 
@@ -487,7 +542,7 @@ export class Qcow2Writer {
       const segs = this.#segments(ptr, firstCluster, endCluster - firstCluster);
       // Plan every segment (copy-on-write reads see the table before any entry changes).
       const jobs: Array<() => Promise<void>> = [];
-      const fresh: Array<{ seg: Segment; buf: Uint8Array }> = [];
+      const fresh: Array<{ seg: Segment; buf: Uint8Array; from: number; to: number }> = [];
       const inPlaceFixes: Array<{ seg: Segment; xs: number; xe: number }> = [];
       const unit = img.extendedL2 ? cs / 32 : cs;
       for (const seg of segs) {
@@ -505,24 +560,38 @@ export class Qcow2Writer {
             await this.file.writeAt(buf, seg.host + (xs - segStart));
           });
           if (expand) inPlaceFixes.push({ seg, xs, xe });
+        } else if (img.extendedL2 && seg.oldClusters.length === 0) {
+          // Extended L2, nothing mapped here yet: only the subclusters written get allocated
+          // (the others keep reading from the backing file or as zeros), as QEMU does; no
+          // copy-on-write beyond the partial subclusters at the ends.
+          const xs = Math.floor(ws / unit) * unit;
+          const xe = Math.min(segEnd, Math.ceil(we / unit) * unit);
+          const buf = await this.#assemble(xs, xe, ws, data.subarray(ws - s, we - s));
+          fresh.push({ seg, buf, from: xs - segStart, to: xe - segStart });
         } else {
           const buf = await this.#assemble(segStart, segEnd, ws, data.subarray(ws - s, we - s));
-          fresh.push({ seg, buf });
+          fresh.push({ seg, buf, from: 0, to: segEnd - segStart });
         }
       }
       // New clusters: refcounts raised now (cache), data written, entries switched after.
-      const newMaps: Array<{ seg: Segment; runs: ClusterRun[] }> = [];
-      for (const { seg, buf } of fresh) {
+      const newMaps: Array<{ seg: Segment; runs: ClusterRun[]; from: number; to: number }> = [];
+      for (const { seg, buf, from, to } of fresh) {
         const runs = await this.allocator.allocate(seg.count);
-        newMaps.push({ seg, runs });
-        let at = 0;
+        newMaps.push({ seg, runs, from, to });
+        let at = 0; // segment byte offset of the run's first cluster
         for (const r of runs) {
-          const part = buf.subarray(at * cs, (at + r.count) * cs);
+          // The part of [from, to) that lies in this run.
+          const a = Math.max(from, at);
+          const b = Math.min(to, at + r.count * cs);
           img.noteFileEnd((r.first + r.count) * cs);
-          jobs.push(async () => {
-            await this.file.writeAt(part, r.first * cs);
-          });
-          at += r.count;
+          if (b > a) {
+            const part = buf.subarray(a - from, b - from);
+            const host = r.first * cs + (a - at); // `at` moves on before the job runs
+            jobs.push(async () => {
+              await this.file.writeAt(part, host);
+            });
+          }
+          at += r.count * cs;
         }
       }
       await inParallel(jobs, WRITES_IN_FLIGHT, (job) => job());
@@ -532,12 +601,26 @@ export class Qcow2Writer {
       if (newMaps.length) await this.l2Cache.dependsOn(this.refcountCache);
       const k = kernels();
       const tptr = await this.l2Cache.get(tableOff);
-      for (const { seg, runs } of newMaps) {
+      for (const { seg, runs, from, to } of newMaps) {
+        // Extended L2, partly written first/last cluster: its old zero bits (still valid where
+        // not written) before the fill below overwrites them.
+        const partial = img.extendedL2 && (from > 0 || to < seg.count * cs);
+        const v = partial ? new DataView(k.memory.buffer) : undefined;
+        const edges = partial ? [...new Set([seg.firstCluster + Math.floor(from / cs), seg.firstCluster + Math.ceil(to / cs) - 1])] : [];
+        const oldZero = edges.map((c) => v!.getUint32(tptr + c * 16 + 8));
         let c = seg.firstCluster;
         for (const r of runs) {
           k.l2Fill(tptr, c, r.count, img.extendedL2, r.first * cs, cs, COPIED_HI, 0, img.extendedL2 ? ALL_SUBCLUSTERS : 0, 0);
           c += r.count;
         }
+        edges.forEach((cl, i) => {
+          const cStart = (cl - seg.firstCluster) * cs;
+          const a = Math.max(0, Math.floor((from - cStart) / unit));
+          const b = Math.min(32, Math.ceil((to - cStart) / unit));
+          const mask = b - a >= 32 ? ALL_SUBCLUSTERS : ((2 ** Math.max(0, b - a) - 1) * 2 ** a) >>> 0;
+          v!.setUint32(tptr + cl * 16 + 8, (oldZero[i]! & ~mask) >>> 0);
+          v!.setUint32(tptr + cl * 16 + 12, mask);
+        });
       }
       for (const fix of inPlaceFixes) this.#markWritten(tptr, fix.seg, tableStart, fix.xs, fix.xe);
       this.l2Cache.markDirty(tableOff);

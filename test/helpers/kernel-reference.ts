@@ -103,6 +103,15 @@ export function referenceKernels(base: Kernels): Kernels {
   const view = () => new DataView(base.memory.buffer);
   let consumed = 0;
   let nextBit = 0;
+  // map JSON writer state
+  let pending: { start: number; length: number; offset: number; meta: number } | undefined;
+  let emitted = 0;
+  const entryText = (e: { start: number; length: number; offset: number; meta: number }): string =>
+    `${emitted++ ? ',\n' : '['}{ "start": ${e.start}, "length": ${e.length}, "depth": ${Math.floor(e.meta / 8)}, "present": ${(e.meta & 1) !== 0}, "zero": ${(e.meta & 2) !== 0}, "data": ${(e.meta & 4) !== 0}${e.offset >= 0 ? `, "offset": ${e.offset}` : ''}}`;
+  const putText = (out: number, s: string): number => {
+    bytes().set(Buffer.from(s, 'latin1'), out);
+    return s.length;
+  };
 
   const bumpRef = (refs: number, nClusters: number, cluster: number): boolean => {
     if (cluster >= nClusters) return false;
@@ -341,6 +350,42 @@ export function referenceKernels(base: Kernels): Kernels {
       const b = bytes();
       for (let i = 0; i < Math.floor(nBytes / size); i++) {
         putBit(b, outBitmap, i, firstDifferent(ptr + i * size, null, size) < 0);
+      }
+    },
+
+    mapJsonReset() {
+      pending = undefined;
+      emitted = 0;
+    },
+    mapJsonFeed(entries, n, out) {
+      const dv = view();
+      let s = '';
+      for (let i = 0; i < n; i++) {
+        const at = entries + i * 32;
+        const e = { start: dv.getFloat64(at, true), length: dv.getFloat64(at + 8, true), offset: dv.getFloat64(at + 16, true), meta: dv.getFloat64(at + 24, true) };
+        if (e.offset < 0) e.offset = -1;
+        if (e.length === 0) continue;
+        const p = pending;
+        if (p && p.meta === e.meta && (p.offset < 0 ? e.offset < 0 : e.offset === p.offset + p.length)) {
+          p.length += e.length;
+          continue;
+        }
+        if (p) s += entryText(p);
+        pending = e;
+      }
+      return putText(out, s);
+    },
+    mapJsonFinish(out) {
+      let s = pending ? entryText(pending) : '';
+      pending = undefined;
+      if (emitted) s += ']\n';
+      return putText(out, s);
+    },
+    diffBlocks(a, bb, nBytes, blockBits, outBitmap) {
+      const size = 2 ** blockBits;
+      const b = bytes();
+      for (let i = 0; i < Math.floor(nBytes / size); i++) {
+        putBit(b, outBitmap, i, firstDifferent(a + i * size, bb + i * size, size) >= 0);
       }
     },
   };

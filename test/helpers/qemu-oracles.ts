@@ -381,16 +381,8 @@ export function withNbdServer<T>(path: string, opts: ImgOptions & { bitmaps?: st
     for (const pid of serversOn(sock)) pids.add(pid);
     for (const pid of pids) liveServers.set(pid, sock);
   };
-  try {
-    const args = ['-r', '-f', opts.format ?? 'qcow2', '-k', sock, '--fork', `--pid-file=${pidFile}`, '--persistent', '--shared=4'];
-    for (const b of opts.bitmaps ?? []) args.push('-B', b);
-    args.push(path);
-    const r = run('qemu-nbd', args, { timeout });
-    collect();
-    if (r.status !== 0) fail(`qemu-nbd ${args.join(' ')}`, r);
-    if (!existsSync(sock)) throw new Error(`qemu-nbd reported success but ${sock} does not exist`);
-    return fn(`nbd+unix:///?socket=${sock}`);
-  } finally {
+  /** Stops every server started here; the first failure to stop one is returned, not thrown. */
+  const cleanup = (): unknown => {
     collect();
     let err: unknown;
     for (const pid of pids) {
@@ -401,8 +393,25 @@ export function withNbdServer<T>(path: string, opts: ImgOptions & { bitmaps?: st
       }
     }
     rmSync(d, { recursive: true, force: true });
-    if (err) throw err;
+    return err;
+  };
+  let result: T;
+  try {
+    const args = ['-r', '-f', opts.format ?? 'qcow2', '-k', sock, '--fork', `--pid-file=${pidFile}`, '--persistent', '--shared=4'];
+    for (const b of opts.bitmaps ?? []) args.push('-B', b);
+    args.push(path);
+    const r = run('qemu-nbd', args, { timeout });
+    collect();
+    if (r.status !== 0) fail(`qemu-nbd ${args.join(' ')}`, r);
+    if (!existsSync(sock)) throw new Error(`qemu-nbd reported success but ${sock} does not exist`);
+    result = fn(`nbd+unix:///?socket=${sock}`);
+  } catch (e) {
+    cleanup(); // the original error is what matters
+    throw e;
   }
+  const err = cleanup();
+  if (err) throw err;
+  return result;
 }
 
 /** Parses `nbdinfo --map=qemu:dirty-bitmap:NAME` text output into coalesced extents. */

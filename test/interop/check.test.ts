@@ -11,7 +11,6 @@ import { buildMatrix, type MatrixImage } from '../helpers/matrix.js';
 import { sha256, tmpDir } from '../helpers/tmp.js';
 import { copy, mutate, ourCheck, ourCheckLib, qemuCheck, type Mutation } from './check-support.js';
 
-const M = 1024 * 1024;
 
 /** Extra shapes the matrix lacks: dirty lazy-refcount image, metadata preallocation, empty disk. */
 function extraImages(dir: string): MatrixImage[] {

@@ -40,6 +40,9 @@ function poke(file: string, offset: number, value: number): number {
   return old[0]!;
 }
 
+/** One run's output and exit code. */
+type Out = { stdout: string; stderr: string; status: number };
+
 let lastOurs: Out = { stdout: '', stderr: '', status: 0 };
 
 /** Compares with both tools; returns a description of the difference or '' (our run: lastOurs). */
@@ -280,7 +283,7 @@ describeQemu('qcowkit compare versus qemu-img compare 7.2', () => {
       { name: 'first file missing', args: ['bad/nothere.qcow2', other], file: 'bad/nothere.qcow2', qemu: 2, message: /No such file/ },
       { name: 'second file missing', args: [other, 'bad/nothere'], file: 'bad/nothere', qemu: 2, message: /No such file/ },
       { name: 'directory', args: [other, 'bad/adir'], file: 'bad/adir', qemu: 2, message: /directory/i },
-      { name: 'header cut short', args: ['bad/short.qcow2', other], file: 'bad/short.qcow2', qemu: 2, message: /header/i },
+      { name: 'header cut short', args: ['bad/short.qcow2', other], file: 'bad/short.qcow2', qemu: 2, message: /Unsupported cluster size: 2\^0/ }, // zeros past EOF, as qemu-img reads them
       { name: 'raw file as qcow2 (-F qcow2)', args: ['-F', 'qcow2', other, 'c/e2data.raw'], file: 'c/e2data.raw', qemu: 2, message: /not in qcow2 format/ },
       // qemu-img 7.2 never returns on a backing loop: not run
       { name: 'backing loop', args: ['bad/a.qcow2', other], file: 'bad/a.qcow2', qemu: null, message: /loop/ },

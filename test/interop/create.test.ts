@@ -229,7 +229,7 @@ describeQemu('qcowkit create versus qemu-img 7.2', () => {
     expect(r.status).toBe(1);
     // As qemu-img: errors of the format's own checks come after the "Formatting" line (qemu-img
     // needs an --object secret for encryption, which qcowkit refuses before it).
-    const q = qemuImg(['create', ...args.split(' ').map((a) => (a === '@' ? 'err-q.qcow2' : a))], { cwd: dir });
+    const q = qemuImg(['create', ...args.split(' ').map((a) => (a === '@' ? 'err-q.qcow2' : a))]);
     expect(q.status).toBe(1);
     if (_name !== 'encryption') expect(r.stdout).toBe(q.stdout.replace('err-q.qcow2', name));
     else expect(r.stdout).toBe('');

@@ -21,7 +21,6 @@ const COMMANDS: Record<string, () => ReturnType<typeof infoCommand>> = { info: i
 const cli = (args: string[], cwd: string) => runCommandInProcess(COMMANDS[args[0]!]!, args.slice(1), cwd);
 
 const K = 1024;
-const M = 1024 * K;
 
 let dir = '';
 const names: string[] = []; // image paths relative to dir

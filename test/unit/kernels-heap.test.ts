@@ -8,6 +8,12 @@ import { createWasmKernels, WasmHeap, wasmPath } from '../../src/kernels/wasm.js
 import { prng } from '../helpers/prng.js';
 import { tmpDir } from '../helpers/tmp.js';
 
+// The project's lib has no DOM types: the WebAssembly constructors these tests build, typed here.
+declare const WebAssembly: {
+  Memory: new (d: { initial: number; maximum?: number }) => { buffer: ArrayBuffer; grow(n: number): number };
+  Module: { new (b: Uint8Array): object; imports(m: object): Array<{ name: string }>; exports(m: object): Array<{ name: string }> };
+};
+
 const PAGE = 65536;
 
 function memory(initial: number, maximum?: number): WebAssembly.Memory {
@@ -178,7 +184,8 @@ describe('kernels loading', () => {
       [
         'memory', 'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'l2Fill', 'refsAddRange', 'refcountAddRange', 'refcountFind', 'refcountCompare',
         'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits',
-        'clearBits', 'extents', 'extentsNext', 'bitmapConvertOr', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
+        'clearBits', 'extents', 'extentsNext', 'bitmapConvertOr', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks', 'diffBlocks',
+        'mapJsonReset', 'mapJsonFeed', 'mapJsonFinish',
       ].sort(),
     );
   });

@@ -1,6 +1,6 @@
 // WebAssembly kernels versus the plain-TS reference: spec examples plus seeded random inputs.
 import { afterEach, describe, expect, it } from 'vitest';
-import { InvalidReason, kernels, L2_RUN_BYTES, L2Stat, RunKind } from '../../src/kernels/index.js';
+import { InvalidReason, kernels, L2_RUN_BYTES, L2Stat, MAP_ENTRY_BYTES, MAP_JSON_MAX_ENTRY_BYTES, RunKind } from '../../src/kernels/index.js';
 import { referenceKernels } from '../helpers/kernel-reference.js';
 
 const k = kernels();
@@ -697,6 +697,85 @@ describe('zero detection and comparison', () => {
       k.zeroBlocks(p, n, blockBits, o1);
       ref.zeroBlocks(p, n, blockBits, o2);
       expectSameBytes(o1, o2, bitmap.length);
+      release();
+    }
+  });
+
+  it('diffBlocks marks differing blocks and keeps bits past the last block', () => {
+    const r = prng(17);
+    for (let round = 0; round < 200; round++) {
+      const blockBits = r.int(13);
+      const blocks = r.int(70);
+      const n = blocks << blockBits;
+      const a = new Uint8Array(n);
+      for (let i = 0; i < n; i += 1 + r.int(64)) a[i] = r.int(256);
+      const b = a.slice();
+      for (let i = 0; i < blocks; i++) if (r.chance(0.4)) b[(i << blockBits) + r.int(1 << blockBits)] ^= 1 + r.int(255);
+      const pa = putBytes(a, r.int(16));
+      const pb = putBytes(b, r.int(16));
+      const bitmap = randomBytes(r, Math.ceil(blocks / 8) + 1, 1);
+      const [o1, o2] = [putBytes(bitmap), putBytes(bitmap)];
+      k.diffBlocks(pa, pb, n, blockBits, o1);
+      ref.diffBlocks(pa, pb, n, blockBits, o2);
+      expectSameBytes(o1, o2, bitmap.length);
+      let differing = 0;
+      for (let i = 0; i < blocks; i++) if (k.u8(o1 + (i >> 3), 1)[0]! & (1 << (i & 7))) differing++;
+      let expected = 0;
+      for (let i = 0; i < blocks; i++) if (a.subarray(i << blockBits, (i + 1) << blockBits).some((v, j) => v !== b[(i << blockBits) + j])) expected++;
+      expect(differing).toBe(expected);
+      release();
+    }
+  });
+});
+
+describe('map JSON writer', () => {
+  /** Feeds entries in random batch sizes through a kernel; returns the whole text. */
+  function render(kk: typeof k, entries: number[][]): string {
+    const recs = alloc(entries.length * MAP_ENTRY_BYTES + 32);
+    const out = alloc((entries.length + 2) * MAP_JSON_MAX_ENTRY_BYTES);
+    const r = prng(entries.length);
+    kk.mapJsonReset();
+    let text = '';
+    for (let i = 0; i < entries.length; ) {
+      const n = Math.min(entries.length - i, 1 + r.int(50));
+      k.u8(recs, n * MAP_ENTRY_BYTES).set(new Uint8Array(Float64Array.from(entries.slice(i, i + n).flat()).buffer));
+      const len = kk.mapJsonFeed(recs, n, out);
+      text += Buffer.from(k.u8(out, len)).toString('latin1');
+      i += n;
+    }
+    const len = kk.mapJsonFinish(out);
+    return text + Buffer.from(k.u8(out, len)).toString('latin1');
+  }
+
+  it('prints what qemu-img prints (merging, offsets, large numbers) and matches the reference', () => {
+    const r = prng(77);
+    for (let round = 0; round < 50; round++) {
+      const entries: number[][] = [];
+      let pos = r.chance(0.2) ? 2 ** 52 : r.int(1000) * 512;
+      let host = r.chance(0.3) ? 2 ** 50 : 0;
+      for (let i = 0; i < r.int(400); i++) {
+        const length = (1 + r.int(4)) * 512 * (r.chance(0.1) ? 2 ** 20 : 1);
+        const flags = r.int(8);
+        const depth = r.chance(0.8) ? r.int(3) : r.int(1001);
+        const offset = r.chance(0.4) ? -1 : r.chance(0.6) ? host : r.int(2 ** 30) * 512;
+        entries.push([pos, length, offset, depth * 8 + flags]);
+        pos += length;
+        if (offset >= 0) host = offset + length;
+      }
+      // Expected: qemu-img's merge rule and layout, in plain TS.
+      const merged: number[][] = [];
+      for (const e of entries) {
+        const p = merged[merged.length - 1];
+        if (p && p[3] === e[3] && (p[2]! < 0 ? e[2]! < 0 : e[2] === p[2]! + p[1]!)) p[1]! += e[1]!;
+        else merged.push([...e]);
+      }
+      const want = merged.length
+        ? `[${merged
+            .map(([s, l, o, m]) => `{ "start": ${s}, "length": ${l}, "depth": ${Math.floor(m! / 8)}, "present": ${(m! & 1) !== 0}, "zero": ${(m! & 2) !== 0}, "data": ${(m! & 4) !== 0}${o! >= 0 ? `, "offset": ${o}` : ''}}`)
+            .join(',\n')}]\n`
+        : '';
+      expect(render(k, entries)).toBe(want);
+      expect(render(ref, entries)).toBe(want);
       release();
     }
   });

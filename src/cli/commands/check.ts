@@ -1,6 +1,6 @@
 import { Option } from 'commander';
-import { check, checkExitCode, NO_CHECKS, type CheckResult } from '../../ops/check.js';
-import { QcowError } from '../../errors.js';
+import { check, checkExitCode, type CheckResult } from '../../ops/check.js';
+import { isQcowError, QcowError } from '../../errors.js';
 import { fail, formatOption, imageFilename, newCommand, outputOption, printJson } from '../util.js';
 
 export function command() {
@@ -33,11 +33,8 @@ export function command() {
           },
         });
       } catch (e) {
-        if (e instanceof QcowError && e.code === 'UNSUPPORTED' && e.message === NO_CHECKS) {
-          fail(e, 63);
-          return;
-        }
-        fail(e, 1);
+        // Exit codes by error code: 63 for a format without checks (NO_CHECKS), else 1.
+        fail(e, isQcowError(e) && e.code === 'NO_CHECKS' ? undefined : 1);
         return;
       }
       if (json) {

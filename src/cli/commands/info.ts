@@ -1,7 +1,10 @@
-import { info, type ImageInfo } from '../../ops/info.js';
-import { formatOption, imageFilename, newCommand, outputOption, warn } from '../util.js';
-import { qdictKeys, qemuJson, sizeToStr } from '../qemu-output.js';
+import { formatOption, newCommand, outputOption } from '../util.js';
+import { runInfo, type InfoFlags } from '../run/info.js';
 
+export { humanInfo } from '../run/info.js';
+
+// The work is in ../run/info.ts (shared with main.ts's quick path); options here and its
+// `spec` must stay in step.
 export function command() {
   return newCommand('info', 'Show information about FILENAME (fields and JSON names as qemu-img info).', [
     'qcowkit info disk.qcow2',
@@ -12,69 +15,5 @@ export function command() {
     .option('--backing-chain', 'show every image of the backing chain, top first')
     .option('-U, --force-share', 'open the image even if another process uses it')
     .argument('<filename>')
-    .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; output: string; backingChain?: boolean; forceShare?: boolean }) => {
-      const infos = await info(imageFilename(filename), { format: o.format, backingChain: o.backingChain === true, forceShare: o.forceShare === true, onWarning: warn });
-      if (o.output === 'json') process.stdout.write(qemuJson(o.backingChain ? infos : infos[0]) + '\n');
-      else process.stdout.write(infos.map(humanInfo).join('\n'));
-    });
-}
-
-/** The human dump of a QAPI dict or list (block/qapi.c dump_qdict / dump_qlist): dashes in keys become spaces. */
-function dumpQobject(value: object, indent: number, lines: string[]): void {
-  const pad = ' '.repeat(indent * 4);
-  const entries: [string, unknown][] = Array.isArray(value)
-    ? value.map((v, i) => [`[${i}]`, v])
-    : qdictKeys(value).map((k) => [k.replace(/-/g, ' '), (value as Record<string, unknown>)[k]]);
-  for (const [label, v] of entries) {
-    if (v !== null && typeof v === 'object') {
-      lines.push(`${pad}${label}:`);
-      dumpQobject(v, indent + 1, lines);
-    } else lines.push(`${pad}${label}: ${String(v)}`);
-  }
-}
-
-const pad2 = (n: number): string => String(n).padStart(2, '0');
-
-/** printf's %-Ns / %Ns count bytes, not UTF-16 units. */
-function padBytes(s: string, width: number, left: boolean): string {
-  const fill = ' '.repeat(Math.max(0, width - Buffer.byteLength(s, 'utf8')));
-  return left ? s + fill : fill + s;
-}
-
-/** bdrv_image_info_dump (QEMU 7.2). */
-export function humanInfo(i: ImageInfo): string {
-  const lines = [
-    `image: ${i.filename}`,
-    `file format: ${i.format}`,
-    `virtual size: ${sizeToStr(i['virtual-size'])} (${i['virtual-size']} bytes)`,
-    `disk size: ${sizeToStr(i['actual-size'])}`,
-  ];
-  if (i.encrypted) lines.push('encrypted: yes');
-  if (i['cluster-size'] !== undefined) lines.push(`cluster_size: ${i['cluster-size']}`);
-  if (i['dirty-flag']) lines.push('cleanly shut down: no');
-  if (i['backing-filename'] !== undefined) {
-    const full = i['full-backing-filename'];
-    const note = full === undefined ? ' (cannot determine actual path)' : full !== i['backing-filename'] ? ` (actual path: ${full})` : '';
-    lines.push(`backing file: ${i['backing-filename']}${note}`);
-    if (i['backing-filename-format'] !== undefined) lines.push(`backing file format: ${i['backing-filename-format']}`);
-  }
-  if (i.snapshots) {
-    lines.push('Snapshot list:');
-    lines.push(`${'ID'.padEnd(10)}${'TAG'.padEnd(17)}${'VM SIZE'.padStart(8)}${'DATE'.padStart(20)}${'VM CLOCK'.padStart(13)}${'ICOUNT'.padStart(11)}`);
-    for (const s of i.snapshots) {
-      const d = new Date(s['date-sec'] * 1000);
-      const date = `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
-      const secs = s['vm-clock-sec'];
-      const clock = `${pad2(Math.floor(secs / 3600))}:${pad2(Math.floor(secs / 60) % 60)}:${pad2(secs % 60)}.${String(Math.floor(s['vm-clock-nsec'] / 1e6) % 1000).padStart(3, '0')}`;
-      lines.push(
-        `${padBytes(s.id, 9, true)} ${padBytes(s.name, 16, true)} ${sizeToStr(s['vm-state-size']).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${String(s.icount ?? '').padStart(11)}`,
-      );
-    }
-  }
-  const data = i['format-specific']?.data;
-  if (data) {
-    lines.push('Format specific information:');
-    dumpQobject(data, 1, lines);
-  }
-  return lines.join('\n') + '\n';
+    .action(async (filename: string, o: InfoFlags) => runInfo(filename, o));
 }

@@ -1,6 +1,6 @@
 import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
-import { mapImage, type MapEntry } from '../../ops/map.js';
+import { mapImage, mapImageJson, type MapEntry } from '../../ops/map.js';
 import { formatOption, imageFilename, newCommand, outputOption, parseSize, warn } from '../util.js';
 
 // printf("%#x"): 0 prints as "0".
@@ -23,31 +23,27 @@ export function command() {
       const json = o.output === 'json';
       const start = parseSize(o.startOffset, 'start offset');
       const length = o.maxLength !== undefined ? parseSize(o.maxLength, 'max length') : undefined;
-      const out: string[] = [];
-      let first = true;
+      const common = { format: o.format, forceShare: o.forceShare === true, start, ...(length !== undefined ? { length } : {}), onWarning: warn };
+      if (json) {
+        // Text made by the wasm writer in ~0.5 MB chunks (stdout to files and pipes is synchronous).
+        await mapImageJson(filename, (chunk) => void process.stdout.write(chunk), common);
+        return;
+      }
+      const out: string[] = [MAP_HUMAN_HEADER];
       const flush = () => {
         if (out.length) process.stdout.write(out.join(''));
         out.length = 0;
       };
-      if (!json) out.push(MAP_HUMAN_HEADER);
       const emit = (e: MapEntry) => {
-        if (json) {
-          out.push(`${first ? '[' : ',\n'}${mapJsonEntry(e)}`);
-          first = false;
-        } else {
-          if (e.data && e.offset === undefined) {
-            flush(); // qemu-img has printed the header and the entries before the failing one
-            throw new QcowError('UNSUPPORTED', 'File contains external, encrypted or compressed clusters.', filename);
-          }
-          const line = mapHumanLine(e);
-          if (line) out.push(line);
+        if (e.data && e.offset === undefined) {
+          flush(); // qemu-img has printed the header and the entries before the failing one
+          throw new QcowError('UNSUPPORTED', 'File contains external, encrypted or compressed clusters.', filename);
         }
+        const line = mapHumanLine(e);
+        if (line) out.push(line);
         if (out.length > 4096) flush();
       };
-      await mapImage(filename, emit, { format: o.format, forceShare: o.forceShare === true, start, ...(length !== undefined ? { length } : {}), onWarning: warn });
-      // Nothing to map (empty image, start at or past the end): qemu-img still prints its
-      // initial, empty entry.
-      if (json) out.push(first ? `[${mapJsonEntry({ start, length: 0, depth: 0, present: false, zero: false, data: false, filename })}]\n` : ']\n');
+      await mapImage(filename, emit, common);
       flush();
     });
 }

@@ -19,7 +19,7 @@ import { CheckAborted, FIX_ERRORS, hex, type CheckCounters, type FixMode } from 
 
 const TWO32 = 2 ** 32;
 const MAX_EXACT = 2 ** 53;
-/** QCOW_MAX_L1_SIZE / 8 */
+/** QEMU's QCOW_MAX_L1_SIZE (32 MiB) in entries. */
 const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
 
 /** Per-pass scratch in wasm memory (allocated before streaming starts: no allocation mid-stream). */
@@ -32,6 +32,16 @@ export async function calculateRefcounts(ctx: CheckContext, res: CheckCounters, 
   const k = kernels();
   const scratch: Scratch = { stats: k.alloc(64) };
   try {
+    // QEMU's qcow2_check_read_snapshot_table: v3 entries need the 16 bytes of extra data that
+    // hold the large VM state size and the disk size (qcowkit reports, it does not rewrite them).
+    if (ctx.img.header.version >= 3)
+      ctx.img.snapshots.forEach((sn, i) => {
+        if (sn.extraData.length < 16) {
+          ctx.report(`ERROR snapshot table entry ${i} is incomplete`);
+          res.corruptions++;
+        }
+      });
+
     // header
     imrt.addRange(0, ctx.cs, ctx.fileSize, res, ctx.report);
 
@@ -45,8 +55,14 @@ export async function calculateRefcounts(ctx: CheckContext, res: CheckCounters, 
       res.corruptions++;
     }
     for (const sn of ctx.img.snapshots) {
-      if (sn.l1TableOffset % ctx.cs) {
-        ctx.report(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${hex(sn.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+      const l1Offset = sn.l1TableOffsetExact ?? BigInt(sn.l1TableOffset);
+      if (l1Offset % BigInt(ctx.cs)) {
+        ctx.report(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${hex(l1Offset)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+        res.corruptions++;
+        continue;
+      }
+      if (sn.l1Size > MAX_L1_ENTRIES) {
+        ctx.report(`ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${hex(sn.l1Size)}: L1 table is too large; snapshot table entry corrupted`);
         res.corruptions++;
         continue;
       }
@@ -91,7 +107,9 @@ async function checkL1(
   if (!raw) {
     raw = new Uint8Array(l1Size * 8);
     try {
-      await ctx.file.readAt(raw, l1Offset);
+      // QEMU reads zeros past the end of the file and fails on offsets of 2^63 and more.
+      if (l1Offset >= 2 ** 63) throw new QcowError('IO', `read error at offset ${l1Offset}`, ctx.img.path);
+      if (l1Offset < ctx.fileSize) await ctx.file.readAt(raw.subarray(0, Math.min(raw.length, ctx.fileSize - l1Offset)), l1Offset);
     } catch (e) {
       ctx.report('ERROR: I/O error in check_refcounts_l1');
       res.checkErrors++;

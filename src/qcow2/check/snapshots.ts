@@ -129,13 +129,14 @@ async function writeSnapshots(ctx: CheckContext): Promise<void> {
     await ctx.file.writeAt(bytes, newOffset);
     await ctx.file.flush();
   }
+  const oldOffset = h.snapshotsOffset; // the header writer keeps `h` in step with the switch
   await ctx.header!.setSnapshotTable(entries.length, newOffset);
 
   // The old table is garbage now: free its clusters (errors only leak them, as in QEMU).
   const oldBytes = ctx.img.snapshotTableBytes;
   if (oldBytes > 0) {
-    const firstOld = Math.floor(h.snapshotsOffset / ctx.cs);
-    const endOld = Math.ceil((h.snapshotsOffset + oldBytes) / ctx.cs);
+    const firstOld = Math.floor(oldOffset / ctx.cs);
+    const endOld = Math.ceil((oldOffset + oldBytes) / ctx.cs);
     try {
       for (let c = firstOld; c < endOld; c++) {
         const v = await rc.get(c);
