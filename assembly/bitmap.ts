@@ -133,3 +133,31 @@ export function extents(ptr: usize, startBit: f64, endBit: f64, out: usize, maxO
 export function extentsNext(): f64 {
   return <f64>nextBit;
 }
+
+/**
+ * Granularity conversion fused with a merge: dst |= src seen at dst's granularity. `shift` is
+ * log2(dst granularity / src granularity): > 0, dst is coarser (a dst bit is set when any src
+ * bit of its 2^shift is); < 0, dst is finer (every dst bit a src bit covers is set); 0, plain OR.
+ * Works run by run over src's set bits (zero stretches are skipped 128 bits at a time), so the
+ * cost follows the number of dirty runs, not the size. Results past dstBits are clipped.
+ */
+export function bitmapConvertOr(dst: usize, dstBits: f64, src: usize, srcBits: f64, shift: i32): void {
+  const dEnd = <u64>dstBits;
+  const sEnd = <u64>srcBits;
+  let pos = findBit(src, 0, sEnd, true);
+  while (pos < sEnd) {
+    const stop = findBit(src, pos, sEnd, false);
+    let a: u64, b: u64;
+    if (shift >= 0) {
+      a = pos >> <u64>shift;
+      b = ((stop - 1) >> <u64>shift) + 1;
+    } else {
+      a = pos << <u64>(-shift);
+      b = stop << <u64>(-shift);
+    }
+    if (a >= dEnd) break;
+    if (b > dEnd) b = dEnd;
+    fillBits(dst, a, b - a, true);
+    pos = findBit(src, stop, sEnd, true);
+  }
+}

@@ -335,6 +335,24 @@ const FIXTURES = {
       return { dir, files: ['base.qcow2', 'top.qcow2', 'new.qcow2'] };
     },
   },
+  bitmaps: {
+    desc: () => '1 TiB (64 KiB clusters) with 64 KiB-granularity bitmaps: full (all dirty), frag (random runs over the whole disk), dst (empty, disabled); other.qcow2 (1 TiB) with frag2',
+    build() {
+      const dir = join(tmpRoot, 'bm');
+      mkdirSync(dir);
+      for (const f of ['big.qcow2', 'other.qcow2']) sh(QEMU_IMG, ['create', '-q', '-f', 'qcow2', f, '1T'], { cwd: dir });
+      for (const b of ['full', 'frag']) sh(QEMU_IMG, ['bitmap', '--add', 'big.qcow2', b], { cwd: dir });
+      sh(QEMU_IMG, ['bitmap', '--add', '--disable', 'big.qcow2', 'dst'], { cwd: dir });
+      sh(QEMU_IMG, ['bitmap', '--add', 'other.qcow2', 'frag2'], { cwd: dir });
+      // Contents written through qcowkit's library (QEMU has no fast way to dirty 1 TiB).
+      const helper = join(ROOT, 'bench', 'bitmap-helper.mjs');
+      sh(process.execPath, [helper, 'fill', 'big.qcow2', 'full', 'full'], { cwd: dir });
+      sh(process.execPath, [helper, 'fill', 'big.qcow2', 'frag', 'frag', '7'], { cwd: dir });
+      sh(process.execPath, [helper, 'fill', 'other.qcow2', 'frag2', 'frag', '8'], { cwd: dir });
+      for (const f of ['big.qcow2', 'other.qcow2']) sh(QEMU_IMG, ['check', '-q', f], { cwd: dir });
+      return { dir, files: ['big.qcow2', 'other.qcow2'] };
+    },
+  },
   dropmid: {
     desc: () => `${Q ? 2 : 8} GiB chain base <- mid (${Q ? 100 : 400} x 1 MiB) <- top (1000 x 64 KiB); rebase top onto base`,
     build() {
@@ -536,6 +554,35 @@ function mutatingWorkload(name, kind, args, verify, fx = 'mutable') {
   };
 }
 
+/** bitmap: each run gets fresh copies; the changed bitmap must read back the same from both. */
+function bitmapWorkload(name, args, changed) {
+  return {
+    name,
+    kind: 'bitmap',
+    fixtures: ['bitmaps'],
+    prepare(F, tool, i) {
+      const cwd = join(F.bitmaps.dir, `run-${tool === 'qemu-img' ? 'q' : 'k'}-${i}`);
+      mkdirSync(cwd, { recursive: true });
+      for (const f of F.bitmaps.files) sparseCopy(join(F.bitmaps.dir, f), join(cwd, f));
+      return { cwd, args, cleanup: () => rmSync(cwd, { recursive: true, force: true }) };
+    },
+    verify(q, k) {
+      if (q.code !== k.code) return `exit codes differ: qemu-img ${q.code}, qcowkit ${k.code}`;
+      const [qd, kd] = [q.prep.cwd, k.prep.cwd];
+      const c = qemuCheckClean(join(kd, 'big.qcow2'), tmpRoot);
+      if (c) return c;
+      const bm = (d) => qemuInfo('big.qcow2', d)['format-specific'].data.bitmaps;
+      const d = exactDiff(bm(qd), bm(kd));
+      if (d) return `qemu-img info bitmaps: ${d}`;
+      const helper = join(ROOT, 'bench', 'bitmap-helper.mjs');
+      const hash = (dir) => sh(process.execPath, [helper, 'hash', 'big.qcow2', changed], { cwd: dir }).stdout.trim();
+      if (hash(qd) !== hash(kd)) return `contents of bitmap ${changed} differ`;
+      const size = (dir) => Number(sh('du', ['-k', 'big.qcow2'], { cwd: dir }).stdout.split('\t')[0]);
+      return { notes: [`${changed} read back equal; disk use after: qemu-img ${size(qd)} KiB, qcowkit ${size(kd)} KiB`] };
+    },
+  };
+}
+
 /** rebase: same backing name and format as qemu-img writes, guest view unchanged, same content, clean. */
 function rebaseVerify(qd, kd, orig) {
   const qi = qemuInfo('top.qcow2', qd);
@@ -565,6 +612,11 @@ const WORKLOADS = [
   imageWorkload('check-scattered', 'check', 'scattered', (s) => ['check', '--output', 'json', s.img], jsonCheck(false)),
   imageWorkload('compare-copy', 'compare', 'copies', (c) => ['compare', c.img, c.copy], textCheck),
   imageWorkload('compare-convert', 'compare', 'copies', (c) => ['compare', c.img, c.conv], textCheck),
+  bitmapWorkload('bitmap-merge-full', ['bitmap', '--merge', 'full', 'big.qcow2', 'dst'], 'dst'),
+  bitmapWorkload('bitmap-merge-frag', ['bitmap', '--merge', 'frag', 'big.qcow2', 'dst'], 'dst'),
+  bitmapWorkload('bitmap-merge-file', ['bitmap', '--merge', 'frag2', '-b', 'other.qcow2', '-F', 'qcow2', 'big.qcow2', 'dst'], 'dst'),
+  bitmapWorkload('bitmap-add', ['bitmap', '--add', 'big.qcow2', 'new'], 'new'),
+  bitmapWorkload('bitmap-clear', ['bitmap', '--clear', 'big.qcow2', 'frag'], 'frag'),
   mutatingWorkload('commit', 'commit', ['commit', 'top.qcow2'], (qd, kd) => {
     return (
       qemuCompare(join(qd, 'base.qcow2'), join(kd, 'base.qcow2'), tmpRoot) ??
@@ -721,7 +773,7 @@ function main() {
   }
   const selected = opts.only ? WORKLOADS.filter((w) => opts.only.includes(w.name) || opts.only.includes(w.kind)) : WORKLOADS;
   if (opts.only) {
-    const known = new Set(WORKLOADS.flatMap((w) => [w.name, w.kind]));
+    const known = new Set([...WORKLOADS.flatMap((w) => [w.name, w.kind]), 'bitmap-lib']);
     const unknown = opts.only.filter((n) => !known.has(n));
     if (unknown.length) die(`unknown workload(s): ${unknown.join(', ')} (see --list)`);
   }
@@ -780,6 +832,35 @@ function main() {
     for (const n of row.notes) log(`  note: ${n}`);
   }
 
+  // In-process library timing: open + merge of two 1 TiB bitmaps (reads and writes included,
+  // page cache warm), fdatasync time reported apart.
+  const library = [];
+  if (!opts.only || opts.only.includes('bitmap-lib') || opts.only.includes('bitmap')) {
+    log('bitmap-lib:');
+    const F = fixture('bitmaps');
+    const helper = join(ROOT, 'bench', 'bitmap-helper.mjs');
+    const cases = [
+      ['same file, full into empty', ['big.qcow2', 'dst', 'full']],
+      ['same file, frag into empty', ['big.qcow2', 'dst', 'frag']],
+      ['other file, frag2 into frag', ['big.qcow2', 'frag', 'frag2', 'other.qcow2']],
+    ];
+    for (const [what, args] of cases) {
+      const samples = [];
+      for (let i = 0; i <= CFG.defaultRuns; i++) {
+        const cwd = join(F.dir, `lib-${i}`);
+        mkdirSync(cwd, { recursive: true });
+        for (const f of F.files) sparseCopy(join(F.dir, f), join(cwd, f));
+        for (const f of F.files) readFileSync(join(cwd, f)); // page cache warm
+        const r = JSON.parse(sh(process.execPath, [helper, 'lib', ...args], { cwd }).stdout);
+        rmSync(cwd, { recursive: true, force: true });
+        if (i > 0) samples.push(r);
+      }
+      const m = (key) => median(samples.map((x) => x[key]));
+      const row = { what, runs: samples.length, totalMs: m('totalMs'), withoutSyncMs: m('totalWithoutSyncMs'), fdatasyncMs: m('fdatasyncMs'), fdatasyncs: m('fdatasyncs'), loadMs: m('loadMs'), mergeMs: m('mergeMs'), storeMs: m('storeMs'), samples };
+      library.push(row);
+      log(`  ${what}: ${fmtMs(row.withoutSyncMs)} ms without fdatasync (load ${fmtMs(row.loadMs)}, merge ${fmtMs(row.mergeMs)}, store ${fmtMs(row.storeMs)}); fdatasync ${fmtMs(row.fdatasyncMs)} ms in ${row.fdatasyncs} calls`);
+    }
+  }
   // ---- report
   console.log('');
   console.log(
@@ -818,6 +899,17 @@ function main() {
   if (!haveTime) console.log('(peak RSS unavailable: /usr/bin/time not installed)');
   console.log('(medians of the timed runs; k/q = qcowkit/qemu-img wall time; cpu = user+sys of each tool; k/node = qcowkit time / bare node start-up)');
 
+  if (library.length) {
+    console.log('');
+    console.log('in-process library: open + load + merge + store of two 1 TiB bitmaps (64 KiB granularity), page cache warm');
+    console.log(
+      table(
+        library.map((r) => [r.what, r.runs, fmtMs(r.withoutSyncMs), fmtMs(r.loadMs), fmtMs(r.mergeMs), fmtMs(r.storeMs), `${fmtMs(r.fdatasyncMs)} (${r.fdatasyncs})`]),
+        ['case', 'runs', 'ms w/o fdatasync', 'load', 'merge', 'store', 'fdatasync ms (calls)'],
+        ['l', 'r', 'r', 'r', 'r', 'r', 'r'],
+      ),
+    );
+  }
   const bad = rows.filter((r) => r.status === 'MISMATCH' || r.status === 'FAILED');
   const targetFails = rows.filter((r) => r.status === 'OK' && r.targetResult === 'FAIL');
   if (bad.length) {
@@ -848,6 +940,7 @@ function main() {
     config: CFG,
     startup: { nodeMs, nodeRssKb: nodeRss, versionMs, versionRssKb: versionRss, samples: startup },
     workloads: rows.map(({ qemu, qcowkit, ...r }) => ({ ...r, samples: { qemu, qcowkit } })),
+    library,
   };
   // A run against another launcher (--bin) must not pass for the project's own numbers.
   const RESULTS = join(RESULTS_DIR, opts.bin ? 'latest-custom-bin.json' : 'latest.json');

@@ -13,6 +13,21 @@ export { check, type CheckResult, type CheckOptions } from './ops/check.js';
 export { create, type CreateOptions } from './ops/create.js';
 export { commit, type CommitOptions, type CommitResult } from './ops/commit.js';
 export { makeEmpty, type MakeEmptyOptions, type MakeEmptyResult } from './ops/make-empty.js';
+export {
+  bitmap,
+  bitmapDump,
+  bitmapCheck,
+  defaultGranularity,
+  type BitmapAction,
+  type BitmapOptions,
+  type BitmapResult,
+  type BitmapSummary,
+  type BitmapDump,
+  type BitmapCheckEntry,
+  type BitmapCheckResult,
+} from './ops/bitmap.js';
+export { changes, type ChangesOptions, type ChangesResult } from './ops/changes.js';
+export { BitmapStore, markBitmapsDirty, loadBitmap, bitmapExtents, type LoadedBitmap, type ByteExtent } from './qcow2/bitmaps.js';
 export { rebase, type RebaseOptions, type RebaseResult } from './ops/rebase.js';
 export { plan, type PlanOptions, type PlanResult, type PlanWay } from './ops/plan.js';
 export type { WritableLayer } from './chain/layer.js';

@@ -93,6 +93,11 @@ export function printJson(value: unknown): void {
   process.stdout.write(qemuJson(value) + '\n');
 }
 
+/** JSON with the keys in the order given (qcowkit's own outputs, which qemu-img has no layout for). */
+export function printPlainJson(value: unknown): void {
+  process.stdout.write(JSON.stringify(value, null, 4) + '\n');
+}
+
 export const warn = (msg: string): void => void process.stderr.write(`qcowkit: warning: ${msg}\n`);
 
 let direct = false;

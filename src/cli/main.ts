@@ -16,6 +16,8 @@ const COMMANDS: Record<string, string> = {
   compare: 'compare the guest-visible contents of two images',
   commit: 'commit an overlay into its backing file, then empty the overlay',
   'make-empty': 'drop all guest data of an overlay and give its space back',
+  bitmap: 'add, remove, clear, enable, disable, merge, dump or check persistent dirty bitmaps',
+  changes: 'print the guest ranges that changed (from bitmaps or a backing chain)',
   rebase: 'change the backing file of an image (safe copy, -u rename only, -b "" flatten)',
   plan: 'compare the two ways of dropping a layer from a chain: commit it down or pull it up',
 };

@@ -2,21 +2,23 @@
 import { Command, Option } from 'commander';
 import { QcowError } from '../errors.js';
 export { fail } from './fail.js';
-export { parseSize, progressPrinter, printJson, warn, imageFilename } from './common.js';
+export { parseSize, progressPrinter, printJson, printPlainJson, warn, imageFilename } from './common.js';
 
 /** A subcommand with qcowkit's conventions: errors via `fail`, examples in --help. */
-export function newCommand(name: string, description: string, examples: string[]): Command {
+export function newCommand(name: string, description: string, examples: string[], opts: { imageOpts?: boolean } = {}): Command {
   const cmd = new Command(`qcowkit ${name}`)
     .description(description)
     .exitOverride()
     // Usage errors stay one line, with the way to more help on it.
     .configureOutput({ writeErr: (s) => process.stderr.write(s.replace(/^error: /, 'qcowkit: ').replace(/\n$/, ` (see 'qcowkit ${name} --help')\n`)) })
     .allowExcessArguments(false);
-  // qemu-img's --image-opts (a QemuOpts string instead of a file name): refused in one line.
-  cmd.addOption(new Option('--image-opts', 'not supported (qemu-img: treat file names as option strings)').hideHelp());
+  // qemu-img's --image-opts (a QemuOpts string instead of a file name): refused in one line,
+  // except by commands that take the plain-file form themselves (`opts.imageOpts`).
+  if (opts.imageOpts) cmd.addOption(new Option('--image-opts', 'FILENAME is an option string: driver=qcow2,file.filename=PATH (plain files only)'));
+  else cmd.addOption(new Option('--image-opts', 'not supported (qemu-img: treat file names as option strings)').hideHelp());
   cmd.hook('preAction', (_cmd, action) => {
     const o = action.opts();
-    if (o.imageOpts) throw new QcowError('UNSUPPORTED', '--image-opts is not supported; pass the image file name (and -f) instead');
+    if (o.imageOpts && !opts.imageOpts) throw new QcowError('UNSUPPORTED', '--image-opts is not supported; pass the image file name (and -f) instead');
     // compare checks its own -f/-F when it opens the images (an open error, exit 2).
     if (name !== 'compare' && o.format !== undefined && o.format !== 'qcow2' && o.format !== 'raw')
       throw new QcowError('UNSUPPORTED', `Unknown file format '${String(o.format)}' (qcow2 and raw are supported)`);

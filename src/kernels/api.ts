@@ -128,6 +128,12 @@ export interface Kernels {
    */
   extents(ptr: number, startBit: number, endBit: number, out: number, maxOut: number): number;
   extentsNext(): number;
+  /**
+   * dst |= src converted to dst's granularity; shift = log2(dst granularity / src granularity).
+   * Coarser dst (shift > 0): a dst bit is set when any src bit it covers is set. Finer dst
+   * (shift < 0): every dst bit inside a set src bit is set. Bits at or past dstBits are untouched.
+   */
+  bitmapConvertOr(dst: number, dstBits: number, src: number, srcBits: number, shift: number): void;
 
   // --- zero detection and comparison -----------------------------------------------------------
   isZero(ptr: number, nBytes: number): boolean;

@@ -174,6 +174,7 @@ interface RawExports {
   clearBits(ptr: number, startBit: number, nBits: number): void;
   extents(ptr: number, startBit: number, endBit: number, out: number, maxOut: number): number;
   extentsNext(): number;
+  bitmapConvertOr(dst: number, dstBits: number, src: number, srcBits: number, shift: number): void;
   isZero(ptr: number, nBytes: number): number;
   firstNonZero(ptr: number, nBytes: number): number;
   firstDifference(a: number, b: number, nBytes: number): number;
@@ -200,7 +201,7 @@ export function wasmPath(): string {
 const REQUIRED_EXPORTS = [
   'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'refsAddRange', 'refcountCompare',
   'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits', 'clearBits', 'extents',
-  'extentsNext', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
+  'extentsNext', 'bitmapConvertOr', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
 ] as const satisfies ReadonlyArray<keyof RawExports>;
 
 const REINSTALL = 'reinstall qcowkit, or run `npm run build:wasm` in a checkout';
@@ -298,6 +299,7 @@ export function createWasmKernels(path: string = wasmPath()): Kernels {
     clearBits: x.clearBits,
     extents: (ptr, startBit, endBit, out, maxOut) => x.extents(ptr, startBit, endBit, out, maxOut) >>> 0,
     extentsNext: x.extentsNext,
+    bitmapConvertOr: x.bitmapConvertOr,
 
     isZero: (ptr, nBytes) => x.isZero(ptr, nBytes) !== 0,
     firstNonZero: x.firstNonZero,

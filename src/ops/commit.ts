@@ -19,6 +19,7 @@ import { RawLayer } from '../chain/raw.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { kernels } from '../kernels/index.js';
 import { BME_FLAG_AUTO } from '../format/bitmap.js';
+import { markBitmapsDirty } from '../qcow2/bitmaps.js';
 import type { OperationOptions } from './options.js';
 import { validateForWrite } from './validate.js';
 import { checkFreeSpace, writeDataChunk } from './copy.js';
@@ -76,8 +77,6 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
     const topLayer = chain.top;
     const base = chain.layers[baseDepth]!;
     for (let d = 0; d <= baseDepth; d++) await validateForWrite(chain.layers[d]!, { repairLeaks: !dryRun });
-    if (base instanceof Qcow2Image && base.bitmaps.some((b) => b.flags & BME_FLAG_AUTO))
-      throw new QcowError('UNSUPPORTED', 'the base has enabled persistent bitmaps; marking them dirty is not supported yet, nothing was written', base.path);
 
     const size = topLayer.virtualSize;
     const plan = await planCopy(chain, baseDepth, size, opts.signal);
@@ -106,6 +105,8 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
     if (!isWritable(base)) throw new QcowError('INTERNAL', 'base not opened for writing', base.path);
     if (base.virtualSize < size) await grow(base, size);
 
+    // The base's recording bitmaps learn of every range before it is written (qcow2-format.md §8.4 (b)).
+    if (base instanceof Qcow2Image && base.bitmaps.some((b) => b.flags & BME_FLAG_AUTO)) await markBitmapsDirty(base, plan.extents, { signal: opts.signal });
     const copied = await copyExtents(chain, base, plan, cs, opts);
     result.dataBytes = copied.data;
     result.zeroBytes = copied.zero;

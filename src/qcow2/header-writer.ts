@@ -10,7 +10,7 @@
  */
 import { QcowError } from '../errors.js';
 import type { ImageFile } from '../io/file.js';
-import { encodeHeader, type Qcow2Header } from '../format/header.js';
+import { encodeHeader, type BitmapsExtension, type HeaderExtension, type Qcow2Header } from '../format/header.js';
 import { ExtensionType, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from '../format/constants.js';
 
 const OFF_SIZE = 24;
@@ -164,6 +164,76 @@ export class HeaderWriter {
   }
 
   /**
+   * Adds, updates or drops the bitmaps extension (§8.1) and keeps autoclear bit 0 in step: set
+   * iff the extension is present. Durable on return; the directory it names must already be.
+   *
+   * With a trusted extension already in the header, an update is one in-place write of its
+   * 24-byte payload. Adding or dropping it re-encodes the extension area — every other extension
+   * kept byte for byte and in order (the bitmaps one goes after QEMU's own kinds, before unknown
+   * ones, as QEMU writes them), the backing file name moved after the terminator — and writes
+   * it with the autoclear field in one write. Fails, writing nothing, when cluster 0 is too small.
+   */
+  async setBitmapsExtension(ext: BitmapsExtension | undefined): Promise<void> {
+    const h = this.#decoded;
+    if (!h) throw new QcowError('INTERNAL', 'header writer without a decoded header', this.file.path);
+    if (this.version < 3) throw new QcowError('UNSUPPORTED', 'Cannot store dirty bitmaps in qcow2 v2 files', this.file.path);
+    const payload = ext ? encodeBitmapsPayload(ext) : undefined;
+    const at = extensionPosition(h, ExtensionType.Bitmaps);
+    if (payload && h.bitmaps && at !== undefined) {
+      await this.file.writeAt(payload, at + 8);
+      await this.file.flush();
+      h.bitmaps = { ...ext! };
+      h.extensions.find((e) => e.type === ExtensionType.Bitmaps)!.data = payload;
+      return;
+    }
+    await this.#rewriteExtensions(ExtensionType.Bitmaps, payload, payload ? AUTOCLEAR_BITMAPS : 0n, payload ? 0n : AUTOCLEAR_BITMAPS);
+    h.bitmaps = ext ? { ...ext } : undefined;
+  }
+
+  /** Replaces (or inserts, or with `data` undefined drops) one extension, and updates autoclear bits, in one write. */
+  async #rewriteExtensions(type: number, data: Uint8Array | undefined, setAutoclear: bigint, clearAutoclear: bigint): Promise<void> {
+    const h = this.#decoded!;
+    const cs = 2 ** h.clusterBits;
+    const exts: HeaderExtension[] = h.extensions.filter((e) => e.type !== type);
+    if (data) {
+      const ours = new Set<number>([ExtensionType.BackingFormat, ExtensionType.DataFile, ExtensionType.FullDiskEncryption, ExtensionType.FeatureTable]);
+      let i = 0;
+      while (i < exts.length && ours.has(exts[i]!.type)) i++;
+      exts.splice(i, 0, { type, data });
+    }
+    const name = h.backingFile !== undefined ? new TextEncoder().encode(h.backingFile) : undefined;
+    let end = h.headerLength;
+    for (const e of exts) end += 8 + Math.ceil(e.data.length / 8) * 8;
+    end += 8; // terminator
+    const total = end + (name?.length ?? 0);
+    if (total > cs) throw new QcowError('NO_SPACE', 'No space left in the file header for the bitmaps extension', this.file.path);
+    // What is on disk now, so the rewrite covers every byte the old layout used.
+    const oldEnd = h.backingFileOffset ? h.backingFileOffset + h.backingFileSize : extensionAreaEnd(h);
+    const buf = new Uint8Array(Math.max(total, oldEnd));
+    await this.file.readAt(buf.subarray(0, h.headerLength), 0);
+    const v = new DataView(buf.buffer);
+    let pos = h.headerLength;
+    for (const e of exts) {
+      v.setUint32(pos, e.type);
+      v.setUint32(pos + 4, e.data.length);
+      buf.set(e.data, pos + 8);
+      pos += 8 + Math.ceil(e.data.length / 8) * 8;
+    }
+    if (name) {
+      buf.set(name, end);
+      v.setBigUint64(8, BigInt(end));
+    }
+    const autoclear = (this.#autoclear | setAutoclear) & ~clearAutoclear;
+    v.setBigUint64(OFF_AUTOCLEAR, autoclear);
+    await this.file.writeAt(buf, 0);
+    await this.file.flush();
+    this.#autoclear = autoclear;
+    h.autoclearFeatures = autoclear;
+    h.extensions = exts;
+    if (name) h.backingFileOffset = end;
+  }
+
+  /**
    * Re-encodes the whole header cluster with another backing file name and format (undefined:
    * none) and writes it with ONE write, then flushes. Everything else is kept: every field, the
    * bytes between the known fields and header_length, the bitmaps extension and every extension
@@ -274,4 +344,30 @@ export class HeaderWriter {
     new DataView(buf.buffer).setBigUint64(0, value);
     await this.file.writeAt(buf, at);
   }
+}
+
+function encodeBitmapsPayload(ext: BitmapsExtension): Uint8Array {
+  const b = new Uint8Array(24);
+  const v = new DataView(b.buffer);
+  v.setUint32(0, ext.nbBitmaps);
+  v.setBigUint64(8, BigInt(ext.directorySize));
+  v.setBigUint64(16, BigInt(ext.directoryOffset));
+  return b;
+}
+
+/** Byte offset of the extension's 8-byte head in the header, when present. */
+function extensionPosition(h: Qcow2Header, type: number): number | undefined {
+  let pos = h.headerLength;
+  for (const e of h.extensions) {
+    if (e.type === type) return pos;
+    pos += 8 + Math.ceil(e.data.length / 8) * 8;
+  }
+  return undefined;
+}
+
+/** One past the terminator of the extension area. */
+function extensionAreaEnd(h: Qcow2Header): number {
+  let pos = h.headerLength;
+  for (const e of h.extensions) pos += 8 + Math.ceil(e.data.length / 8) * 8;
+  return pos + 8;
 }

@@ -136,11 +136,11 @@ export class Qcow2Writer {
   }
 
   /** Runs one operation at a time (callers may fire several; the engine is not re-entrant). */
-  #serial<T>(fn: () => Promise<T>): Promise<T> {
+  #serial<T>(fn: () => Promise<T>, start = true): Promise<T> {
     const run = this.#queue.then(async () => {
       if (this.#failed) throw new QcowError('IO', 'an earlier write failed; the image must be reopened', this.#img.path);
       try {
-        if (!this.#started) await this.#start();
+        if (start && !this.#started) await this.#start();
         return await fn();
       } catch (e) {
         this.#failed = true;
@@ -354,14 +354,18 @@ export class Qcow2Writer {
     return this.#serial(() => this.#flushAll());
   }
 
-  /** Flushes, clears the dirty bit and frees the caches. */
+  /**
+   * Flushes, clears the dirty bit and frees the caches. A writer whose batch never started (only
+   * metadata changes ordered step by step, as bitmap stores make them) is flushed without ever
+   * setting the dirty bit.
+   */
   close(): Promise<void> {
     return this.#serial(async () => {
       await this.#flushAll();
       await this.header.markClean();
       this.l2Cache.clear();
       this.refcountCache.clear();
-    });
+    }, false);
   }
 
   /** After a failure: frees memory, writes nothing more (the image stays dirty: check -r repairs leaks). */
@@ -378,8 +382,10 @@ export class Qcow2Writer {
     for (const [first, end] of this.discards.take()) {
       try {
         await this.file.punchHole(first * this.cs, (end - first) * this.cs);
-      } catch {
-        // Advisory: the clusters are free either way.
+      } catch (e) {
+        // Advisory: the clusters are free either way. Only a failed punch is ignored; anything
+        // else (the process dying under a fault harness) goes on.
+        if (!(e instanceof QcowError)) throw e;
       }
       this.allocator.noteFreed(first);
     }

@@ -327,6 +327,20 @@ export function referenceKernels(base: Kernels): Kernels {
       return n;
     },
     extentsNext: () => nextBit,
+    bitmapConvertOr(dst, dstBits, src, srcBits, shift) {
+      // Bit by bit, from the definition: dst bit j covers guest units [j, j+1) * 2^shift of src.
+      const b = bytes();
+      for (let j = 0; j < dstBits; j++) {
+        const from = shift >= 0 ? j * 2 ** shift : Math.floor(j / 2 ** -shift);
+        const to = shift >= 0 ? Math.min(srcBits, (j + 1) * 2 ** shift) : from + 1;
+        for (let i = from; i < to && i < srcBits; i++) {
+          if (getBit(b, src, i)) {
+            putBit(b, dst, j, true);
+            break;
+          }
+        }
+      }
+    },
 
     isZero: (ptr, n) => firstDifferent(ptr, null, n) < 0,
     firstNonZero: (ptr, n) => firstDifferent(ptr, null, n),

@@ -554,6 +554,51 @@ describe('bitmaps', () => {
     }
   });
 
+  it('bitmapConvertOr matches the reference at every granularity ratio (random runs, random sizes)', () => {
+    const r = prng(13);
+    for (let round = 0; round < 400; round++) {
+      // A disk of `units` units of the finer granularity; bitmaps of both granularities cover it.
+      const shift = r.int(15) - 7;
+      const units = 1 + r.int(round < 380 ? 3000 : 200_000);
+      const fine = Math.abs(shift);
+      const coarseBits = Math.ceil(units / 2 ** fine);
+      const [srcBits, dstBits] = shift >= 0 ? [units, coarseBits] : [coarseBits, units];
+      const srcBytes = Math.ceil(srcBits / 8);
+      const dstBytes = Math.ceil(dstBits / 8);
+      // Runs of set bits (dense, sparse, alternating) in src, clean tail bits as QEMU keeps them.
+      const src = new Uint8Array(srcBytes);
+      const density = [0, 0.001, 0.05, 0.5, 1][round % 5]!;
+      for (let i = 0; i < srcBits; ) {
+        const len = 1 + r.int(round % 7 === 0 ? 2 : 40);
+        if (r.next() < density) for (let j = i; j < Math.min(srcBits, i + len); j++) src[j >> 3]! |= 1 << (j & 7);
+        i += len + r.int(round % 7 === 0 ? 2 : 60);
+      }
+      const init = randomBytes(r, dstBytes, round % 3 === 0 ? 0 : 0.2);
+      // Bits past dstBits stay as they were.
+      const s = putBytes(src, r.int(16));
+      const a = putBytes(init, r.int(16));
+      const b = putBytes(init, r.int(16));
+      k.bitmapConvertOr(a, dstBits, s, srcBits, shift);
+      ref.bitmapConvertOr(b, dstBits, s, srcBits, shift);
+      expectSameBytes(a, b, dstBytes);
+      release();
+    }
+  });
+
+  it('bitmapConvertOr: coarser sets a bit for any source bit, finer sets every covered bit', () => {
+    const s = alloc(8, true);
+    k.setBits(s, 5, 1); // unit 5 at the fine granularity
+    const coarse = alloc(8, true);
+    k.bitmapConvertOr(coarse, 16, s, 64, 2); // 4 fine bits per coarse bit
+    expect(Array.from(k.u8(coarse, 2))).toEqual([0x02, 0]);
+    const fine = alloc(8, true);
+    k.bitmapConvertOr(fine, 64, coarse, 16, -2);
+    expect(Array.from(k.u8(fine, 2))).toEqual([0xf0, 0]);
+    const clipped = alloc(8, true);
+    k.bitmapConvertOr(clipped, 6, coarse, 16, -2); // only 6 destination bits exist
+    expect(Array.from(k.u8(clipped, 1))).toEqual([0x30]);
+  });
+
   function extentsOf(impl: typeof k, p: number, start: number, end: number, maxOut: number) {
     const out = k.alloc(16 * Math.max(1, maxOut));
     const n = impl.extents(p, start, end, out, maxOut);

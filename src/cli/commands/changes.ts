@@ -1,0 +1,42 @@
+import { Option } from 'commander';
+import { QcowError } from '../../errors.js';
+import { changes, type ChangesResult } from '../../ops/changes.js';
+import { fail, formatOption, imageFilename, newCommand, outputOption, printPlainJson, warn } from '../util.js';
+import { sizeToStr as humanSize } from '../qemu-output.js';
+
+export function command() {
+  return newCommand(
+    'changes',
+    'Print the guest ranges that changed, in bytes: recorded by persistent bitmaps of FILENAME (the union of the --bitmap ones), ' +
+      'or provided by the layers of FILENAME\'s backing chain above IMAGE (--since).',
+    [
+      'qcowkit changes --bitmap backup0 disk.qcow2',
+      'qcowkit changes --output json --bitmap b0 --bitmap b1 disk.qcow2',
+      'qcowkit changes --since base.qcow2 top.qcow2          # what the overlays above base.qcow2 hold',
+    ],
+  )
+    .addOption(formatOption())
+    .addOption(new Option('--bitmap <name>', 'a persistent bitmap of FILENAME whose dirty ranges to report (repeat for a union)').argParser((v: string, prev: string[] | undefined) => [...(prev ?? []), v]))
+    .addOption(new Option('--since <image>', "a layer of FILENAME's backing chain: report what the layers above it provide"))
+    .option('-U, --force-share', 'open even if another process uses the image')
+    .addOption(outputOption())
+    .argument('<filename>')
+    .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; bitmap?: string[]; since?: string; forceShare?: boolean; output: string }) => {
+      try {
+        if ((o.bitmap?.length ?? 0) > 0 === (o.since !== undefined)) throw new QcowError('INVALID_ARGUMENT', 'give either --bitmap NAME... or --since IMAGE');
+        const r = await changes(imageFilename(filename), { format: o.format, bitmaps: o.bitmap, since: o.since, forceShare: o.forceShare === true, onWarning: warn });
+        if (o.output === 'json') printPlainJson(r.extents);
+        else process.stdout.write(human(r));
+      } catch (e) {
+        fail(e);
+      }
+    });
+}
+
+function human(r: ChangesResult): string {
+  const from = 'bitmaps' in r.source ? `bitmap(s) ${r.source.bitmaps.join(', ')}` : `the layers above ${r.source.since} (depth ${r.source.depth})`;
+  const lines = [`Changed: ${r.bytes} bytes (${humanSize(r.bytes)}) in ${r.extents.length} extent(s), from ${from}`];
+  if (r.extents.length) lines.push(`${'start'.padEnd(20)}length`);
+  for (const e of r.extents) lines.push(`${String(e.start).padEnd(20)}${e.length}`);
+  return lines.join('\n') + '\n';
+}
