@@ -2,12 +2,13 @@
 import { QcowError } from '../errors.js';
 import { dataView, decodeUtf8, setU64 } from './bytes.js';
 import type { BitmapsExtension } from './header.js';
+import { L2E_OFFSET_MASK } from './constants.js';
 
 export const BME_FLAG_IN_USE = 1;
 export const BME_FLAG_AUTO = 2;
 export const BME_FLAG_EXTRA_DATA_COMPATIBLE = 4;
 export const BITMAP_TYPE_DIRTY = 1;
-export const BME_TABLE_OFFSET_MASK = 0x00fffffffffffe00n;
+export const BME_TABLE_OFFSET_MASK = L2E_OFFSET_MASK; // same bits 9..55 as L1/L2 entries
 export const BME_TABLE_RESERVED_MASK = 0xff000000000001fen;
 
 export interface BitmapDirectoryEntry {

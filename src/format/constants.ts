@@ -53,3 +53,21 @@ export const ENTRY_COPIED = 1n << 63n;
 export const ENTRY_COMPRESSED = 1n << 62n;
 export const L2E_ZERO = 1n;
 export const L2E_OFFSET_MASK = 0x00fffffffffffe00n;
+
+/**
+ * The same fields on the two 32-bit words JavaScript reads an entry as (hi, lo): the host offset
+ * of L1/L2/bitmap-table entries is bits 9..55, refcount-table entries use bits 9..63.
+ */
+export const ENTRY_OFFSET_HI = 0x00ffffff;
+export const ENTRY_OFFSET_LO = 0xfffffe00;
+/** Bits 0..8: below a 512-byte aligned offset (flags or reserved). */
+export const ENTRY_LOW_BITS = 0x1ff;
+export const L1E_RESERVED_HI = 0x7f000000;
+export const L2E_RESERVED_HI = 0x3f000000;
+/** Standard L2: bits 1..8 (bit 0 is the zero flag; with extended L2 it is reserved too). */
+export const L2E_RESERVED_LO = 0x1fe;
+
+/** Host offset of an L1, L2 or bitmap-table entry from its two words. */
+export function entryOffset(hi: number, lo: number): number {
+  return (hi & ENTRY_OFFSET_HI) * 2 ** 32 + ((lo & ENTRY_OFFSET_LO) >>> 0);
+}

@@ -3,6 +3,7 @@
  * (bulk L2 scans run in the wasm kernel) and refcount block entries of any width.
  */
 import { dataView } from './bytes.js';
+import { ENTRY_LOW_BITS, ENTRY_OFFSET_HI, ENTRY_OFFSET_LO } from './constants.js';
 
 const TWO32 = 0x1_0000_0000;
 
@@ -31,12 +32,12 @@ function decodeOffsetTable(buf: Uint8Array, count: number, clusterSize: number, 
     let offHi = hi;
     // L1: reserved bits are ignored, as QEMU masks them (L1E_OFFSET_MASK); only an offset that
     // is not cluster aligned makes the entry unusable. Refcount table: reserved bits are errors.
-    const bad = !l1 && (lo & 0x1ff) !== 0;
+    const bad = !l1 && (lo & ENTRY_LOW_BITS) !== 0;
     if (l1) {
       copied[i] = hi >>> 31;
-      offHi = hi & 0x00ffffff;
+      offHi = hi & ENTRY_OFFSET_HI;
     }
-    const value = offHi * TWO32 + ((lo & ~0x1ff) >>> 0);
+    const value = offHi * TWO32 + ((lo & ENTRY_OFFSET_LO) >>> 0);
     if (l1 && value === 0) continue;
     if (bad || offHi >= 0x200000 || value % clusterSize !== 0) {
       invalid.push(i);

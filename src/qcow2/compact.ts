@@ -14,6 +14,7 @@ import { dataView } from '../format/bytes.js';
 import { kernels } from '../kernels/index.js';
 import type { Qcow2Image } from './image.js';
 import type { Qcow2Writer } from './writer.js';
+import { L2E_OFFSET_MASK } from '../format/constants.js';
 
 /** A contiguous structure with one pointer to it. */
 interface Movable {
@@ -168,10 +169,10 @@ async function movables(img: Qcow2Image, w: Qcow2Writer): Promise<Movable[]> {
       const tv = dataView(table);
       for (let j = 0; j < b.tableSize; j++) {
         const entry = tv.getBigUint64(j * 8);
-        const off = Number(entry & 0x00fffffffffffe00n);
+        const off = Number(entry & L2E_OFFSET_MASK);
         if (!off) continue;
         const tableOffset = b.tableOffset;
-        out.push({ offset: off, bytes: cs, repoint: (to) => writePointer(img, tableOffset + j * 8, to, ~0x00fffffffffffe00n & 0xffffffffffffffffn) });
+        out.push({ offset: off, bytes: cs, repoint: (to) => writePointer(img, tableOffset + j * 8, to, ~L2E_OFFSET_MASK & 0xffffffffffffffffn) });
       }
       pos += Math.ceil((24 + b.extraData.length + new TextEncoder().encode(b.name).length) / 8) * 8;
     }

@@ -10,7 +10,7 @@ import { decodeL1Table, type DecodedTable } from '../format/tables.js';
 import type { SnapshotEntry } from '../format/snapshot.js';
 import { readSnapshotTable, SnapshotTableError } from './snapshot-table.js';
 import { BME_FLAG_IN_USE, decodeBitmapDirectory, validateBitmapTable, type BitmapDirectoryEntry } from '../format/bitmap.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS } from '../format/constants.js';
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L2E_OFFSET_MASK } from '../format/constants.js';
 import { pushExtent, type BlockLayer, type LayerExtent } from '../chain/layer.js';
 import { L2Tables } from './l2.js';
 import { RefcountReader } from './refcounts.js';
@@ -262,7 +262,7 @@ export class Qcow2Image implements BlockLayer {
     if (l1Index >= this.l1.offsets.length) return 0;
     const off = this.l1.offsets[l1Index]!;
     if (off === 0 && this.l1.invalid.includes(l1Index)) {
-      const raw = new DataView(this.l1Raw.buffer, this.l1Raw.byteOffset).getBigUint64(l1Index * 8) & 0x00fffffffffffe00n;
+      const raw = new DataView(this.l1Raw.buffer, this.l1Raw.byteOffset).getBigUint64(l1Index * 8) & L2E_OFFSET_MASK;
       if (raw >= 2n ** 53n) throw new QcowError('CORRUPT', `L2 table at offset ${raw} (L1 index ${l1Index}) lies past the end of the file`, this.path);
       throw new QcowError('CORRUPT', `L2 table offset 0x${raw.toString(16)} unaligned (L1 index ${l1Index})`, this.path);
     }

@@ -16,8 +16,8 @@ import { beginWrite, big64, forEachTable, reftableEntries, reftableEntry, tick, 
 import type { Imrt } from './imrt.js';
 import { preWriteCheck, OL_ACTIVE_L2, OL_INACTIVE_L2 } from './overlap.js';
 import { CheckAborted, FIX_ERRORS, hex, type CheckCounters, type FixMode } from './types.js';
+import { ENTRY_LOW_BITS, ENTRY_OFFSET_LO, L1E_RESERVED_HI, L2E_OFFSET_MASK, L2E_RESERVED_HI, L2E_RESERVED_LO, entryOffset } from '../../format/constants.js';
 
-const TWO32 = 2 ** 32;
 const MAX_EXACT = 2 ** 53;
 /** QEMU's QCOW_MAX_L1_SIZE (32 MiB) in entries. */
 const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
@@ -32,16 +32,6 @@ export async function calculateRefcounts(ctx: CheckContext, res: CheckCounters, 
   const k = kernels();
   const scratch: Scratch = { stats: k.alloc(64) };
   try {
-    // QEMU's qcow2_check_read_snapshot_table: v3 entries need the 16 bytes of extra data that
-    // hold the large VM state size and the disk size (qcowkit reports, it does not rewrite them).
-    if (ctx.img.header.version >= 3)
-      ctx.img.snapshots.forEach((sn, i) => {
-        if (sn.extraData.length < 16) {
-          ctx.report(`ERROR snapshot table entry ${i} is incomplete`);
-          res.corruptions++;
-        }
-      });
-
     // header
     imrt.addRange(0, ctx.cs, ctx.fileSize, res, ctx.report);
 
@@ -124,7 +114,7 @@ async function checkL1(
     const lo = v.getUint32(i * 8 + 4);
     if (hi === 0 && lo === 0) continue;
     indices.push(i);
-    offsets.push((hi & 0x00ffffff) * TWO32 + ((lo & ~0x1ff) >>> 0));
+    offsets.push(entryOffset(hi, lo));
   }
   ctx.progress.total += offsets.length;
 
@@ -132,7 +122,7 @@ async function checkL1(
     const i = indices[n]!;
     const hi = v.getUint32(i * 8);
     const lo = v.getUint32(i * 8 + 4);
-    if (hi & 0x7f000000 || lo & 0x1ff) {
+    if (hi & L1E_RESERVED_HI || lo & ENTRY_LOW_BITS) {
       ctx.report(`ERROR found L1 entry with reserved bits set: ${hex(big64(hi, lo))}`);
       res.corruptions++;
     }
@@ -206,8 +196,8 @@ function undoKernel(ctx: CheckContext, imrt: Imrt, ptr: number, nk: number): voi
       for (let x = Math.floor(c.offset / ctx.cs); x <= last; x++) dec(x);
       continue;
     }
-    const host = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
-    const reserved = (hi & 0x3f000000) !== 0 || (lo & (ctx.extendedL2 ? 0x1ff : 0x1fe)) !== 0;
+    const host = entryOffset(hi, lo);
+    const reserved = (hi & L2E_RESERVED_HI) !== 0 || (lo & (ctx.extendedL2 ? ENTRY_LOW_BITS : L2E_RESERVED_LO)) !== 0;
     if (reserved) continue;
     if (host !== 0 && (host % ctx.cs !== 0 || host >= MAX_EXACT)) continue;
     if (ctx.extendedL2) {
@@ -248,9 +238,9 @@ async function checkL2Exact(ctx: CheckContext, res: CheckCounters, fix: FixMode,
     const bmHi = ctx.extendedL2 ? v.getUint32(at + 8) : 0;
     const bmLo = ctx.extendedL2 ? v.getUint32(at + 12) : 0;
     const compressed = (hi & 0x40000000) !== 0;
-    const offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+    const offset = entryOffset(hi, lo);
 
-    if (!compressed && ((hi & 0x3f000000) !== 0 || (lo & 0x1fe) !== 0)) {
+    if (!compressed && ((hi & L2E_RESERVED_HI) !== 0 || (lo & L2E_RESERVED_LO) !== 0)) {
       ctx.report(`ERROR found l2 entry with reserved bits set: ${hex(big64(hi, lo))}`);
       res.corruptions++;
     }
@@ -379,7 +369,7 @@ async function checkBitmaps(ctx: CheckContext, res: CheckCounters, imrt: Imrt): 
     const offsets: number[] = [];
     for (let i = 0; i < bm.tableSize; i++) {
       const e = v.getBigUint64(i * 8);
-      const off = Number(e & 0x00fffffffffffe00n);
+      const off = Number(e & L2E_OFFSET_MASK);
       if (e & BME_TABLE_RESERVED_MASK || (off && (e & 1n || off % ctx.cs))) {
         // QEMU fails loading the whole table: one corruption, and no further bitmaps are counted.
         res.corruptions++;
@@ -398,8 +388,8 @@ async function checkRefblocks(ctx: CheckContext, res: CheckCounters, fix: FixMod
   for (let i = 0; i < n; i++) {
     const [hi, lo] = reftableEntry(ctx, i);
     if (hi === 0 && lo === 0) continue;
-    const offset = u64Of(hi, lo & ~0x1ff);
-    if (lo & 0x1ff) {
+    const offset = u64Of(hi, lo & ENTRY_OFFSET_LO);
+    if (lo & ENTRY_LOW_BITS) {
       ctx.report(`ERROR refcount table entry ${i} has reserved bits set`);
       res.corruptions++;
       rebuild = true;

@@ -9,6 +9,7 @@ import { kernels } from '../../kernels/index.js';
 import { forEachTable, reftableEntries, reftableEntry, refcountWriter, beginWrite, signalCorruption, tick, u64Of, type CheckContext } from './context.js';
 import type { Imrt } from './imrt.js';
 import { CheckAborted, FIX_ERRORS, FIX_LEAKS, hex, type CheckCounters, type FixMode } from './types.js';
+import { ENTRY_OFFSET_LO } from '../../format/constants.js';
 
 /** Marks a cluster whose stored refcount could not be read (in the stored view of the IMRT). */
 export const UNREADABLE = 0xffffffff;
@@ -62,7 +63,7 @@ export async function scanRefcounts(ctx: CheckContext, res: CheckCounters, imrt:
     let bad = false;
     if (ti < tableN) {
       const [hi, lo] = reftableEntry(ctx, ti);
-      off = u64Of(hi, lo & ~0x1ff);
+      off = u64Of(hi, lo & ENTRY_OFFSET_LO);
       if (off % ctx.cs) {
         bad = true;
         off = 0;
@@ -81,7 +82,7 @@ export async function scanRefcounts(ctx: CheckContext, res: CheckCounters, imrt:
       const count = Math.min(per, nCmp - first);
       if (unaligned[ti]) {
         const [hi, lo] = reftableEntry(ctx, ti);
-        await signalCorruption(ctx, `Refblock offset ${cHex(u64Of(hi, lo & ~0x1ff))} unaligned (reftable index: ${cHex(ti)})`);
+        await signalCorruption(ctx, `Refblock offset ${cHex(u64Of(hi, lo & ENTRY_OFFSET_LO))} unaligned (reftable index: ${cHex(ti)})`);
         for (let c = first; c < first + count; c++) {
           scan.clusters.push(c);
           scan.stored.push(NaN);

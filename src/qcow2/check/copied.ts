@@ -14,8 +14,8 @@ import { UNREADABLE } from './compare.js';
 import { preWriteCheck, OL_ACTIVE_L1, OL_ACTIVE_L2 } from './overlap.js';
 import { errnoText } from './account.js';
 import { CheckAborted, FIX_ERRORS, FIX_LEAKS, hex, type CheckCounters, type FixMode } from './types.js';
+import { ENTRY_OFFSET_HI, ENTRY_OFFSET_LO, entryOffset } from '../../format/constants.js';
 
-const TWO32 = 2 ** 32;
 
 export async function checkOflagCopied(
   ctx: CheckContext,
@@ -55,7 +55,7 @@ export async function checkOflagCopied(
   for (let i = 0; i < ctx.l1Raw.length / 8; i++) {
     const hi = l1.getUint32(i * 8);
     const lo = l1.getUint32(i * 8 + 4);
-    const off = (hi & 0x00ffffff) * TWO32 + ((lo & ~0x1ff) >>> 0);
+    const off = entryOffset(hi, lo);
     if (!off) continue;
     indices.push(i);
     offsets.push(off);
@@ -109,7 +109,7 @@ export async function checkOflagCopied(
         for (let m = 0; m < badRc.length; m++) {
           if (badRc[m] !== UNREADABLE - 1) continue;
           const at = bad[m]! * ctx.entryBytes;
-          const c = (v.getUint32(at) & 0xffffff) * 2 ** (32 - ctx.cb) + ((v.getUint32(at + 4) & 0xfffffe00) >>> ctx.cb);
+          const c = (v.getUint32(at) & ENTRY_OFFSET_HI) * 2 ** (32 - ctx.cb) + ((v.getUint32(at + 4) & ENTRY_OFFSET_LO) >>> ctx.cb);
           badRc[m] = bigStored.get(c) ?? badRc[m]!;
         }
       }
@@ -117,7 +117,7 @@ export async function checkOflagCopied(
         const v = new DataView(k.memory.buffer, ptr, cs);
         const ehi = v.getUint32(j * ctx.entryBytes);
         const elo = v.getUint32(j * ctx.entryBytes + 4);
-        const r = await storedSlow(Math.floor(((ehi & 0x00ffffff) * TWO32 + ((elo & 0xfffffe00) >>> 0)) / cs));
+        const r = await storedSlow(Math.floor((entryOffset(ehi, elo)) / cs));
         if (r !== undefined && (r === 1) !== ehi >>> 31 > 0) {
           bad.push(j);
           badRc.push(r);
@@ -182,7 +182,7 @@ async function writeL1Entry(ctx: CheckContext, i: number): Promise<void> {
  */
 /** Host cluster of the L2 entry at byte `at` of a table. */
 function entryCluster(v: DataView, at: number, cb: number): number {
-  return (v.getUint32(at) & 0x00ffffff) * 2 ** (32 - cb) + ((v.getUint32(at + 4) & 0xfffffe00) >>> cb);
+  return (v.getUint32(at) & ENTRY_OFFSET_HI) * 2 ** (32 - cb) + ((v.getUint32(at + 4) & ENTRY_OFFSET_LO) >>> cb);
 }
 
 /** With an external data file every cluster has refcount 1: COPIED must be set on all of them. */
@@ -191,7 +191,7 @@ function scanDataFile(v: DataView, n: number, eb: number, bad: number[], badRc: 
     const ehi = v.getUint32(at);
     if (ehi & 0x40000000) continue;
     // Offset 0 is a normal cluster only with COPIED set: never wrong. Others need COPIED.
-    if ((ehi & 0x00ffffff) === 0 && (v.getUint32(at + 4) & 0xfffffe00) === 0) continue;
+    if ((ehi & ENTRY_OFFSET_HI) === 0 && (v.getUint32(at + 4) & ENTRY_OFFSET_LO) === 0) continue;
     if (ehi < 0x80000000) {
       bad.push(j);
       badRc.push(1);

@@ -4,6 +4,7 @@
  * being rewritten. Built from the current header, L1 and refcount table, without refcounts.
  */
 import { entryWords, reftableEntries, reftableEntry, signalCorruption, u64Of, type CheckContext } from './context.js';
+import { ENTRY_OFFSET_LO, entryOffset } from '../../format/constants.js';
 
 export const OL_MAIN_HEADER = 1 << 0;
 export const OL_ACTIVE_L1 = 1 << 1;
@@ -47,13 +48,13 @@ function build(ctx: CheckContext, key: string): MetadataMap {
   const l1 = new DataView(ctx.l1Raw.buffer, ctx.l1Raw.byteOffset, ctx.l1Raw.byteLength);
   for (let i = 0; i < h.l1Size; i++) {
     const [hi, lo] = entryWords(l1, i * 8);
-    const off = (hi & 0x00ffffff) * 2 ** 32 + ((lo & ~0x1ff) >>> 0);
+    const off = entryOffset(hi, lo);
     if (off) activeL2.add(Math.floor(off / ctx.cs));
   }
   const refblocks = new Set<number>();
   for (let i = 0; i < reftableEntries(ctx); i++) {
     const [hi, lo] = reftableEntry(ctx, i);
-    const off = u64Of(hi, lo & ~0x1ff);
+    const off = u64Of(hi, lo & ENTRY_OFFSET_LO);
     if (off) refblocks.add(Math.floor(off / ctx.cs));
   }
   return { key, ranges, activeL2, refblocks };

@@ -13,6 +13,7 @@ import { checkFixSnapshotTable, checkReadSnapshotTable } from './snapshots.js';
 import { CheckAborted, FIX_ERRORS, FIX_LEAKS, newCounters, type CheckCounters, type FixMode } from './types.js';
 import { kernels } from '../../kernels/index.js';
 import { reftableEntries, reftableEntry, u64Of } from './context.js';
+import { ENTRY_OFFSET_LO } from '../../format/constants.js';
 
 export async function runCheckPass(ctx: CheckContext, fix: FixMode): Promise<CheckCounters> {
   // QEMU's qcow2_co_check_locked: the snapshot table's findings are counted apart and added to
@@ -66,7 +67,7 @@ async function imrtSize(ctx: CheckContext): Promise<{ dense: number; fileCluster
   try {
     for (let ti = reftableEntries(ctx) - 1; ti >= 0; ti--) {
       const [hi, lo] = reftableEntry(ctx, ti);
-      const off = u64Of(hi, lo & ~0x1ff);
+      const off = u64Of(hi, lo & ENTRY_OFFSET_LO);
       if (!off || off % ctx.cs) continue;
       end = Math.max(end, Math.floor(off / ctx.cs) + 1);
       if (ti * ctx.perBlock >= fileClusters) continue;

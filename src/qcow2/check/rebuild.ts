@@ -16,6 +16,7 @@ import { reftableEntries, reftableEntry, u64Of, type CheckContext } from './cont
 import type { Imrt } from './imrt.js';
 import { preWriteCheck, invalidateOverlapMap } from './overlap.js';
 import { CheckAborted, type CheckCounters } from './types.js';
+import { ENTRY_OFFSET_LO, entryOffset } from '../../format/constants.js';
 
 const CHUNK = 65536;
 const TWO32 = 2 ** 32;
@@ -31,13 +32,13 @@ export async function rebuildRefcountStructure(ctx: CheckContext, res: CheckCoun
   const avoid = new Set<number>();
   for (let i = 0; i < reftableEntries(ctx); i++) {
     const [hi, lo] = reftableEntry(ctx, i);
-    const off = u64Of(hi, lo & ~0x1ff);
+    const off = u64Of(hi, lo & ENTRY_OFFSET_LO);
     if (off) avoid.add(Math.floor(off / cs));
   }
   // ... nor the clusters active L2 tables are said to be in (counted or not).
   const l1 = new DataView(ctx.l1Raw.buffer, ctx.l1Raw.byteOffset, ctx.l1Raw.byteLength);
   for (let i = 0; i < ctx.l1Raw.length / 8; i++) {
-    const off = (l1.getUint32(i * 8) & 0x00ffffff) * TWO32 + ((l1.getUint32(i * 8 + 4) & ~0x1ff) >>> 0);
+    const off = entryOffset(l1.getUint32(i * 8), l1.getUint32(i * 8 + 4));
     if (off) avoid.add(Math.floor(off / cs));
   }
 
