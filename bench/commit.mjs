@@ -142,14 +142,15 @@ export function registerCommitBench(ctx) {
   /** Sizes, and the top's own data as coalesced host ranges (for the durable-copy loop). */
   function fixtureInfo(dir) {
     const map = JSON.parse(h.sh('qemu-img', ['map', '-f', 'qcow2', '--output', 'json', 'top.qcow2'], { cwd: dir }).stdout);
+    // Host ranges of the top's own data, in host order, adjacent ones merged (the loop reads them sequentially).
+    const own = map.filter((e) => e.depth === 0 && e.data && e.offset !== undefined).map((e) => [e.offset, e.length]);
+    own.sort((a, b) => a[0] - b[0]);
     const ranges = [];
-    for (const e of map) {
-      if (e.depth !== 0 || !e.data || e.offset === undefined) continue;
+    for (const [off, len] of own) {
       const last = ranges[ranges.length - 1];
-      if (last && last[0] + last[1] === e.offset) last[1] += e.length;
-      else ranges.push([e.offset, e.length]);
+      if (last && last[0] + last[1] === off) last[1] += len;
+      else ranges.push([off, len]);
     }
-    ranges.sort((a, b) => a[0] - b[0]);
     writeFileSync(join(dir, 'ranges.json'), JSON.stringify(ranges));
     const topData = ranges.reduce((s, r) => s + r[1], 0);
     const info = {};
