@@ -26,7 +26,10 @@
 
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
+
+const haveCpuTime = existsSync('/usr/bin/time') && spawnSync('/usr/bin/time', ['-f', '%U %S', 'true'], { stdio: 'ignore' }).status === 0;
 
 // --no-settle is this module's own option: taken out before run.mjs parses the command line.
 const settle = !process.argv.includes('--no-settle');
@@ -173,6 +176,7 @@ const buf = Buffer.allocUnsafe(CH);
 const fi = openSync(top, 'r');
 const fo = openSync(out, 'w');
 let pos = 0;
+const t0 = performance.now();
 for (const [off, len] of ranges) {
   for (let d = 0; d < len; ) {
     const n = Math.min(CH, len - d);
@@ -182,9 +186,12 @@ for (const [off, len] of ranges) {
     d += n;
   }
 }
+const t1 = performance.now();
 fdatasyncSync(fo);
+const t2 = performance.now();
 closeSync(fo);
 closeSync(fi);
+process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
 `,
     );
     return f;
@@ -255,15 +262,32 @@ closeSync(fi);
       for (const f of fx.files) h.sparseCopy(join(fx.dir, f), join(cwd, f));
       if (settle) h.sh('sync', ['-d', ...fx.files], { cwd });
       const spec = VARIANTS[v];
-      const tool = spec.tool === 'loop' ? [process.execPath, [loopF, 'top.qcow2', 'copy.bin', join(fx.dir, 'ranges.json')]] : spec.tool;
+      const [cmd, cmdArgs] =
+        spec.tool === 'loop'
+          ? [process.execPath, [loopF, 'top.qcow2', 'copy.bin', join(fx.dir, 'ranges.json')]]
+          : spec.tool === 'qcowkit'
+            ? [process.execPath, [h.bin(), ...spec.args]]
+            : ['qemu-img', spec.args];
+      // CPU time (user + sys, the child and its threads) from an inner GNU time: far less sensitive
+      // to other load than wall time. The outer measurement (wall, peak RSS) covers it too.
+      const cpuF = join(cwd, '..', `cpu-${v}-${tag}.txt`);
+      const tool = haveCpuTime ? ['/usr/bin/time', ['-f', '%U %S', '-o', cpuF, cmd, ...cmdArgs]] : [cmd, cmdArgs];
       const r = h.measure(tool, spec.args, cwd);
+      r.cpuS = null;
+      if (haveCpuTime) {
+        try {
+          const m = /([\d.]+) ([\d.]+)\s*$/.exec(readFileSync(cpuF, 'utf8'));
+          if (m) r.cpuS = Number(m[1]) + Number(m[2]);
+        } catch {}
+        rmSync(cpuF, { force: true });
+      }
       n++;
       r.cwd = cwd;
       if (r.error || r.code !== 0) {
         const who = spec.tool === 'loop' ? 'durable-copy loop' : spec.tool;
         throw new Error(`${v} (${who} ${spec.args.join(' ')}) failed (${r.error ?? `exit ${r.code}`}): ${(r.stderr || r.stdout).trim().split('\n').slice(0, 6).join(' | ')}`);
       }
-      if (spec.tool === 'qcowkit') {
+      if (spec.tool !== 'qemu-img') {
         try {
           r.json = JSON.parse(r.stdout);
         } catch {
@@ -303,7 +327,7 @@ closeSync(fi);
         for (const v of order) {
           const r = runOne(v, i);
           clean(r);
-          g.samples[v].push({ ms: r.ms, rssKb: r.rssKb, json: r.json ?? null });
+          g.samples[v].push({ ms: r.ms, rssKb: r.rssKb, cpuS: r.cpuS, json: r.json ?? null });
           parts.push(`${v} ${r.ms.toFixed(0)}`);
         }
         h.log(`    round ${i + 1}/${runs}: ${parts.join(', ')} ms`);
@@ -377,10 +401,13 @@ closeSync(fi);
 
   // ------------------------------------------------------------ rows
   const med = (xs) => h.median(xs.filter((x) => x !== null && x !== undefined));
-  const samplesOf = (g, v) => g.samples[v].map(({ ms, rssKb }) => ({ ms, rssKb }));
+  const samplesOf = (g, v) => g.samples[v].map(({ ms, rssKb, cpuS }) => ({ ms, rssKb, cpuS }));
 
   function pairRow(g, qv, kv, target) {
     const notes = [];
+    const qc = med(g.samples[qv].map((s) => s.cpuS));
+    const kc = med(g.samples[kv].map((s) => s.cpuS));
+    if (qc !== null && kc !== null) notes.push(`CPU time (user+sys, median): qemu-img ${qc.toFixed(2)} s, qcowkit ${kc.toFixed(2)} s = ${(kc / qc).toFixed(2)}x`);
     const kSec = med(g.samples[kv].map((s) => s.json?.seconds));
     if (kSec !== null) notes.push(`qcowkit's own timing (open to close, no node start): ${(kSec * 1000).toFixed(0)} ms`);
     const e = med(g.samples[kv].map((s) => s.json?.emptied?.seconds));
@@ -403,6 +430,9 @@ closeSync(fi);
     const k = d('k-commit', 'k-drop');
     const e = med(g.samples['k-commit'].map((s) => s.json?.emptied?.seconds));
     const notes = [`median(commit) - median(commit -d) per tool; RSS columns: commit's`];
+    const c = (v) => med(g.samples[v].map((s) => s.cpuS));
+    if (c('q-commit') !== null && c('k-commit') !== null)
+      notes.push(`CPU time of the emptying (median commit - median commit -d): qemu-img ${(c('q-commit') - c('q-drop')).toFixed(2)} s, qcowkit ${(c('k-commit') - c('k-drop')).toFixed(2)} s`);
     const noise = noiseOf(g, ['q-commit', 'q-drop']);
     if (q !== null && q <= noise) notes.push(`qemu-img's difference (${q.toFixed(0)} ms) is within the noise of its runs (spread ${noise.toFixed(0)} ms): no ratio`);
     if (e !== null) notes.push(`qcowkit's own emptying time (emptyOpenImage, in-process): ${(e * 1000).toFixed(0)} ms = ${q ? (e * 1000 / q).toFixed(2) : '-'}x qemu-img's difference`);
@@ -428,6 +458,8 @@ closeSync(fi);
     const noise = noiseOf(g, ['q-commit', 'q-drop']);
     const notes = [`qemu-img's emptying: ${qd.toFixed(0)} ms${qd <= noise ? ` (within the noise of its runs, spread ${noise.toFixed(0)} ms: no ratio)` : ''}`];
     notes.push('qemu-img column: its emptying cost, median(commit) - median(commit -d) (qemu-img has no make-empty); qcowkit: the whole make-empty command, node start included');
+    const cpu = (v) => med(g.samples[v].map((s) => s.cpuS));
+    if (cpu('k-empty') !== null) notes.push(`CPU time: qcowkit make-empty ${cpu('k-empty').toFixed(2)} s; qemu-img commit - commit -d ${(cpu('q-commit') - cpu('q-drop')).toFixed(2)} s`);
     const ke = med(g.samples['k-empty'].map((s) => s.json?.seconds));
     if (ke !== null) notes.push(`qcowkit make-empty's own timing: ${(ke * 1000).toFixed(0)} ms`);
     const o = g.fx.space['top.qcow2'];
@@ -454,6 +486,10 @@ closeSync(fi);
       `qcowkit commit -d ${kd.toFixed(0)} ms = ${(kd / loop).toFixed(2)}x the limit${kc !== null ? `; commit ${kc.toFixed(0)} ms = ${(kc / loop).toFixed(2)}x` : ''}`,
       'columns: qemu-img = the Node loop, qcowkit = commit -d',
     ];
+    const cpu = (v) => med((g.samples[v] ?? []).map((s) => s.cpuS));
+    if (cpu('loop') !== null) notes.push(`CPU time: loop ${cpu('loop').toFixed(2)} s, qcowkit commit -d ${cpu('k-drop').toFixed(2)} s${cpu('q-drop') !== null ? `, qemu-img commit -d ${cpu('q-drop').toFixed(2)} s` : ''}`);
+    const split = g.samples.loop.map((s) => s.json).filter(Boolean);
+    if (split.length) notes.push(`loop split (median): copy ${med(split.map((x) => x.copyMs)).toFixed(0)} ms + fdatasync ${med(split.map((x) => x.syncMs)).toFixed(0)} ms`);
     return { runs: g.runs, qemu: samplesOf(g, 'loop'), qcowkit: samplesOf(g, 'k-drop'), target: null, notes };
   }
 

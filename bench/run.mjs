@@ -466,7 +466,7 @@ const WORKLOADS = [
   }),
 ];
 
-const commitBench = registerCommitBench({ WORKLOADS, FIXTURES, CFG, opts, quick: Q, built: (f) => f in built && !(built[f] instanceof Error), h: { sh, measure, sparseCopy, log, median: (xs) => median(xs), qemuInfo, qemuCompare, qemuCheckClean, tmp: () => tmpRoot } });
+const commitBench = registerCommitBench({ WORKLOADS, FIXTURES, CFG, opts, quick: Q, built: (f) => f in built && !(built[f] instanceof Error), h: { sh, measure, sparseCopy, log, median: (xs) => median(xs), qemuInfo, qemuCompare, qemuCheckClean, tmp: () => tmpRoot, bin: () => BIN } });
 
 // ---------------------------------------------------------------- running a workload
 
