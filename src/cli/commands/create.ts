@@ -18,10 +18,13 @@ const OPTIONS: Record<LayerFormat, Record<string, [Kind, string]>> = {
     preallocation: ['str', 'Preallocation mode (allowed values: off, metadata, full)'],
     refcount_bits: ['num', 'Width of a reference count entry in bits'],
     size: ['size', 'Virtual disk size'],
+    // The file driver's hint for XFS extent sizes: accepted as QEMU does; qcowkit sets none.
+    extent_size_hint: ['size', 'Extent size hint for the image file, 0 to disable'],
   },
   raw: {
     preallocation: ['str', 'Preallocation mode (allowed values: off, full)'],
     size: ['size', 'Virtual disk size'],
+    extent_size_hint: ['size', 'Extent size hint for the image file, 0 to disable'],
   },
 };
 
