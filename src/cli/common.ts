@@ -100,6 +100,17 @@ export function printPlainJson(value: unknown): void {
 
 export const warn = (msg: string): void => void process.stderr.write(`qcowkit: warning: ${msg}\n`);
 
+/** The callbacks of a long-running command: qemu-img's progress line with -p (not with -q), warnings. */
+export function feedback(o: { progress?: boolean | undefined; quiet?: boolean | undefined }): { onProgress: ((done: number, total: number) => void) | undefined; onWarning: (msg: string) => void } {
+  return { onProgress: progressPrinter(o.progress === true && !o.quiet), onWarning: warn };
+}
+
+/** An operation's result as every write command prints it: JSON, human text, or nothing (-q). */
+export function printResult<T>(o: { output: string; quiet?: boolean | undefined }, r: T, human: (r: T) => string): void {
+  if (o.output === 'json') printJson(r);
+  else if (!o.quiet) process.stdout.write(human(r));
+}
+
 let direct = false;
 
 /**

@@ -1,6 +1,6 @@
 import { Option } from 'commander';
 import { commit, type CommitResult } from '../../ops/commit.js';
-import { fail, formatOption, newCommand, outputOption, parseSize, printJson, progressPrinter, warn } from '../util.js';
+import { fail, feedback, formatOption, newCommand, outputOption, parseSize, printResult } from '../util.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 
 export function command() {
@@ -33,11 +33,9 @@ export function command() {
           base: o.base,
           drop: o.drop === true,
           dryRun: o.dryRun === true,
-          onProgress: progressPrinter(o.progress === true && !o.quiet),
-          onWarning: warn,
+          ...feedback(o),
         });
-        if (o.output === 'json') printJson(r);
-        else if (!o.quiet) process.stdout.write(human(r));
+        printResult(o, r, human);
       } catch (e) {
         fail(e);
       }

@@ -1,5 +1,5 @@
 import { makeEmpty, type MakeEmptyResult } from '../../ops/make-empty.js';
-import { fail, newCommand, outputOption, printJson, progressPrinter, warn } from '../util.js';
+import { fail, feedback, newCommand, outputOption, printResult } from '../util.js';
 import { Option } from 'commander';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 
@@ -23,11 +23,9 @@ export function command() {
           format: o.format,
           force: o.force === true,
           dryRun: o.dryRun === true,
-          onProgress: progressPrinter(o.progress === true && !o.quiet),
-          onWarning: warn,
+          ...feedback(o),
         });
-        if (o.output === 'json') printJson(r);
-        else if (!o.quiet) process.stdout.write(human(r));
+        printResult(o, r, human);
       } catch (e) {
         fail(e);
       }

@@ -1,6 +1,6 @@
 import { Option } from 'commander';
 import { rebase, type RebaseResult } from '../../ops/rebase.js';
-import { fail, formatOption, newCommand, outputOption, printJson, progressPrinter, warn } from '../util.js';
+import { fail, feedback, formatOption, newCommand, outputOption, printResult } from '../util.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 
 export function command() {
@@ -39,11 +39,10 @@ export function command() {
           unsafe: o.unsafe === true,
           compress: o.compress === true,
           dryRun: o.dryRun === true,
-          onProgress: progressPrinter(o.progress === true && !o.quiet),
-          onWarning: warn,
+          ...feedback(o),
         });
-        if (o.output === 'json') printJson(r);
-        else if (!o.quiet && r.dryRun) process.stdout.write(human(r));
+        // As qemu-img, a real rebase prints nothing; a dry run prints its report.
+        printResult(o, r, (x: typeof r) => (x.dryRun ? human(x) : ''));
       } catch (e) {
         fail(e);
       }
