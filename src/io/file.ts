@@ -90,6 +90,12 @@ class NodeImageFile implements ImageFile {
   }
 
   async readAt(buf: Uint8Array, offset: number): Promise<void> {
+    // Positions no file can reach (2^53 bytes and beyond, e.g. a corrupt table entry's offset)
+    // lie past the end of the file: they read as zeros, as QEMU reads there.
+    if (offset + buf.length > Number.MAX_SAFE_INTEGER) {
+      buf.fill(0);
+      return;
+    }
     let done = 0;
     const sync = buf.length <= SYNC_READ_MAX;
     try {
