@@ -79,8 +79,6 @@ export async function create(path: string, opts: CreateOptions): Promise<CreateR
   // line, what the format driver checks (option values, preallocation) after it.
   const driverChecks = () => {
     if (!['off', 'metadata', 'falloc', 'full'].includes(preallocation)) throw bad(`Parameter 'preallocation' does not accept value '${preallocation}'`);
-    if (preallocation === 'falloc')
-      throw new QcowError('UNSUPPORTED', "preallocation=falloc is not supported by qcowkit (use 'metadata' or 'full')", path);
   };
   const preallocation = o.preallocation ?? 'off';
 
@@ -94,7 +92,8 @@ export async function create(path: string, opts: CreateOptions): Promise<CreateR
     if (preallocation === 'metadata') throw bad('Unsupported preallocation mode: metadata');
     await writeImage(path, async (file) => {
       await file.truncate(size);
-      if (preallocation === 'full') await writeZeros(file, 0, size, opts);
+      // falloc: the blocks allocated as full does (Node has no fallocate; the result reads the same).
+      if (preallocation === 'full' || preallocation === 'falloc') await writeZeros(file, 0, size, opts);
     });
     return { path, format: 'raw', size, preallocation, fileLength: size };
   }
@@ -131,7 +130,7 @@ export async function create(path: string, opts: CreateOptions): Promise<CreateR
   await writeImage(path, async (file) => {
     await file.truncate(layout.fileLength);
     await writeTables(file, layout, opts);
-    if (preallocation === 'full') await writeZeros(file, layout.dataOffset, layout.dataClusters * layout.clusterSize, opts);
+    if (preallocation === 'full' || preallocation === 'falloc') await writeZeros(file, layout.dataOffset, layout.dataClusters * layout.clusterSize, opts);
     // Last, so that an interrupted create leaves no file that looks like a qcow2 image.
     await file.writeAt(header, 0);
   });

@@ -297,8 +297,11 @@ describe('create: option and size validation (QEMU wording)', () => {
     await rm(p('huge.qcow2'));
   });
 
-  it('refuses falloc (no fallocate through ImageFile)', async () => {
-    await expectError(create(p('f.qcow2'), { format: 'qcow2', size: 1, options: { preallocation: 'falloc' } }), 'UNSUPPORTED', /falloc/);
+  it('falloc allocates the data clusters as full does (Node has no fallocate)', async () => {
+    const f = await create(p('f.qcow2'), { format: 'qcow2', size: 1 << 20, options: { preallocation: 'falloc' } });
+    const g = await create(p('g.qcow2'), { format: 'qcow2', size: 1 << 20, options: { preallocation: 'full' } });
+    expect(f.fileLength).toBe(g.fileLength);
+    expect((await stat(p('f.qcow2'))).blocks).toBe((await stat(p('g.qcow2'))).blocks);
   });
 
   it('stops on abort and removes the half-written file', async () => {
