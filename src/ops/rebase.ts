@@ -196,6 +196,9 @@ async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | 
       await checkFreeSpace(img.path, bytes + Math.ceil(clusters / img.l2Entries + 1) * img.clusterSize * 2 + img.clusterSize * 4, 'the image');
     }
     const sizeBefore = await img.file.size();
+    // Recording bitmaps learn of every range that may be written before any data is (a crash
+    // in between leaves extra dirty bits, never a missing one).
+    if (!dryRun) await markBitmapsDirty(img, candidates);
     const ranges = await compareAndWrite(chain, img, view, candidates, unit, opts, result);
     result.writtenRanges = ranges.length;
     if (dryRun) {
@@ -203,7 +206,6 @@ async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | 
       result.growth = result.dataClusters ? (result.dataClusters + l2 + 1) * img.clusterSize : 0;
     } else {
       await img.flush();
-      await markBitmapsDirty(img, ranges);
       result.growth = Math.max(0, (await img.file.size()) - sizeBefore);
     }
   } finally {
