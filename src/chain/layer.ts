@@ -62,6 +62,8 @@ export interface BlockLayer {
 /** What commit and rebase write through: a qcow2 image or a raw file opened read-write. */
 export interface WritableLayer extends BlockLayer {
   write(offset: number, data: Uint8Array): Promise<void>;
+  /** Several disjoint ranges as one batch (same result as one `write` each). */
+  writeMany(items: ReadonlyArray<{ offset: number; data: Uint8Array }>): Promise<void>;
   /** The range reads as zeros afterwards; `unmap` releases host space where the format can. */
   writeZeroes(offset: number, length: number, opts?: { unmap?: boolean }): Promise<void>;
   flush(): Promise<void>;

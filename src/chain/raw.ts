@@ -49,6 +49,10 @@ export class RawLayer implements BlockLayer {
     await this.file.writeAt(data, offset);
   }
 
+  async writeMany(items: ReadonlyArray<{ offset: number; data: Uint8Array }>): Promise<void> {
+    for (const it of items) await this.file.writeAt(it.data, it.offset);
+  }
+
   /** Punches the range (reads as zeros, keeps the file size); plain zeroes without `unmap`. */
   async writeZeroes(offset: number, length: number, opts: { unmap?: boolean } = {}): Promise<void> {
     if (opts.unmap) {

@@ -22,7 +22,7 @@ import { BME_FLAG_AUTO } from '../format/bitmap.js';
 import { markBitmapsDirty } from '../qcow2/bitmaps.js';
 import type { OperationOptions } from './options.js';
 import { validateForWrite } from './validate.js';
-import { checkFreeSpace, writeDataChunk } from './copy.js';
+import { checkFreeSpace, chunkRuns } from './copy.js';
 import { emptyOpenImage, type MakeEmptyResult } from './make-empty.js';
 
 export interface CommitOptions extends OperationOptions {
@@ -64,7 +64,12 @@ export interface CommitResult {
 }
 
 const CHUNK = 8 * 1024 * 1024;
-const READS_AHEAD = 3;
+/** Reads in flight ahead of the writes: at most this many chunks and bytes. */
+const READS_AHEAD = 32;
+const READ_BUDGET = 32 * 1024 * 1024;
+/** Data written to the base as one batch. */
+const BATCH_BYTES = 8 * 1024 * 1024;
+const BATCH_CHUNKS = 256;
 
 export async function commit(top: string, opts: CommitOptions = {}): Promise<CommitResult> {
   const t0 = performance.now();
@@ -166,23 +171,27 @@ async function planCopy(chain: BackingChain, baseDepth: number, size: number, si
 
 /** New base clusters the data needs: data ranges not already backed by base data clusters. */
 async function estimateGrowth(base: BlockLayer, plan: CopyPlan, size: number, cs: number): Promise<{ bytes: number; dataClusters: number }> {
+  // The base's own data clusters, from one status pass (not one per extent).
+  const owned: Array<[number, number]> = [];
+  if (base instanceof Qcow2Image && plan.data) {
+    for (const s of await base.status(0, Math.min(size, base.virtualSize))) if (s.allocated && s.data && !s.compressed) owned.push([s.start, s.start + s.length]);
+  }
   let clusters = 0;
+  let j = 0;
   for (const e of plan.extents) {
     if (e.zero) continue;
-    const first = Math.floor(e.start / cs);
-    const end = Math.ceil((e.start + e.length) / cs);
-    let owned = 0;
-    if (base instanceof Qcow2Image) {
-      const inside = Math.min(end * cs, base.virtualSize) - first * cs;
-      if (inside > 0) for (const s of await base.status(first * cs, inside)) if (s.allocated && s.data && !s.compressed) owned += s.length;
-    } else if (base instanceof RawLayer) {
-      owned = (end - first) * cs; // a raw file is written in place
+    const from = Math.floor(e.start / cs) * cs;
+    const to = Math.ceil((e.start + e.length) / cs) * cs;
+    let mine = 0;
+    if (base instanceof RawLayer) mine = to - from; // a raw file is written in place
+    else {
+      while (j < owned.length && owned[j]![1] <= from) j++;
+      for (let i = j; i < owned.length && owned[i]![0] < to; i++) mine += Math.min(to, owned[i]![1]) - Math.max(from, owned[i]![0]);
     }
-    clusters += Math.max(0, end - first - Math.floor(owned / cs));
+    clusters += Math.max(0, (to - from) / cs - Math.floor(mine / cs));
   }
   // Metadata: an L2 table per 512 MiB-ish of new data at most, and refcount blocks; bounded above.
   const metadata = base instanceof Qcow2Image ? Math.ceil(clusters / (cs / 8)) * cs * 2 + cs * 4 : 0;
-  void size;
   return { bytes: clusters * cs + metadata, dataClusters: clusters };
 }
 
@@ -210,55 +219,85 @@ async function copyExtents(chain: BackingChain, base: WritableLayer, plan: CopyP
     }
   }
   const k = kernels();
-  k.reserve((READS_AHEAD + 1) * (CHUNK + cs) + 64 * 1024 * 1024); // no memory growth while reads are in flight
+  k.reserve(READ_BUDGET + BATCH_BYTES + 2 * CHUNK + 64 * 1024 * 1024); // no memory growth while reads are in flight
   const started = performance.now();
   let done = 0;
   let data = 0;
   let zero = 0;
+  // Reads run ahead (bounded in count and bytes); the data of several chunks is written as one
+  // batch, so the base gets one allocation and one table update per batch, and few large writes.
   const reads = new Map<number, Promise<number>>();
-  const startRead = (i: number) => {
-    const c = chunks[i];
-    if (!c || c.zero || reads.has(i)) return;
-    const ptr = k.alloc(c.length);
-    reads.set(
-      i,
-      chain.read(c.start, k.u8(ptr, c.length)).then(
-        () => ptr,
-        (e) => {
-          k.free(ptr);
-          throw e;
-        },
-      ),
-    );
+  let next = 0;
+  let inFlight = 0;
+  const fill = (from: number) => {
+    if (next < from) next = from;
+    while (next < chunks.length && reads.size < READS_AHEAD && inFlight < READ_BUDGET) {
+      const c = chunks[next]!;
+      const i = next++;
+      if (c.zero) continue;
+      const ptr = k.alloc(c.length);
+      inFlight += c.length;
+      reads.set(
+        i,
+        chain.read(c.start, k.u8(ptr, c.length)).then(
+          () => ptr,
+          (e) => {
+            k.free(ptr);
+            throw e;
+          },
+        ),
+      );
+    }
+  };
+  let batch: { items: Array<{ offset: number; ptr: number; length: number }>; zeroes: Array<{ start: number; length: number }>; ptrs: number[]; bytes: number } = { items: [], zeroes: [], ptrs: [], bytes: 0 };
+  const flushBatch = async () => {
+    const b = batch;
+    batch = { items: [], zeroes: [], ptrs: [], bytes: 0 };
+    try {
+      // Views are made now: none is held while memory could change.
+      if (b.items.length) await base.writeMany(b.items.map((it) => ({ offset: it.offset, data: k.u8(it.ptr, it.length) })));
+      for (const z of b.zeroes) await base.writeZeroes(z.start, z.length, { unmap: true });
+    } finally {
+      for (const p of b.ptrs) k.free(p);
+    }
+    done += b.bytes;
+    opts.onProgress?.(done, total);
+    if (opts.rateLimit) {
+      // Sleep until the average since the start is back under the limit.
+      const ahead = (done / opts.rateLimit) * 1000 - (performance.now() - started);
+      if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
+    }
   };
   try {
     for (let i = 0; i < chunks.length; i++) {
       throwIfAborted(opts.signal, chain.top.path);
-      for (let j = i; j <= i + READS_AHEAD; j++) startRead(j);
+      fill(i);
       const c = chunks[i]!;
       if (c.zero) {
-        await base.writeZeroes(c.start, c.length, { unmap: true });
+        batch.zeroes.push({ start: c.start, length: c.length });
         zero += c.length;
+        batch.bytes += c.length;
       } else {
         const ptr = await reads.get(i)!;
         reads.delete(i);
-        try {
-          const w = await writeDataChunk(base, c.start, c.length, ptr, cs);
-          data += w.data;
-          zero += w.zero;
-        } finally {
-          k.free(ptr);
+        inFlight -= c.length;
+        batch.ptrs.push(ptr);
+        batch.bytes += c.length;
+        for (const r of chunkRuns(c.start, c.length, ptr, cs)) {
+          if (r.zero) {
+            batch.zeroes.push({ start: r.start, length: r.length });
+            zero += r.length;
+          } else {
+            batch.items.push({ offset: r.start, ptr: ptr + (r.start - c.start), length: r.length });
+            data += r.length;
+          }
         }
       }
-      done += c.length;
-      opts.onProgress?.(done, total);
-      if (opts.rateLimit) {
-        // Sleep until the average since the start is back under the limit.
-        const ahead = (done / opts.rateLimit) * 1000 - (performance.now() - started);
-        if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
-      }
+      if (batch.bytes >= BATCH_BYTES || batch.ptrs.length >= BATCH_CHUNKS) await flushBatch();
     }
+    await flushBatch();
   } finally {
+    for (const p of batch.ptrs) k.free(p);
     for (const p of reads.values()) await p.then((ptr) => k.free(ptr)).catch(() => {});
   }
   if (!total) opts.onProgress?.(0, 0);

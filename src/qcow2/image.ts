@@ -114,6 +114,10 @@ export class Qcow2Image implements BlockLayer {
   async writeCompressed(offset: number, cluster: Uint8Array): Promise<void> {
     await (await this.writer()).writeCompressed(offset, cluster);
   }
+  /** Writes several disjoint guest ranges as one batch (one allocation and table update per L2 table). */
+  async writeMany(items: ReadonlyArray<{ offset: number; data: Uint8Array }>): Promise<void> {
+    await (await this.writer()).writeMany(items);
+  }
   /** Makes a guest range read as zeros: zero flags (v3) or unmapped clusters, data only at the edges. */
   async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     await (await this.writer()).writeZeroes(offset, length, opts);

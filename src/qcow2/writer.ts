@@ -168,6 +168,45 @@ export class Qcow2Writer {
   }
 
   /**
+   * Writes several disjoint guest ranges as one batch: per L2 table one allocation for all the
+   * clusters the batch needs (they come out contiguous where the free space allows), one
+   * write per contiguous host run, one update of the table. Same result as one `write` per item.
+   */
+  writeMany(items: ReadonlyArray<{ offset: number; data: Uint8Array }>): Promise<void> {
+    return this.#serial(async () => {
+      const sorted = items.filter((i) => i.data.length).sort((a, b) => a.offset - b.offset);
+      sorted.forEach((it, i) => {
+        this.#checkRange(it.offset, it.data.length);
+        const prev = sorted[i - 1];
+        if (prev && prev.offset + prev.data.length > it.offset)
+          throw new QcowError('INVALID_ARGUMENT', `writeMany: ranges at ${prev.offset} and ${it.offset} overlap`, this.#img.path);
+      });
+      const span = this.#img.l2Span;
+      const cs = this.cs;
+      // A group is one table's ranges that share no cluster (a shared one starts a new group).
+      let group: { l1i: number; lastCluster: number; ranges: Array<{ s: number; data: Uint8Array }> } | undefined;
+      for (const it of sorted) {
+        for (let s = it.offset; s < it.offset + it.data.length; ) {
+          const l1i = Math.floor(s / span);
+          const e = Math.min(it.offset + it.data.length, (l1i + 1) * span);
+          const piece = { s, data: it.data.subarray(s - it.offset, e - it.offset) };
+          const first = Math.floor(s / cs);
+          const last = Math.ceil(e / cs) - 1;
+          if (group && group.l1i === l1i && first > group.lastCluster) {
+            group.ranges.push(piece);
+            group.lastCluster = last;
+          } else {
+            if (group) await this.#writeRangesInTable(group.l1i, group.ranges);
+            group = { l1i, lastCluster: last, ranges: [piece] };
+          }
+          s = e;
+        }
+      }
+      if (group) await this.#writeRangesInTable(group.l1i, group.ranges);
+    });
+  }
+
+  /**
    * Writes one whole guest cluster compressed (QEMU's compressed-cluster encoding). The
    * compressed bytes go to newly allocated bytes packed after the previous compressed cluster
    * (never in place); every host cluster they touch gets a reference; the old mapping of the
@@ -271,7 +310,10 @@ export class Qcow2Writer {
         img.l1 = { offsets, copied, invalid: img.l1.invalid };
         if (oldOffset && oldSize) await this.refcounts.update(oldOffset / this.cs, Math.ceil((oldSize * 8) / this.cs), -1);
       }
+      const oldVirtual = img.virtualSize;
       await this.header.setSize(size);
+      // As QEMU: the grown area reads as zeros, not as whatever the backing file has there.
+      if (img.backingName) await this.#zeroOrDiscard(oldVirtual, img.virtualSize - oldVirtual, 'zero');
     });
   }
 
@@ -556,23 +598,32 @@ export class Qcow2Writer {
   // --- writes ---------------------------------------------------------------------------------------
 
   async #writeInTable(l1i: number, s: number, data: Uint8Array): Promise<void> {
+    await this.#writeRangesInTable(l1i, [{ s, data }]);
+  }
+
+  /** Disjoint ranges of one L2 table, ascending. */
+  async #writeRangesInTable(l1i: number, ranges: ReadonlyArray<{ s: number; data: Uint8Array }>): Promise<void> {
     const img = this.#img;
     const cs = this.cs;
     const tableStart = l1i * img.l2Span;
-    const e = s + data.length;
     const tableOff = await this.#l2ForWrite(l1i);
-    const firstCluster = Math.floor((s - tableStart) / cs);
-    const endCluster = Math.ceil((e - tableStart) / cs);
     this.l2Cache.pin(tableOff);
     try {
       const ptr = await this.l2Cache.get(tableOff);
-      const segs = this.#segments(ptr, firstCluster, endCluster - firstCluster);
       // Plan every segment (copy-on-write reads see the table before any entry changes).
-      const jobs: Array<() => Promise<void>> = [];
+      const writes: Array<{ host: number; buf: Uint8Array }> = [];
       const fresh: Array<{ seg: Segment; buf: Uint8Array; from: number; to: number }> = [];
       const inPlaceFixes: Array<{ seg: Segment; xs: number; xe: number }> = [];
       const unit = img.extendedL2 ? cs / 32 : cs;
-      for (const seg of segs) {
+      let claimedUpTo = -1; // last cluster a segment of an earlier range covered
+      for (const { s, data } of ranges) {
+      const e = s + data.length;
+      const firstCluster = Math.floor((s - tableStart) / cs);
+      const endCluster = Math.ceil((e - tableStart) / cs);
+      if (firstCluster <= claimedUpTo)
+        throw new QcowError('INTERNAL', 'batched writes share a cluster: write them separately', img.path);
+      claimedUpTo = endCluster - 1;
+      for (const seg of this.#segments(ptr, firstCluster, endCluster - firstCluster)) {
         const segStart = tableStart + seg.firstCluster * cs;
         const segEnd = segStart + seg.count * cs;
         const ws = Math.max(s, segStart);
@@ -583,9 +634,7 @@ export class Qcow2Writer {
           const xs = expand ? Math.floor(ws / unit) * unit : ws;
           const xe = expand ? Math.ceil(we / unit) * unit : we;
           const buf = await this.#assemble(xs, xe, ws, data.subarray(ws - s, we - s));
-          jobs.push(async () => {
-            await this.file.writeAt(buf, seg.host + (xs - segStart));
-          });
+          writes.push({ host: seg.host + (xs - segStart), buf });
           if (expand) inPlaceFixes.push({ seg, xs, xe });
         } else if (img.extendedL2 && seg.oldClusters.length === 0) {
           // Extended L2, nothing mapped here yet: only the subclusters written get allocated
@@ -600,10 +649,15 @@ export class Qcow2Writer {
           fresh.push({ seg, buf, from: 0, to: segEnd - segStart });
         }
       }
+      }
       // New clusters: refcounts raised now (cache), data written, entries switched after.
+      // One allocation for the whole batch, handed out to the segments in order.
       const newMaps: Array<{ seg: Segment; runs: ClusterRun[]; from: number; to: number }> = [];
+      let total = 0;
+      for (const f of fresh) total += f.seg.count;
+      const pool = total ? await this.allocator.allocate(total) : [];
       for (const { seg, buf, from, to } of fresh) {
-        const runs = await this.allocator.allocate(seg.count);
+        const runs = takeRuns(pool, seg.count);
         newMaps.push({ seg, runs, from, to });
         let at = 0; // segment byte offset of the run's first cluster
         for (const r of runs) {
@@ -611,17 +665,11 @@ export class Qcow2Writer {
           const a = Math.max(from, at);
           const b = Math.min(to, at + r.count * cs);
           img.noteFileEnd((r.first + r.count) * cs);
-          if (b > a) {
-            const part = buf.subarray(a - from, b - from);
-            const host = r.first * cs + (a - at); // `at` moves on before the job runs
-            jobs.push(async () => {
-              await this.file.writeAt(part, host);
-            });
-          }
+          if (b > a) writes.push({ host: r.first * cs + (a - at), buf: buf.subarray(a - from, b - from) });
           at += r.count * cs;
         }
       }
-      await inParallel(jobs, WRITES_IN_FLIGHT, (job) => job());
+      await inParallel(coalesce(writes), WRITES_IN_FLIGHT, (w) => this.file.writeAt(w.buf, w.host));
       if (!newMaps.length && !inPlaceFixes.length) return;
       // Entries may now point at the data: it must be durable first, and so must the refcounts.
       this.l2Cache.dependsOnFlush();
@@ -823,6 +871,53 @@ function sliceRuns(seg: Segment, first: number, count: number): ClusterRun[] {
   }
   if (seg.count === 1) return seg.oldClusters;
   throw new QcowError('INTERNAL', 'cannot split the references of a merged segment');
+}
+
+/** Takes `count` clusters off the front of `pool` (runs, ascending), splitting a run if needed. */
+function takeRuns(pool: ClusterRun[], count: number): ClusterRun[] {
+  const out: ClusterRun[] = [];
+  while (count > 0) {
+    const r = pool[0];
+    if (!r) throw new QcowError('INTERNAL', 'batched allocation ran short');
+    const n = Math.min(count, r.count);
+    out.push({ first: r.first, count: n });
+    if (n === r.count) pool.shift();
+    else pool[0] = { first: r.first + n, count: r.count - n };
+    count -= n;
+  }
+  return out;
+}
+
+/** Joins writes that are contiguous on the host into one (up to 16 MiB): fewer, larger writes. */
+function coalesce(writes: Array<{ host: number; buf: Uint8Array }>): Array<{ host: number; buf: Uint8Array }> {
+  const MAX = 16 * 1024 * 1024;
+  const sorted = [...writes].sort((a, b) => a.host - b.host);
+  const out: Array<{ host: number; buf: Uint8Array }> = [];
+  let group: Array<{ host: number; buf: Uint8Array }> = [];
+  let groupBytes = 0;
+  const close = () => {
+    if (!group.length) return;
+    if (group.length === 1) out.push(group[0]!);
+    else {
+      const buf = new Uint8Array(groupBytes);
+      let at = 0;
+      for (const g of group) {
+        buf.set(g.buf, at);
+        at += g.buf.length;
+      }
+      out.push({ host: group[0]!.host, buf });
+    }
+    group = [];
+    groupBytes = 0;
+  };
+  for (const w of sorted) {
+    const last = group[group.length - 1];
+    if (!last || last.host + last.buf.length !== w.host || groupBytes + w.buf.length > MAX) close();
+    group.push(w);
+    groupBytes += w.buf.length;
+  }
+  close();
+  return out;
 }
 
 /** One past the last cluster not inside a hole (holes sorted, disjoint). */

@@ -55,6 +55,23 @@ describeQemu('commit and make-empty: behaviour', () => {
     expect(map.filter((e) => e.depth === 0 && e.present)).toEqual([]);
   });
 
+  it('a short base with its own backing file grows reading zeros, not its backing data (iotest 274)', async () => {
+    const dir = tmpDir();
+    const base = join(dir, 'base.qcow2');
+    const mid = join(dir, 'mid.qcow2');
+    const top = join(dir, 'top.qcow2');
+    must(qemuImg(['create', '-q', '-f', 'qcow2', base, '2M']), 'base');
+    must(qemuIo(base, ['write -P 1 0 2M']), 'base data');
+    must(qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', mid, '1M']), 'mid');
+    must(qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', top, '2M']), 'top');
+    must(qemuIo(top, ['write -P 2 0 512k']), 'top data');
+    await commit(top);
+    expect(qemuImg(['check', mid]).status).toBe(0);
+    const r = qemuIo(mid, ['read -P 2 0 512k', 'read -P 1 512k 512k', 'read -P 0 1M 1M']);
+    expect(r.status, r.stdout + r.stderr).toBe(0);
+    expect(r.stdout).not.toContain('verification failed');
+  });
+
   it('-b matches a stored backing name or a path relative to the referring image; -b implies -d', async () => {
     const dir = tmpDir();
     const { base, mid, top } = chain3(dir);

@@ -103,7 +103,21 @@ describeQemu('write engine against a model of the guest disk', () => {
         // Lengths from a few bytes to a few clusters, often unaligned.
         const len = t ? t[2] : 1 + int(int(4) === 0 ? 3 * M : 200 * K);
         const off = t ? t[1] : Math.min(c.size - len, int(c.size));
-        if (kind < 6) {
+        if (kind === 5 && !t) {
+          // A batch of disjoint writes (writeMany), some sharing clusters and tables.
+          const n = 1 + int(8);
+          const starts = Array.from({ length: n }, () => int(c.size - 1)).sort((a, b) => a - b);
+          const items: Array<{ offset: number; data: Uint8Array }> = [];
+          starts.forEach((st, j) => {
+            const limit = (starts[j + 1] ?? c.size) - st;
+            const l = Math.min(limit, 1 + int(int(2) ? 70 * K : 600 * K));
+            if (l <= 0) return;
+            const d = Buffer.alloc(l, 1 + int(255));
+            items.push({ offset: st, data: d });
+          });
+          await (img as unknown as { writeMany(i: typeof items): Promise<void> }).writeMany(items);
+          for (const it of items) Buffer.from(it.data).copy(model, it.offset);
+        } else if (kind < 6) {
           const data = Buffer.alloc(len, 1 + int(255));
           if (int(3) === 0) for (let j = 0; j < len; j += 997) data[j] = int(256);
           await img.write(off, data);
