@@ -268,6 +268,7 @@ async function copyExtents(chain: BackingChain, base: WritableLayer, plan: CopyP
       if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
     }
   };
+  let writing: Promise<void> | undefined;
   try {
     for (let i = 0; i < chunks.length; i++) {
       throwIfAborted(opts.signal, chain.top.path);
@@ -293,10 +294,16 @@ async function copyExtents(chain: BackingChain, base: WritableLayer, plan: CopyP
           }
         }
       }
-      if (batch.bytes >= BATCH_BYTES || batch.ptrs.length >= BATCH_CHUNKS) await flushBatch();
+      if (batch.bytes >= BATCH_BYTES || batch.ptrs.length >= BATCH_CHUNKS) {
+        // One batch writes while the next one is read (the engine runs one write at a time).
+        await writing;
+        writing = flushBatch();
+      }
     }
+    await writing;
     await flushBatch();
   } finally {
+    await writing?.catch(() => {}); // never leave writes running behind an error
     for (const p of batch.ptrs) k.free(p);
     for (const p of reads.values()) await p.then((ptr) => k.free(ptr)).catch(() => {});
   }
