@@ -11,13 +11,14 @@ import { SCENARIOS } from './commit-support.js';
 describeQemu('commit -d (CLI) killed with SIGKILL after each write', () => {
   it('every write of every scenario', { timeout: 900_000 }, async () => {
     let killed = 0;
-    for (const key of ['plain64k', 'grow', 'snapbitmap', 'rc1', 'top512'] as const) {
+    for (const key of ['plain64k', 'grow', 'snapbitmap', 'rc1', 'top512', 'tables'] as const) {
       const r = await killMatrix('commit-d', SCENARIOS[key]!, range(1, 1000), { qemuRw: (k) => k % 8 === 1 });
       expect(r.completedAt, `${key}: completes past its last write`).toBeDefined();
       killed += r.killed;
       console.log(`commit -d kill ${key}: ${r.killed} kill points, completed at ${r.completedAt}`);
     }
-    // With commit-drop-kill-refcount.test.ts: >= 200 kill points in all.
-    expect(killed).toBeGreaterThanOrEqual(110);
+    // >= 200 kill points here alone (the batched copy makes few writes per scenario: 'tables' adds
+    // one L2 table per write); commit-drop-kill-refcount.test.ts adds the refcount-growth ones.
+    expect(killed).toBeGreaterThanOrEqual(200);
   });
 });
