@@ -1,4 +1,4 @@
-/** Loads the optional SEEK_DATA/SEEK_HOLE addon (native/extents.c) on first use. */
+/** Loads the optional SEEK_DATA/SEEK_HOLE and OFD-lock-test addon (native/extents.c) on first use. */
 import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -8,6 +8,8 @@ type Addon = {
   dataExtents(fd: number, start: number, end: number, max: number): Float64Array | null;
   /** Older builds of the addon lack it. */
   dataExtentsMany?(fd: number, ranges: Float64Array): Float64Array | null;
+  /** Older builds of the addon lack it. */
+  ofdLocked?(fd: number, byte: number): boolean | null;
 };
 let addon: Addon | null | undefined;
 
@@ -77,4 +79,14 @@ export function dataExtentsManyNative(fd: number, ranges: Float64Array): Float64
     at += p.length;
   }
   return out;
+}
+
+/**
+ * Whether another open file description holds an OFD lock on `byte` of the file (F_OFD_GETLK);
+ * null when the addon or the kernel can't tell.
+ */
+export function ofdLockedNative(fd: number, byte: number): boolean | null {
+  if (addon === undefined) addon = load();
+  if (!addon?.ofdLocked) return null;
+  return addon.ofdLocked(fd, byte);
 }

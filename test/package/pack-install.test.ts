@@ -12,7 +12,8 @@ import { createHash } from 'node:crypto';
 import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { run, type RunOptions, type RunResult } from '../helpers/qemu.js';
+import { spawn, spawnSync } from 'node:child_process';
+import { hasQemuNbd, run, type RunOptions, type RunResult } from '../helpers/qemu.js';
 import { fixtureJson, fixtureText, IMAGES_DIR, REPO_ROOT, tmpDir } from '../helpers/tmp.js';
 
 const K = 1024;
@@ -42,7 +43,7 @@ function newestMtime(path: string): number {
 }
 
 /** The build outputs the tarball must carry; stale or missing ones would make the test meaningless. */
-const BUILT = ['dist/index.js', 'dist/index.d.ts', 'dist/cli-bundle/main.js', 'wasm/kernels.wasm'];
+const BUILT = ['dist/index.js', 'dist/index.d.ts', 'dist/cli-bundle/main.cjs', 'wasm/kernels.wasm'];
 
 function assertBuilt(): void {
   const missing = BUILT.filter((f) => !existsSync(join(REPO_ROOT, f)));
@@ -266,6 +267,22 @@ describe.runIf(process.platform === 'linux')('the npm package, installed from it
     expect(JSON.parse(cli(p2, ['check', '--output', 'json', 'base.qcow2']).stdout)).toEqual(fixtureJson('base.qcow2.check.json'));
     writeFileSync(join(p2, 'use-library.mjs'), LIBRARY_SCRIPT);
     expect(library(p2, join(IMAGES_DIR, 'chain', 'sub', 'top.qcow2')).sha256).toBe(sha256(expectedTopGuest()));
+    // Without the addon's F_OFD_GETLK, lock conflicts are found in /proc/locks.
+    if (hasQemuNbd()) {
+      const img = join(tmpDir(), 'served.qcow2');
+      copyFileSync(join(IMAGES_DIR, 'base.qcow2'), img);
+      const sock = `${img}.sock`;
+      const nbd = spawn('qemu-nbd', ['-f', 'qcow2', '-k', sock, img], { stdio: 'ignore' });
+      try {
+        for (let i = 0; i < 50 && !existsSync(sock); i++) spawnSync('sleep', ['0.1']);
+        const r = cli(p2, ['info', img], [1]);
+        expect(r.status).toBe(1);
+        expect(r.stderr).toMatch(/served\.qcow2: Failed to get shared "write" lock: the image is in use by PID \d+ \(qemu-nbd\)/);
+        expect(cli(p2, ['info', '-U', img]).status).toBe(0);
+      } finally {
+        nbd.kill('SIGKILL');
+      }
+    }
   }, 90_000);
 
   it('the install script exits 0 with a note when node-gyp itself is missing', () => {
