@@ -3,6 +3,7 @@
  * (start-up time is most of a short command's cost).
  */
 import { fail } from './fail.js';
+import { loadModule } from './load-module.js';
 import { quickParse, type QuickSpec } from './quick.js';
 
 /** Commands with a commander-free module in run/ (their plain invocations load no commander). */
@@ -38,16 +39,6 @@ check: 2 corruptions, 3 leaks only; compare: 1 images differ, 2 error;
 130 aborted; 70 internal error (a bug: please report it).
 `;
 
-/**
- * Loads a module of the CLI by a specifier relative to this file. The shipped CLI is a CommonJS
- * bundle (scripts/bundle.mjs: CommonJS skips the ESM loader, ~6 ms of every start), where
- * `require` exists and the modules are `.cjs`; the unbundled ESM build imports.
- */
-async function loadModule<T>(specifier: string): Promise<T> {
-  if (typeof require === 'function') return require(specifier.replace(/\.js$/, '.cjs')) as T;
-  return (await import(specifier)) as T;
-}
-
 /** `qcowkit map big.qcow2 | head`: a closed pipe ends the output quietly, as for any tool. */
 function quietEpipe(): void {
   process.stdout.on('error', (e: NodeJS.ErrnoException) => {
@@ -78,7 +69,7 @@ export async function main(argv: string[]): Promise<void> {
   try {
     if (QUICK.has(name)) {
       const runSpecifier = './run/' + name + '.js'; // computed at run time, as below
-      const run = await loadModule<{ spec: QuickSpec; run: (args: string[], opts: Record<string, unknown>) => Promise<void> }>(runSpecifier);
+      const run = await loadModule<{ spec: QuickSpec; run: (args: string[], opts: Record<string, unknown>) => Promise<void> }>(runSpecifier, import.meta.url);
       const parsed = quickParse(argv.slice(1), run.spec);
       if (parsed) {
         await run.run(parsed.args, parsed.opts);
@@ -88,7 +79,7 @@ export async function main(argv: string[]): Promise<void> {
     }
     // A computed specifier: resolved at run time next to this file (bundled or not).
     const specifier = './commands/' + name + '.js';
-    const mod = await loadModule<{ command: () => import('commander').Command }>(specifier);
+    const mod = await loadModule<{ command: () => import('commander').Command }>(specifier, import.meta.url);
     await mod.command().parseAsync(argv.slice(1), { from: 'user' });
   } catch (e) {
     fail(e);
