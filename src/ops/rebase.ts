@@ -198,7 +198,7 @@ async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | 
     const sizeBefore = await img.file.size();
     // Recording bitmaps learn of every range that may be written before any data is (a crash
     // in between leaves extra dirty bits, never a missing one).
-    if (!dryRun) await markBitmapsDirty(img, candidates);
+    if (!dryRun) await markBitmapsDirty(img, opts.compress ? toClusters(candidates, img.clusterSize, img.virtualSize) : candidates);
     const ranges = await compareAndWrite(chain, img, view, candidates, unit, opts, result);
     result.writtenRanges = ranges.length;
     if (dryRun) {
@@ -250,6 +250,19 @@ async function findCandidates(chain: BackingChain, view: NewView, size: number, 
       if (last && last.start + last.length >= s) last.length = Math.max(last.length, e - last.start);
       else out.push({ start: s, length: e - s });
     }
+  }
+  return out;
+}
+
+/** Candidates widened to whole clusters (-c writes whole clusters). */
+function toClusters(candidates: Candidate[], cs: number, size: number): Candidate[] {
+  const out: Candidate[] = [];
+  for (const c of candidates) {
+    const s = Math.floor(c.start / cs) * cs;
+    const e = Math.min(size, Math.ceil((c.start + c.length) / cs) * cs);
+    const last = out[out.length - 1];
+    if (last && last.start + last.length >= s) last.length = Math.max(last.length, e - last.start);
+    else out.push({ start: s, length: e - s });
   }
   return out;
 }
@@ -318,7 +331,7 @@ async function compareAndWrite(chain: BackingChain, img: Qcow2Image, view: NewVi
     p.catch(() => {});
     reads.set(i, p);
   };
-  const compressed = opts.compress ? compressedWriter(img) : undefined;
+  const compressed = opts.compress ? compressedWriter(img, chain) : undefined;
   let done = 0;
   const writes: Array<Promise<unknown>> = [];
   try {
@@ -391,32 +404,32 @@ function pushDirty(ranges: DirtyRange[], r: ChunkRun): void {
 }
 
 /**
- * -c: whole clusters of a data run are deflated (raw deflate, 4 KiB window, as QEMU) and written
- * with writeCompressed when that makes them smaller; partial clusters (extended L2 subclusters,
- * or clusters the image already maps in part) and incompressible ones are written as data.
+ * -c: every cluster a data run touches is written whole and compressed (raw deflate or zstd, as
+ * QEMU 8.2's rebase -c, whose compressed writes are cluster-aligned): a run covering the cluster
+ * gives its data; a partial one (extended L2 subclusters, the image's own subclusters beside
+ * the differing ones) the image's own view of the whole cluster, read before it changes — the
+ * same guest data, so the view stays unchanged. writeCompressed writes incompressible clusters
+ * as data. Runs come in ascending order: a cluster already written whole is not written again.
  */
-function compressedWriter(img: Qcow2Image) {
+function compressedWriter(img: Qcow2Image, chain: BackingChain) {
   const cs = img.clusterSize;
+  let lastWritten = -1;
   return async (offset: number, data: Uint8Array, target: Qcow2Image | null): Promise<void> => {
     if (!target) return;
     const end = offset + data.length;
-    const a = Math.ceil(offset / cs) * cs;
-    // The disk's partial last cluster counts as whole (padded with zeros, as QEMU does).
-    const b = end === img.virtualSize ? Math.ceil(end / cs) * cs : Math.floor(end / cs) * cs;
-    if (b <= a) return target.write(offset, data);
-    if (a > offset) await target.write(offset, data.subarray(0, a - offset));
-    const st = await target.status(a, Math.min(b, img.virtualSize) - a);
-    const ownParts = st.some((e) => e.allocated);
-    for (let c = a; c < b; c += cs) {
-      const part = data.subarray(c - offset, Math.min(end, c + cs) - offset);
-      if (ownParts && (await target.status(c, Math.min(cs, img.virtualSize - c))).some((e) => e.allocated)) {
-        await target.write(c, part);
-        continue;
+    for (let c = Math.max(Math.floor(offset / cs), lastWritten + 1); c * cs < end; c++) {
+      const at = c * cs;
+      const inside = Math.min(cs, img.virtualSize - at);
+      let cluster: Uint8Array;
+      if (offset <= at && end >= at + inside) cluster = data.subarray(at - offset, at - offset + inside);
+      else {
+        cluster = new Uint8Array(inside);
+        await chain.read(at, cluster, 0);
       }
-      const cluster = part.length === cs ? part : padTo(part, cs);
-      await target.writeCompressed(c, cluster);
+      // The disk's partial last cluster is compressed whole, padded with zeros (as QEMU does).
+      await target.writeCompressed(at, inside === cs ? cluster : padTo(cluster, cs));
+      lastWritten = c;
     }
-    if (end > b) await target.write(b, data.subarray(b - offset));
   };
 }
 

@@ -64,6 +64,8 @@ interface Case {
   /** Expect these at least (sanity that the case really copies). */
   minData?: number;
   compressed?: boolean;
+  /** -c: exactly this many compressed clusters in the result. */
+  compressedClusters?: number;
 }
 
 const M = 1024 * 1024;
@@ -264,6 +266,23 @@ const CASES: Case[] = [
     qemuArgs: ['-b', '""'],
     compressed: true,
   },
+  {
+    name: '-c with extended L2: clusters with differing subclusters beside the image\'s own are compressed whole',
+    build: [
+      'qemu-img create -q -f qcow2 -o extended_l2=on b0.qcow2 1M',
+      'qemu-io b0.qcow2 write -P 1 0 512k',
+      'qemu-img create -q -f qcow2 -o extended_l2=on -b b0.qcow2 -F qcow2 b1.qcow2',
+      'qemu-io b1.qcow2 write -P 2 0 10k; write -P 3 200k 100k',
+      'qemu-img create -q -f qcow2 -o extended_l2=on -b b1.qcow2 -F qcow2 top.qcow2',
+      'qemu-io top.qcow2 write -P 4 16k 4k; write -P 5 256k 8k',
+    ],
+    image: 'top.qcow2',
+    args: ['-c', '-b', 'b0.qcow2', '-F', 'qcow2'],
+    qemuArgs: ['-b', 'b0.qcow2', '-F', 'qcow2'],
+    compressed: true,
+    // Clusters 0, 3 and 4 (64 KiB) hold differing subclusters; 0 and 4 also the image's own.
+    compressedClusters: 3,
+  },
 ];
 
 describeQemu('rebase against qemu-img', () => {
@@ -312,6 +331,7 @@ describeQemu('rebase against qemu-img', () => {
     expect(must(qemuImg(['compare', '-F', 'raw', kCopy, before]), 'compare before')).toContain('Images are identical.');
     if (c.compressed) {
       expect(check['compressed-clusters'] ?? 0).toBeGreaterThan(0);
+      if (c.compressedClusters !== undefined) expect(check['compressed-clusters']).toBe(c.compressedClusters);
       // QEMU reads every compressed cluster back (qemu-io read -P of the whole disk via convert).
       const back = join(dir, 'back.raw');
       must(qemuImg(['convert', '-O', 'raw', kCopy, back]), 'convert back');
