@@ -18,9 +18,9 @@ import {
   inconsistent,
   isEnabled,
   isInUse,
+  bitmapDataClusters,
   loadBitmap,
   mergeInto,
-  readBitmapTable,
   type ByteExtent,
 } from '../qcow2/bitmaps.js';
 import type { OperationOptions } from './options.js';
@@ -255,8 +255,7 @@ export async function bitmapCheck(file: string, opts: BitmapOptions & { repair?:
         let dirtyBytes: number | undefined;
         let clusters = Math.ceil((e.tableSize * 8) / layer.clusterSize);
         try {
-          const table = await readBitmapTable(layer, e);
-          for (const off of table) if (off > 0) clusters++;
+          for (const r of await bitmapDataClusters(layer, e)) clusters += r.count;
         } catch (err) {
           if (!(err instanceof QcowError && err.code === 'CORRUPT') || !inUse) throw err;
         }
