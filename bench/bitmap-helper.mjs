@@ -61,15 +61,19 @@ if (cmd === 'fill') {
   // Time spent reading /proc/locks (the open's lock check), measured apart.
   let lockScanMs = 0;
   const readFileSync = fs.readFileSync;
-  fs.readFileSync = (path, ...a) => {
-    if (path !== '/proc/locks') return readFileSync(path, ...a);
-    const t = performance.now();
-    try {
-      return readFileSync(path, ...a);
-    } finally {
-      lockScanMs += performance.now() - t;
-    }
-  };
+  fs.readFileSync = /** @type {typeof fs.readFileSync} */ (
+    /** @type {unknown} */ (
+      (/** @type {string} */ path, /** @type {any[]} */ ...a) => {
+        if (path !== '/proc/locks') return readFileSync(path, ...a);
+        const t = performance.now();
+        try {
+          return readFileSync(path, ...a);
+        } finally {
+          lockScanMs += performance.now() - t;
+        }
+      }
+    )
+  );
   syncBuiltinESMExports();
   const merge = async (dir) => {
     lockScanMs = 0;
