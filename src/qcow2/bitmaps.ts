@@ -356,6 +356,7 @@ export class BitmapStore {
     const entries = bms.map((bm) => {
       const e = img.bitmaps.find((b) => b.name === bm.entry.name);
       if (!e || e.tableOffset !== bm.entry.tableOffset) throw new QcowError('INTERNAL', `bitmap '${bm.entry.name}' changed since it was loaded`, img.path);
+      if (e.tableSize * this.cs > bm.bytes) throw new QcowError('INTERNAL', `bitmap '${e.name}': its table is larger than the loaded data`, img.path);
       return e;
     });
     const written = await this.#writeContents(
