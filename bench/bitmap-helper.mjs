@@ -8,8 +8,8 @@
 //                                   DIR (library compiled, JIT and wasm heap warm, as inside a
 //                                   running process) and only the second one is timed. Prints
 //                                   JSON: phases, each fdatasync (the final one, made by the
-//                                   close, apart), and the time spent reading /proc/locks (the
-//                                   lock check of the open).
+//                                   close, apart), the time spent reading /proc/locks (the lock
+//                                   check of the open) and the CPU time used.
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import { syncBuiltinESMExports } from 'node:module';
@@ -81,6 +81,7 @@ if (cmd === 'fill') {
     let closing = false;
     let closeSyncMs = 0;
     const t0 = performance.now();
+    const cpu0 = process.cpuUsage();
     const img = await lib.openImage(join(dir, dstFile), { writable: true });
     const src = srcFile ? await lib.openImage(join(dir, srcFile)) : img;
     const flush = img.file.flush.bind(img.file);
@@ -107,6 +108,7 @@ if (cmd === 'fill') {
     if (src !== img) await src.close();
     await img.close();
     const tEnd = performance.now();
+    const cpu = process.cpuUsage(cpu0);
     const syncMs = syncs.reduce((a, b) => a + b, 0);
     const total = tEnd - t0;
     return {
@@ -117,6 +119,8 @@ if (cmd === 'fill') {
       storeMs: tStore - tMerge,
       closeMs: tEnd - tStore,
       totalMs: total,
+      // user + system time of the process (every thread): what the merge costs on a loaded machine
+      cpuMs: (cpu.user + cpu.system) / 1000,
       fdatasyncs: syncs.length,
       fdatasyncMs: syncMs,
       syncsMs: syncs,

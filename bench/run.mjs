@@ -900,6 +900,7 @@ function main() {
           mergeMs: m('mergeMs'),
           storeMs: m('storeMs'),
           closeMs: m('closeMs'),
+          cpuMs: m('cpuMs'),
           samples,
         };
         library.push(row);
@@ -965,12 +966,13 @@ function main() {
           `${fmtMs(r.fdatasyncMs)} (${r.fdatasyncs})`,
           fmtMs(r.finalFdatasyncMs),
           fmtMs(r.lockScanMs),
+          fmtMs(r.cpuMs),
         ]),
-        ['case', 'process', 'runs', 'ms w/o final fdatasync', 'w/o any fdatasync', 'w/o fdatasync, /proc/locks', 'open/load/merge/store/close', 'fdatasync ms (calls)', 'final', '/proc/locks'],
-        ['l', 'l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r'],
+        ['case', 'process', 'runs', 'ms w/o final fdatasync', 'w/o any fdatasync', 'w/o fdatasync, /proc/locks', 'open/load/merge/store/close', 'fdatasync ms (calls)', 'final', '/proc/locks', 'cpu ms'],
+        ['l', 'l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r'],
       ),
     );
-    console.log('(cold: first merge in a fresh process; warm: after one merge on another copy. Medians. Phases include the fdatasyncs made in them.)');
+    console.log('(cold: first merge in a fresh process; warm: after one merge on another copy. Medians. Phases include the fdatasyncs made in them; cpu = user+system of the process during the timed merge.)');
   }
   const bad = rows.filter((r) => r.status === 'MISMATCH' || r.status === 'FAILED');
   const targetFails = rows.filter((r) => r.status === 'OK' && r.targetResult === 'FAIL');
