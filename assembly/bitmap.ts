@@ -161,3 +161,114 @@ export function bitmapConvertOr(dst: usize, dstBits: f64, src: usize, srcBits: f
     pos = findBit(src, stop, sEnd, true);
   }
 }
+
+// --- bitmap tables (qcow2-format.md §8.3): big-endian u64 entries, one per cluster of bitmap data.
+// Bits 9..55 are the data cluster's offset; with no offset, bit 0 says "all ones" (else all zeros).
+// Reserved bits were checked when the image was opened; here they are ignored.
+
+const TABLE_OFFSET_MASK: u64 = 0x00FFFFFFFFFFFE00;
+
+/** Appends cluster `index` at host byte `host` to the f64 triples (index, count, host) at `runs`. */
+@inline
+function pushRun(runs: usize, n: u32, index: u32, host: u64, clusterBits: u32, maxRunClusters: u32): u32 {
+  if (n > 0) {
+    const last = runs + <usize>(n - 1) * 24;
+    const lastIndex = <u32>load<f64>(last);
+    const lastCount = <u32>load<f64>(last, 8);
+    const lastHost = <u64>load<f64>(last, 16);
+    if (lastIndex + lastCount == index && lastHost + (<u64>lastCount << clusterBits) == host && lastCount < maxRunClusters) {
+      store<f64>(last, <f64>(lastCount + 1), 8);
+      return n;
+    }
+  }
+  const rec = runs + <usize>n * 24;
+  store<f64>(rec, <f64>index);
+  store<f64>(rec, 1.0, 8);
+  store<f64>(rec, <f64>host, 16);
+  return n + 1;
+}
+
+/**
+ * Loading a bitmap: for each of the n table entries, the cluster of bitmap data at `data` is
+ * filled (all-zero and all-ones entries; nothing is filled when `data` is 0, for callers that
+ * only want the data clusters) or its read is planned: entries whose data clusters
+ * follow each other on the host coalesce into one run of at most maxRunClusters clusters,
+ * written as f64 triples (first table index, clusters, host byte offset) to `runs` (room for n).
+ * Returns the number of runs.
+ */
+export function bitmapTableLoad(table: usize, n: u32, data: usize, clusterBits: u32, maxRunClusters: u32, runs: usize): u32 {
+  const cs: usize = <usize>1 << clusterBits;
+  let nRuns: u32 = 0;
+  for (let i: u32 = 0; i < n; i++) {
+    const e = bswap<u64>(load<u64>(table + (<usize>i << 3)));
+    const host = e & TABLE_OFFSET_MASK;
+    if (host == 0) {
+      if (data) memory.fill(data + (<usize>i << clusterBits), e & 1 ? 0xFF : 0, cs);
+    } else nRuns = pushRun(runs, nRuns, i, host, clusterBits, maxRunClusters);
+  }
+  return nRuns;
+}
+
+/** 0: every byte is 0; 1: every byte is 0xFF; 2: anything else. */
+@inline
+function clusterKind(p: usize, size: usize): u8 {
+  const first = load<u8>(p);
+  if (first != 0 && first != 0xFF) return 2;
+  const want = i8x16.splat(<i8>first);
+  let i: usize = 0;
+  for (; i + 64 <= size; i += 64) {
+    const d = v128.or(
+      v128.or(v128.xor(v128.load(p + i), want), v128.xor(v128.load(p + i, 16), want)),
+      v128.or(v128.xor(v128.load(p + i, 32), want), v128.xor(v128.load(p + i, 48), want)),
+    );
+    if (v128.any_true(d)) return 2;
+  }
+  for (; i < size; i++) if (load<u8>(p + i) != first) return 2;
+  return first ? 1 : 0;
+}
+
+/**
+ * Storing a bitmap: kinds[i] (u8) of each of the n clusters of bitmap data: 0 all zeros, 1 all
+ * ones, 2 mixed (needs a data cluster). Returns the number of mixed clusters.
+ */
+export function bitmapClusterKinds(data: usize, n: u32, clusterBits: u32, kinds: usize): u32 {
+  const cs: usize = <usize>1 << clusterBits;
+  let mixed: u32 = 0;
+  for (let i: u32 = 0; i < n; i++) {
+    const kind = clusterKind(data + (<usize>i << clusterBits), cs);
+    store<u8>(kinds + i, kind);
+    if (kind == 2) mixed++;
+  }
+  return mixed;
+}
+
+/**
+ * Storing a bitmap: the table for kinds[0..n) (bitmapClusterKinds), the mixed clusters taking
+ * the host clusters of `hosts` (f64 pairs: first cluster, count) in order. Writes the n
+ * big-endian entries to `table` (0, the all-ones form 1, or the data cluster's offset) and the
+ * writes to make as f64 triples (first table index, clusters, host byte offset) to `writes`
+ * (room for the number of mixed clusters), coalesced up to maxRunClusters. Returns the number of
+ * writes, or -1 when `hosts` holds fewer clusters than there are mixed ones.
+ */
+export function bitmapTableBuild(kinds: usize, n: u32, clusterBits: u32, hosts: usize, nHosts: u32, maxRunClusters: u32, table: usize, writes: usize): i32 {
+  let nWrites: u32 = 0;
+  let h: u32 = 0; // current host run
+  let used: u64 = 0; // clusters of it taken
+  for (let i: u32 = 0; i < n; i++) {
+    const kind = load<u8>(kinds + i);
+    let e: u64 = <u64>kind; // 0: zeros, 1: all ones
+    if (kind == 2) {
+      while (h < nHosts && used >= <u64>load<f64>(hosts + (<usize>h << 4), 8)) {
+        h++;
+        used = 0;
+      }
+      if (h >= nHosts) return -1;
+      const host = (<u64>load<f64>(hosts + (<usize>h << 4)) + used) << clusterBits;
+      used++;
+      e = host;
+      nWrites = pushRun(writes, nWrites, i, host, clusterBits, maxRunClusters);
+    }
+    store<u64>(table + (<usize>i << 3), bswap<u64>(e));
+  }
+  return <i32>nWrites;
+}

@@ -3,7 +3,7 @@
 
 export { l2Scan, scanConsumed, l2AccountRefs, l2CopiedMismatches, l2Fill } from "./l2";
 export { refsAddRange, refcountCompare, refcountGet, refcountSet, refcountAddRange, refcountFind } from "./refcount";
-export { bitmapOr, bitmapAnd, bitmapAndNot, popcount, setBits, clearBits, extents, extentsNext, bitmapConvertOr } from "./bitmap";
+export { bitmapOr, bitmapAnd, bitmapAndNot, popcount, setBits, clearBits, extents, extentsNext, bitmapConvertOr, bitmapTableLoad, bitmapClusterKinds, bitmapTableBuild } from "./bitmap";
 export { isZero, firstNonZero, firstDifference, zeroBlocks, diffBlocks } from "./zero";
 export { mapJsonReset, mapJsonFeed, mapJsonFinish } from "./mapjson";
 

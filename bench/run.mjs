@@ -26,6 +26,7 @@ import {
   closeSync,
   copyFileSync,
   existsSync,
+  fdatasyncSync,
   mkdirSync,
   mkdtempSync,
   openSync,
@@ -556,6 +557,24 @@ function mutatingWorkload(name, kind, args, verify, fx = 'mutable', target = und
   };
 }
 
+/**
+ * Fresh copies of the bitmap fixture in `dir`, durable and in the page cache: without the
+ * fdatasync the copies' dirty pages would be written back by the first flush of the timed run.
+ */
+function bitmapCopies(F, dir) {
+  mkdirSync(dir, { recursive: true });
+  for (const f of F.files) {
+    sparseCopy(join(F.dir, f), join(dir, f));
+    const fd = openSync(join(dir, f), 'r+');
+    try {
+      fdatasyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    readFileSync(join(dir, f));
+  }
+}
+
 /** bitmap: each run gets fresh copies; the changed bitmap must read back the same from both. */
 function bitmapWorkload(name, args, changed) {
   return {
@@ -564,8 +583,7 @@ function bitmapWorkload(name, args, changed) {
     fixtures: ['bitmaps'],
     prepare(F, tool, i) {
       const cwd = join(F.bitmaps.dir, `run-${tool === 'qemu-img' ? 'q' : 'k'}-${i}`);
-      mkdirSync(cwd, { recursive: true });
-      for (const f of F.bitmaps.files) sparseCopy(join(F.bitmaps.dir, f), join(cwd, f));
+      bitmapCopies(F.bitmaps, cwd);
       return { cwd, args, cleanup: () => rmSync(cwd, { recursive: true, force: true }) };
     },
     verify(q, k) {
@@ -841,7 +859,10 @@ function main() {
   }
 
   // In-process library timing: open + merge of two 1 TiB bitmaps (reads and writes included,
-  // page cache warm), fdatasync time reported apart.
+  // page cache warm): first merge in a fresh process (cold), and a merge after one on another
+  // copy (warm: library compiled, JIT and wasm heap ready, as inside a running process). Each
+  // fdatasync is timed; the final one (made by the close) is reported apart, and so is the time
+  // the open spends reading /proc/locks (its lock check).
   const library = [];
   if (!opts.only || opts.only.includes('bitmap-lib') || opts.only.includes('bitmap')) {
     log('bitmap-lib:');
@@ -853,20 +874,43 @@ function main() {
       ['other file, frag2 into frag', ['big.qcow2', 'frag', 'frag2', 'other.qcow2']],
     ];
     for (const [what, args] of cases) {
-      const samples = [];
-      for (let i = 0; i <= CFG.defaultRuns; i++) {
-        const cwd = join(F.dir, `lib-${i}`);
-        mkdirSync(cwd, { recursive: true });
-        for (const f of F.files) sparseCopy(join(F.dir, f), join(cwd, f));
-        for (const f of F.files) readFileSync(join(cwd, f)); // page cache warm
-        const r = JSON.parse(sh(process.execPath, [helper, 'lib', ...args], { cwd }).stdout);
-        rmSync(cwd, { recursive: true, force: true });
-        if (i > 0) samples.push(r);
+      for (const warm of [false, true]) {
+        const samples = [];
+        for (let i = 0; i <= CFG.defaultRuns; i++) {
+          const cwd = join(F.dir, `lib-${i}`);
+          bitmapCopies(F, cwd);
+          if (warm) bitmapCopies(F, join(cwd, 'warmup'));
+          const r = JSON.parse(sh(process.execPath, [helper, 'lib', ...args, ...(warm ? ['--warmup', 'warmup'] : [])], { cwd }).stdout);
+          rmSync(cwd, { recursive: true, force: true });
+          if (i > 0) samples.push(r);
+        }
+        const m = (key) => median(samples.map((x) => x[key]));
+        const row = {
+          what,
+          warm,
+          runs: samples.length,
+          totalMs: m('totalMs'),
+          withoutFinalSyncMs: m('totalWithoutFinalSyncMs'),
+          withoutSyncMs: m('totalWithoutSyncMs'),
+          withoutSyncAndLockScanMs: m('totalWithoutSyncAndLockScanMs'),
+          lockScanMs: m('lockScanMs'),
+          fdatasyncMs: m('fdatasyncMs'),
+          finalFdatasyncMs: m('finalFdatasyncMs'),
+          fdatasyncs: m('fdatasyncs'),
+          openMs: m('openMs'),
+          loadMs: m('loadMs'),
+          mergeMs: m('mergeMs'),
+          storeMs: m('storeMs'),
+          closeMs: m('closeMs'),
+          cpuMs: m('cpuMs'),
+          samples,
+        };
+        library.push(row);
+        log(
+          `  ${what} (${warm ? 'warm' : 'cold'}): ${fmtMs(row.withoutFinalSyncMs)} ms without the final fdatasync, ${fmtMs(row.withoutSyncMs)} ms without any ` +
+            `(${fmtMs(row.withoutSyncAndLockScanMs)} ms without the /proc/locks read); fdatasync ${fmtMs(row.fdatasyncMs)} ms in ${row.fdatasyncs} calls, final ${fmtMs(row.finalFdatasyncMs)}`,
+        );
       }
-      const m = (key) => median(samples.map((x) => x[key]));
-      const row = { what, runs: samples.length, totalMs: m('totalMs'), withoutSyncMs: m('totalWithoutSyncMs'), fdatasyncMs: m('fdatasyncMs'), fdatasyncs: m('fdatasyncs'), loadMs: m('loadMs'), mergeMs: m('mergeMs'), storeMs: m('storeMs'), samples };
-      library.push(row);
-      log(`  ${what}: ${fmtMs(row.withoutSyncMs)} ms without fdatasync (load ${fmtMs(row.loadMs)}, merge ${fmtMs(row.mergeMs)}, store ${fmtMs(row.storeMs)}); fdatasync ${fmtMs(row.fdatasyncMs)} ms in ${row.fdatasyncs} calls`);
     }
   }
   // ---- report
@@ -910,14 +954,27 @@ function main() {
 
   if (library.length) {
     console.log('');
-    console.log('in-process library: open + load + merge + store of two 1 TiB bitmaps (64 KiB granularity), page cache warm');
+    console.log('in-process library: open + load + merge + store + close of two 1 TiB bitmaps (64 KiB granularity), page cache warm');
     console.log(
       table(
-        library.map((r) => [r.what, r.runs, fmtMs(r.withoutSyncMs), fmtMs(r.loadMs), fmtMs(r.mergeMs), fmtMs(r.storeMs), `${fmtMs(r.fdatasyncMs)} (${r.fdatasyncs})`]),
-        ['case', 'runs', 'ms w/o fdatasync', 'load', 'merge', 'store', 'fdatasync ms (calls)'],
-        ['l', 'r', 'r', 'r', 'r', 'r', 'r'],
+        library.map((r) => [
+          r.what,
+          r.warm ? 'warm' : 'cold',
+          r.runs,
+          fmtMs(r.withoutFinalSyncMs),
+          fmtMs(r.withoutSyncMs),
+          fmtMs(r.withoutSyncAndLockScanMs),
+          `${fmtMs(r.openMs)}/${fmtMs(r.loadMs)}/${fmtMs(r.mergeMs)}/${fmtMs(r.storeMs)}/${fmtMs(r.closeMs)}`,
+          `${fmtMs(r.fdatasyncMs)} (${r.fdatasyncs})`,
+          fmtMs(r.finalFdatasyncMs),
+          fmtMs(r.lockScanMs),
+          fmtMs(r.cpuMs),
+        ]),
+        ['case', 'process', 'runs', 'ms w/o final fdatasync', 'w/o any fdatasync', 'w/o fdatasync, /proc/locks', 'open/load/merge/store/close', 'fdatasync ms (calls)', 'final', '/proc/locks', 'cpu ms'],
+        ['l', 'l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r'],
       ),
     );
+    console.log('(cold: first merge in a fresh process; warm: after one merge on another copy. Medians. Phases include the fdatasyncs made in them; cpu = user+system of the process during the timed merge.)');
   }
   const bad = rows.filter((r) => r.status === 'MISMATCH' || r.status === 'FAILED');
   const targetFails = rows.filter((r) => r.status === 'OK' && r.targetResult === 'FAIL');

@@ -134,6 +134,22 @@ export interface Kernels {
    * (shift < 0): every dst bit inside a set src bit is set. Bits at or past dstBits are untouched.
    */
   bitmapConvertOr(dst: number, dstBits: number, src: number, srcBits: number, shift: number): void;
+  /**
+   * Loading a bitmap from its table (n big-endian entries at `table`): the all-zero and all-ones
+   * clusters of the data at `data` are filled (nothing when `data` is 0), the reads of the others planned as f64 triples
+   * (first table index, clusters, host byte offset) at `runs` (room for n), host-contiguous
+   * clusters coalesced up to maxRunClusters. Returns the number of runs.
+   */
+  bitmapTableLoad(table: number, n: number, data: number, clusterBits: number, maxRunClusters: number, runs: number): number;
+  /** kinds[i] (u8) of the n data clusters at `data`: 0 all zeros, 1 all ones, 2 mixed; returns the mixed count. */
+  bitmapClusterKinds(data: number, n: number, clusterBits: number, kinds: number): number;
+  /**
+   * The table of a bitmap to store: entries 0 / 1 (all ones) / the host offset of the next cluster
+   * of `hosts` (f64 pairs: first cluster, count) for mixed clusters, big-endian at `table`; the
+   * writes as f64 triples (first table index, clusters, host byte offset) at `writes` (room for
+   * the mixed count), coalesced up to maxRunClusters. Returns the write count, -1 if hosts run out.
+   */
+  bitmapTableBuild(kinds: number, n: number, clusterBits: number, hosts: number, nHosts: number, maxRunClusters: number, table: number, writes: number): number;
 
   // --- zero detection and comparison -----------------------------------------------------------
   isZero(ptr: number, nBytes: number): boolean;

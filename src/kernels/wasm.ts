@@ -175,6 +175,9 @@ interface RawExports {
   extents(ptr: number, startBit: number, endBit: number, out: number, maxOut: number): number;
   extentsNext(): number;
   bitmapConvertOr(dst: number, dstBits: number, src: number, srcBits: number, shift: number): void;
+  bitmapTableLoad(table: number, n: number, data: number, clusterBits: number, maxRunClusters: number, runs: number): number;
+  bitmapClusterKinds(data: number, n: number, clusterBits: number, kinds: number): number;
+  bitmapTableBuild(kinds: number, n: number, clusterBits: number, hosts: number, nHosts: number, maxRunClusters: number, table: number, writes: number): number;
   isZero(ptr: number, nBytes: number): number;
   firstNonZero(ptr: number, nBytes: number): number;
   firstDifference(a: number, b: number, nBytes: number): number;
@@ -201,7 +204,7 @@ export function wasmPath(): string {
 const REQUIRED_EXPORTS = [
   'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'refsAddRange', 'refcountCompare',
   'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits', 'clearBits', 'extents',
-  'extentsNext', 'bitmapConvertOr', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
+  'extentsNext', 'bitmapConvertOr', 'bitmapTableLoad', 'bitmapClusterKinds', 'bitmapTableBuild', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
 ] as const satisfies ReadonlyArray<keyof RawExports>;
 
 const REINSTALL = 'reinstall qcowkit, or run `npm run build:wasm` in a checkout';
@@ -300,6 +303,9 @@ export function createWasmKernels(path: string = wasmPath()): Kernels {
     extents: (ptr, startBit, endBit, out, maxOut) => x.extents(ptr, startBit, endBit, out, maxOut) >>> 0,
     extentsNext: x.extentsNext,
     bitmapConvertOr: x.bitmapConvertOr,
+    bitmapTableLoad: (table, n, data, clusterBits, maxRunClusters, runs) => x.bitmapTableLoad(table, n, data, clusterBits, maxRunClusters, runs) >>> 0,
+    bitmapClusterKinds: (data, n, clusterBits, kinds) => x.bitmapClusterKinds(data, n, clusterBits, kinds) >>> 0,
+    bitmapTableBuild: x.bitmapTableBuild,
 
     isZero: (ptr, nBytes) => x.isZero(ptr, nBytes) !== 0,
     firstNonZero: x.firstNonZero,

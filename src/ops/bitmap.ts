@@ -5,9 +5,9 @@
  */
 import { realpath } from 'node:fs/promises';
 import { QcowError, throwIfAborted } from '../errors.js';
-import { probeFormat, BackingChain } from '../chain/chain.js';
+import { probeFile, BackingChain } from '../chain/chain.js';
 import type { LayerFormat } from '../chain/layer.js';
-import type { FileOpener } from '../io/file.js';
+import { openImageFile, type FileOpener } from '../io/file.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { kernels } from '../kernels/index.js';
 import type { BitmapDirectoryEntry } from '../format/bitmap.js';
@@ -18,9 +18,9 @@ import {
   inconsistent,
   isEnabled,
   isInUse,
+  bitmapDataClusters,
   loadBitmap,
   mergeInto,
-  readBitmapTable,
   type ByteExtent,
 } from '../qcow2/bitmaps.js';
 import type { OperationOptions } from './options.js';
@@ -41,12 +41,16 @@ export interface BitmapOptions extends OperationOptions {
   openFile?: FileOpener | undefined;
 }
 
-/** Opens a qcow2 image through `openFile` when given (with QEMU's locks for the mode). */
-async function openQcow2(path: string, writable: boolean, opts: BitmapOptions): Promise<Qcow2Image> {
-  if (!opts.openFile) return Qcow2Image.open(path, { writable, forceShare: !writable && opts.forceShare === true });
+/**
+ * Opens FILENAME once, with QEMU's locks for the mode (through `openFile` when given), and makes
+ * sure it is qcow2: the format given, else the one probed on the opened file.
+ */
+async function openQcow2(path: string, writable: boolean, format: LayerFormat | undefined, opts: BitmapOptions): Promise<Qcow2Image> {
   const lock = writable ? ('write' as const) : opts.forceShare ? ('read-shared' as const) : ('read' as const);
-  const file = await opts.openFile(path, { writable, lock, forWrite: writable });
+  const file = await (opts.openFile ?? openImageFile)(path, { writable, lock, forWrite: writable });
   try {
+    const fmt = format ?? (await probeFile(file));
+    if (fmt !== 'qcow2') throw new QcowError('UNSUPPORTED', `Block format '${fmt}' does not support persistent dirty bitmaps`, path);
     return await Qcow2Image.open(path, { writable, file });
   } catch (e) {
     await file.close();
@@ -82,11 +86,6 @@ export function defaultGranularity(clusterSize: number): number {
   return Math.min(65536, Math.max(4096, clusterSize));
 }
 
-async function requireQcow2(path: string, format: LayerFormat | undefined): Promise<void> {
-  const fmt = format ?? (await probeFormat(path));
-  if (fmt !== 'qcow2') throw new QcowError('UNSUPPORTED', `Block format '${fmt}' does not support persistent dirty bitmaps`, path);
-}
-
 async function sameFile(a: string, b: string): Promise<boolean> {
   const [x, y] = await Promise.all([realpath(a).catch(() => a), realpath(b).catch(() => b)]);
   return x === y;
@@ -99,8 +98,7 @@ async function sameFile(a: string, b: string): Promise<boolean> {
  */
 export async function bitmap(file: string, name: string, actions: BitmapAction[], opts: BitmapOptions = {}): Promise<BitmapResult> {
   if (!actions.length) throw new QcowError('INVALID_ARGUMENT', 'Need at least one of --add, --remove, --clear, --enable, --disable, or --merge', file);
-  await requireQcow2(file, opts.format);
-  const img = await openQcow2(file, true, opts);
+  const img = await openQcow2(file, true, opts.format, opts);
   const sources = new Map<string, Qcow2Image>();
   try {
     if (img.dirty) await validateForWrite(img, { repairLeaks: true });
@@ -146,8 +144,7 @@ async function apply(store: BitmapStore, img: Qcow2Image, name: string, act: Bit
       if (act.sourceFile !== undefined && !(await sameFile(act.sourceFile, img.path))) {
         let s = sources.get(act.sourceFile);
         if (!s) {
-          await requireQcow2(act.sourceFile, act.sourceFormat);
-          s = await openQcow2(act.sourceFile, false, opts);
+          s = await openQcow2(act.sourceFile, false, act.sourceFormat, opts);
           sources.set(act.sourceFile, s);
         }
         src = s;
@@ -189,8 +186,7 @@ export interface BitmapDump {
 
 /** The dirty extents of one bitmap (what `qemu-nbd -B NAME` serves as qemu:dirty-bitmap:NAME). */
 export async function bitmapDump(file: string, name: string, opts: BitmapOptions = {}): Promise<BitmapDump> {
-  await requireQcow2(file, opts.format);
-  const img = await openQcow2(file, false, opts);
+  const img = await openQcow2(file, false, opts.format, opts);
   try {
     const e = findBitmap(img, name);
     const bm = await loadBitmap(img, e, opts);
@@ -255,8 +251,7 @@ export async function bitmapCheck(file: string, opts: BitmapOptions & { repair?:
         let dirtyBytes: number | undefined;
         let clusters = Math.ceil((e.tableSize * 8) / layer.clusterSize);
         try {
-          const table = await readBitmapTable(layer, e);
-          for (const off of table) if (off > 0) clusters++;
+          for (const r of await bitmapDataClusters(layer, e)) clusters += r.count;
         } catch (err) {
           if (!(err instanceof QcowError && err.code === 'CORRUPT') || !inUse) throw err;
         }

@@ -16,7 +16,6 @@ import { createContext } from '../qcow2/check/context.js';
 import { runCheckPass } from '../qcow2/check/pass.js';
 import { CheckAborted, FIX_ERRORS, FIX_LEAKS, type CheckCounters, type FixMode } from '../qcow2/check/types.js';
 import { HeaderWriter } from '../qcow2/header-writer.js';
-import { validateBitmapTables } from '../qcow2/bitmaps.js';
 import type { LayerFormat } from '../chain/layer.js';
 import type { OperationOptions } from './options.js';
 
@@ -99,8 +98,6 @@ async function pass(path: string, file: ImageFile, fix: FixMode, opts: CheckOpti
       await Promise.all((await BackingChain.openBackingOf(img, { forceShare: opts.forceShare, signal: opts.signal })).map((l) => l.close()));
     if (img.header.cryptMethod !== 0)
       throw new QcowError('UNSUPPORTED', `encrypted images are not supported (encryption method ${img.header.cryptMethod === 1 ? 'aes' : 'luks'})`, path);
-    // QEMU fails the open itself when a bitmap table it loads is invalid.
-    await validateBitmapTables(img);
     const ctx = await createContext(img, file, {
       writable: fix !== 0,
       report: opts.onMessage ?? (() => {}),

@@ -3,16 +3,18 @@
  * by the bitmap kernels, and stored crash-safely through the write engine.
  *
  * Storing follows copy, switch, free — the bitmap is valid on disk at every instant:
- * 1. new data clusters (only for bitmap clusters holding a set bit; all-zero ones stay table
- *    entries of 0, as QEMU writes them) and a new table are allocated (refcounts raised in the
- *    refcount cache), written, and made durable together with those refcounts;
+ * 1. new data clusters (only for bitmap clusters that are neither all zeros — table entries of 0,
+ *    as QEMU writes them — nor all ones — the all-ones entry) and a new table are allocated
+ *    (refcounts raised in the refcount cache) and written; one refcount write-back and one flush
+ *    make all of it durable (plus one flush before, when the file had to grow to cover them);
  * 2. the directory entry is switched to the new table: one 8-byte in-place write of its
  *    table_offset for a content change, or a whole new directory copy plus one header write
- *    (`HeaderWriter.setBitmapsExtension`) for directory changes (add, remove, flags);
- * 3. the old table, data clusters and directory lose their reference, and are punched once that
- *    is durable (the engine's discard queue).
+ *    (`HeaderWriter.setBitmapsExtension`) for directory changes (add, remove, flags), then a flush;
+ * 3. the old table, data clusters and directory lose their reference (durable with the final
+ *    flush), and are punched after that (the engine's discard queue).
  * A crash at any point leaves either the old or the new bitmap, at worst with leaked clusters.
- * Bitmaps are never marked in_use by qcowkit: each change is a complete store of its own.
+ * Bitmaps are never marked in_use by qcowkit: each change is a complete store of its own, so the
+ * autoclear bit only changes with the extension itself (first bitmap added, last one removed).
  */
 import { QcowError, throwIfAborted } from '../errors.js';
 import { inParallel } from '../io/file.js';
@@ -21,12 +23,12 @@ import {
   BITMAP_TYPE_DIRTY,
   BME_FLAG_AUTO,
   BME_FLAG_IN_USE,
-  BME_TABLE_OFFSET_MASK,
-  BME_TABLE_RESERVED_MASK,
   bitmapTableSize,
   encodeBitmapDirectory,
+  validateBitmapTable,
   type BitmapDirectoryEntry,
 } from '../format/bitmap.js';
+import type { BitmapsExtension } from '../format/header.js';
 import type { Qcow2Image } from './image.js';
 import type { Qcow2Writer } from './writer.js';
 import type { ClusterRun } from './allocator.js';
@@ -90,94 +92,86 @@ export function findBitmap(img: Qcow2Image, name: string): BitmapDirectoryEntry 
   return e;
 }
 
-/** Reads and validates a bitmap table: host cluster offset per entry (0: zeros, -1: all ones). */
-export async function readBitmapTable(img: Qcow2Image, e: BitmapDirectoryEntry): Promise<Float64Array> {
-  const cs = img.clusterSize;
-  const raw = new Uint8Array(e.tableSize * 8);
-  if (e.tableOffset + raw.length > img.fileSize)
-    throw new QcowError('CORRUPT', `Bitmap '${e.name}': bitmap table lies past the end of the file`, img.path);
-  await img.file.readAt(raw, e.tableOffset);
-  const v = new DataView(raw.buffer);
-  const out = new Float64Array(e.tableSize);
-  for (let i = 0; i < e.tableSize; i++) {
-    const word = v.getBigUint64(i * 8);
-    const off = Number(word & BME_TABLE_OFFSET_MASK);
-    if (word & BME_TABLE_RESERVED_MASK || off % cs || (off && word & 1n))
-      throw new QcowError('CORRUPT', `Bitmap '${e.name}': invalid bitmap table entry ${i} (0x${word.toString(16)})`, img.path);
-    if (off && off + cs > img.fileSize) throw new QcowError('CORRUPT', `Bitmap '${e.name}': bitmap data cluster ${i} lies past the end of the file`, img.path);
-    out[i] = off ? off : word & 1n ? -1 : 0;
-  }
+/** Clusters of one I/O (reads and writes of bitmap data are coalesced up to this size). */
+function runLimit(cs: number): number {
+  return Math.max(1, IO_CHUNK / cs);
+}
+
+/** The clusters a bitmap's table occupies. */
+function tableRun(e: BitmapDirectoryEntry, cs: number): ClusterRun {
+  return { first: e.tableOffset / cs, count: Math.ceil((e.tableSize * 8) / cs) };
+}
+
+/** f64 triples (table index, clusters, host byte offset) a table kernel wrote at `ptr`. */
+function readTriples(ptr: number, n: number): Array<{ index: number; count: number; host: number }> {
+  const f = new Float64Array(kernels().memory.buffer, ptr, n * 3);
+  const out: Array<{ index: number; count: number; host: number }> = [];
+  for (let i = 0; i < n; i++) out.push({ index: f[i * 3]!, count: f[i * 3 + 1]!, host: f[i * 3 + 2]! });
   return out;
 }
 
 /**
- * What QEMU checks when it opens an image (it loads every bitmap not in use): each such bitmap's
- * table must be readable with valid entries (no reserved bits, aligned offsets, the all-ones flag
- * only without an offset), else the open fails. Data clusters past the end of the file are left
- * to `check`, which counts them as QEMU does.
+ * Reads `entries` entries of a bitmap's table into wasm memory and runs the table kernel over
+ * them: all-zero and all-ones clusters of `data` are filled (unless `data` is 0), and the reads
+ * of the data clusters come back coalesced. Past the end of the file the table reads as zeros, as
+ * in QEMU. The entries were validated when the image was opened (tables qcowkit writes are valid
+ * by construction); callers that may meet an in-use bitmap's table validate it first.
  */
-export async function validateBitmapTables(img: Qcow2Image): Promise<void> {
-  for (const e of img.bitmaps) {
-    if (isInUse(e)) continue;
-    const fail = () => new QcowError('CORRUPT', `Could not read bitmap_table table from image for bitmap '${e.name}': Invalid argument`, img.path);
-    // Past the end of the file the table reads as zeros, as in QEMU (check then reports it).
-    const raw = new Uint8Array(e.tableSize * 8);
-    await img.file.readAt(raw, e.tableOffset);
-    const v = new DataView(raw.buffer);
-    for (let i = 0; i < e.tableSize; i++) {
-      const word = v.getBigUint64(i * 8);
-      const off = word & BME_TABLE_OFFSET_MASK;
-      if (word & BME_TABLE_RESERVED_MASK || off % BigInt(img.clusterSize) || (off && word & 1n)) throw fail();
-    }
+async function scanTable(img: Qcow2Image, e: BitmapDirectoryEntry, entries: number, data: number): Promise<Array<{ index: number; count: number; host: number }>> {
+  const k = kernels();
+  const table = k.alloc(entries * 8);
+  const runs = k.alloc(24 * Math.max(1, entries));
+  try {
+    await img.file.readAt(k.u8(table, entries * 8), e.tableOffset);
+    const n = k.bitmapTableLoad(table, entries, data, img.clusterBits, runLimit(img.clusterSize), runs);
+    return readTriples(runs, n);
+  } finally {
+    k.free(runs);
+    k.free(table);
   }
-}
-
-/** Host cluster runs (ascending table order, merged where contiguous) of a decoded table. */
-function dataRuns(table: Float64Array, cs: number): ClusterRun[] {
-  const runs: ClusterRun[] = [];
-  for (let i = 0; i < table.length; i++) {
-    const off = table[i]!;
-    if (off <= 0) continue;
-    const c = off / cs;
-    const last = runs[runs.length - 1];
-    if (last && last.first + last.count === c) last.count++;
-    else runs.push({ first: c, count: 1 });
-  }
-  return runs;
 }
 
 /**
- * Loads a bitmap's contents into wasm memory. Reads are coalesced over host-contiguous data
- * clusters, several in flight; all-zero entries are never read, all-ones entries are filled.
+ * Host clusters holding a bitmap's data (table order, merged where contiguous). An in-use
+ * bitmap's table (never validated: QEMU does not load it) is checked first, by the open path's
+ * rules; an invalid one throws CORRUPT.
+ */
+export async function bitmapDataClusters(img: Qcow2Image, e: BitmapDirectoryEntry): Promise<ClusterRun[]> {
+  if (isInUse(e)) {
+    const raw = new Uint8Array(e.tableSize * 8);
+    await img.file.readAt(raw, e.tableOffset);
+    validateBitmapTable(raw, e, img.clusterSize, img.path);
+  }
+  const cs = img.clusterSize;
+  return (await scanTable(img, e, e.tableSize, 0)).map((r) => ({ first: r.host / cs, count: r.count }));
+}
+
+/**
+ * Loads a bitmap's contents into wasm memory: one kernel pass over the table fills the all-zero
+ * and all-ones clusters and plans the reads, which go straight into wasm memory, coalesced over
+ * host-contiguous data clusters, several in flight.
  */
 export async function loadBitmap(img: Qcow2Image, e: BitmapDirectoryEntry, opts: { signal?: AbortSignal | undefined; allowInUse?: boolean } = {}): Promise<LoadedBitmap> {
   if (isInUse(e) && !opts.allowInUse) throw inconsistent(e.name, img.path);
   const cs = img.clusterSize;
   const bits = bitmapBits(img.virtualSize, e.granularityBits);
   const expected = bitmapTableSize(img.virtualSize, e.granularityBits, cs);
-  const table = await readBitmapTable(img, e);
   const bytes = Math.max(expected, 1) * cs;
+  const usable = Math.min(e.tableSize, expected);
   const k = kernels();
-  const ptr = k.allocZeroed(bytes);
+  const ptr = k.alloc(bytes);
   let freed = false;
   const free = () => {
     if (!freed) k.free(ptr);
     freed = true;
   };
+  let reads: Array<{ index: number; count: number; host: number }>;
   try {
-    // Coalesced reads: consecutive entries whose clusters are consecutive on the host.
-    const reads: Array<{ index: number; count: number; host: number }> = [];
-    const usable = Math.min(table.length, expected);
-    for (let i = 0; i < usable; i++) {
-      const off = table[i]!;
-      if (off === 0) continue;
-      if (off < 0) {
-        k.u8(ptr + i * cs, cs).fill(0xff);
-        continue;
-      }
-      const last = reads[reads.length - 1];
-      if (last && last.index + last.count === i && last.host + last.count * cs === off && (last.count + 1) * cs <= IO_CHUNK) last.count++;
-      else reads.push({ index: i, count: 1, host: off });
+    reads = await scanTable(img, e, usable, ptr);
+    if (usable < bytes / cs) k.u8(ptr + usable * cs, bytes - usable * cs).fill(0);
+    for (const r of reads) {
+      if (r.host + r.count * cs > img.fileSize)
+        throw new QcowError('CORRUPT', `Bitmap '${e.name}': bitmap data cluster ${r.index} lies past the end of the file`, img.path);
     }
     await inParallel(reads, IO_IN_FLIGHT, async (r) => {
       throwIfAborted(opts.signal, img.path);
@@ -189,7 +183,8 @@ export async function loadBitmap(img: Qcow2Image, e: BitmapDirectoryEntry, opts:
     free();
     throw err;
   }
-  return { entry: e, ptr, bytes, bits, granularity: 2 ** e.granularityBits, dataClusters: dataRuns(table, cs), free };
+  const dataClusters = reads.map((r) => ({ first: r.host / cs, count: r.count }));
+  return { entry: e, ptr, bytes, bits, granularity: 2 ** e.granularityBits, dataClusters, free };
 }
 
 /** Dirty extents of a loaded bitmap in guest bytes (ascending, coalesced, clipped to the disk). */
@@ -269,6 +264,11 @@ export class BitmapStore {
     return new BitmapStore(img, w);
   }
 
+  /** The bitmaps of an image whose writer is already at work (a resize in progress). */
+  static forWriter(img: Qcow2Image, w: Qcow2Writer): BitmapStore {
+    return new BitmapStore(img, w);
+  }
+
   get cs(): number {
     return this.img.clusterSize;
   }
@@ -284,8 +284,7 @@ export class BitmapStore {
     if (img.bitmaps.length >= MAX_BITMAPS) throw new QcowError('INVALID_ARGUMENT', 'Maximum number of persistent bitmaps is already reached', img.path);
     const dirSize = img.bitmaps.reduce((n, b) => n + directoryEntrySize(b.name), 0);
     if (dirSize + directoryEntrySize(name) > MAX_BITMAP_DIRECTORY_SIZE) throw new QcowError('INVALID_ARGUMENT', 'Not enough space in the bitmap directory', img.path);
-    const bytes = Math.ceil(bitmapBits(img.virtualSize, Math.log2(granularity)) / 8);
-    if (bytes > MAX_BITMAP_DATA_BYTES) throw new QcowError('INVALID_ARGUMENT', `Too large bitmap: its data would take ${bytes} bytes (QEMU's limit is ${MAX_BITMAP_DATA_BYTES})`, img.path);
+    assertDataFits(img.virtualSize, Math.log2(granularity), img.path);
   }
 
   /** Adds an empty bitmap (all-zero table), enabled unless `disabled`. */
@@ -305,11 +304,11 @@ export class BitmapStore {
     const release: ClusterRun[] = [];
     // An in-use bitmap's table may be anything QEMU left; release only what is valid.
     try {
-      release.push(...dataRuns(await readBitmapTable(this.img, e), this.cs));
+      release.push(...(await bitmapDataClusters(this.img, e)));
     } catch (err) {
       if (!(err instanceof QcowError && err.code === 'CORRUPT')) throw err;
     }
-    release.push({ first: e.tableOffset / this.cs, count: Math.ceil((e.tableSize * 8) / this.cs) });
+    release.push(tableRun(e, this.cs));
     await this.#writeDirectory(
       this.img.bitmaps.filter((b) => b !== e),
       release,
@@ -332,9 +331,11 @@ export class BitmapStore {
   async clear(name: string): Promise<void> {
     const e = findBitmap(this.img, name);
     if (isInUse(e)) throw inconsistent(name, this.img.path);
-    const old = await readBitmapTable(this.img, e);
+    const old = await bitmapDataClusters(this.img, e);
     const tableOffset = await this.#writeTable(new Uint8Array(e.tableSize * 8));
-    await this.#switchTable(e, tableOffset, [...dataRuns(old, this.cs)]);
+    await this.#durable();
+    await this.#switchTables([{ e, tableOffset }]);
+    await this.#release([...old, tableRun(e, this.cs)]);
   }
 
   /**
@@ -342,51 +343,154 @@ export class BitmapStore {
    * bitmap then describes the stored copy.
    */
   async store(bm: LoadedBitmap, opts: { signal?: AbortSignal | undefined } = {}): Promise<void> {
+    await this.storeMany([bm], opts);
+  }
+
+  /**
+   * Stores several loaded bitmaps at once: their new clusters are written together and made
+   * durable by one flush, one more flush makes the switch of every table pointer durable. Each
+   * bitmap is the old or the new one after a crash at any point.
+   */
+  async storeMany(bms: ReadonlyArray<LoadedBitmap>, opts: { signal?: AbortSignal | undefined } = {}): Promise<void> {
     const img = this.img;
-    const e = img.bitmaps.find((b) => b.name === bm.entry.name);
-    if (!e || e.tableOffset !== bm.entry.tableOffset) throw new QcowError('INTERNAL', `bitmap '${bm.entry.name}' changed since it was loaded`, img.path);
+    const entries = bms.map((bm) => {
+      const e = img.bitmaps.find((b) => b.name === bm.entry.name);
+      if (!e || e.tableOffset !== bm.entry.tableOffset) throw new QcowError('INTERNAL', `bitmap '${bm.entry.name}' changed since it was loaded`, img.path);
+      if (e.tableSize * this.cs > bm.bytes) throw new QcowError('INTERNAL', `bitmap '${e.name}': its table is larger than the loaded data`, img.path);
+      return e;
+    });
+    const written = await this.#writeContents(
+      bms.map((bm, i) => ({ ptr: bm.ptr, entries: entries[i]!.tableSize })),
+      opts.signal,
+    );
+    await this.#durable();
+    await this.#switchTables(entries.map((e, i) => ({ e, tableOffset: written[i]!.tableOffset })));
+    await this.#release([...bms.flatMap((bm) => bm.dataClusters), ...entries.map((e) => tableRun(e, this.cs))]);
+    // The loaded copies now describe what is on disk.
+    bms.forEach((bm, i) => {
+      const m = bm as { entry: BitmapDirectoryEntry; dataClusters: ClusterRun[] };
+      m.entry = img.bitmaps.find((b) => b.name === bm.entry.name)!;
+      m.dataClusters = written[i]!.dataClusters;
+    });
+  }
+
+  /**
+   * Growing the disk (the writer's resize): every bitmap gets contents for the new size — the
+   * old bits, the new range clean, as QEMU's resize leaves them — in new data clusters, new tables
+   * and a new directory, all durable when this returns. `commit()` then switches the header's
+   * size and bitmaps extension together (one header write: no instant where the tables and the
+   * size disagree, which QEMU would refuse to open) and releases the old clusters. A crash before
+   * the switch leaves the old image with leaked clusters.
+   */
+  async prepareGrowth(size: number, opts: { signal?: AbortSignal | undefined } = {}): Promise<{ commit(): Promise<void> }> {
+    const img = this.img;
     const cs = this.cs;
     const k = kernels();
-    const n = e.tableSize;
-    // Which bitmap clusters hold a set bit: one kernel pass.
-    const zmap = k.allocZeroed(Math.ceil(n / 8) + 16);
-    let nonZero: number[];
+    assertCanGrow(img, size);
+    const grown: Array<{ ptr: number; entries: number }> = [];
+    const release: ClusterRun[] = [];
     try {
-      k.zeroBlocks(bm.ptr, n * cs, Math.log2(cs), zmap);
-      const z = k.u8(zmap, Math.ceil(n / 8));
-      nonZero = [];
-      for (let i = 0; i < n; i++) if (!(z[i >> 3]! & (1 << (i & 7)))) nonZero.push(i);
-    } finally {
-      k.free(zmap);
-    }
-    const table = new Uint8Array(n * 8);
-    const tv = new DataView(table.buffer);
-    const writes: Array<{ index: number; count: number; host: number }> = [];
-    if (nonZero.length) {
-      const runs = await this.w.allocator.allocate(nonZero.length);
-      let j = 0;
-      for (const r of runs) {
-        img.noteFileEnd((r.first + r.count) * cs);
-        for (let c = 0; c < r.count; c++, j++) {
-          const i = nonZero[j]!;
-          const host = (r.first + c) * cs;
-          tv.setBigUint64(i * 8, BigInt(host));
-          const last = writes[writes.length - 1];
-          if (last && last.index + last.count === i && last.host + last.count * cs === host && (last.count + 1) * cs <= IO_CHUNK) last.count++;
-          else writes.push({ index: i, count: 1, host });
+      for (const e of img.bitmaps) {
+        throwIfAborted(opts.signal, img.path);
+        const bm = await loadBitmap(img, e, opts);
+        try {
+          const entries = bitmapTableSize(size, e.granularityBits, cs);
+          const ptr = k.alloc(entries * cs);
+          grown.push({ ptr, entries });
+          const to = k.u8(ptr, entries * cs);
+          to.set(k.u8(bm.ptr, Math.min(bm.bytes, entries * cs)));
+          to.fill(0, Math.min(bm.bytes, entries * cs));
+          release.push(...bm.dataClusters, tableRun(e, cs));
+        } finally {
+          bm.free();
         }
       }
+      const written = await this.#writeContents(grown, opts.signal);
+      const entries = img.bitmaps.map((e, i) => ({ ...e, tableOffset: written[i]!.tableOffset, tableSize: grown[i]!.entries }));
+      const dir = await this.#placeDirectory(entries);
+      await this.#durable();
+      const old = img.header.bitmaps!;
+      release.push({ first: old.directoryOffset / cs, count: Math.ceil(old.directorySize / cs) });
+      return {
+        commit: async () => {
+          await this.w.header.setSizeAndBitmaps(size, dir);
+          img.bitmaps.splice(0, img.bitmaps.length, ...entries);
+          await this.#release(release);
+        },
+      };
+    } finally {
+      for (const g of grown) k.free(g.ptr);
     }
-    await inParallel(writes, IO_IN_FLIGHT, async (wr) => {
-      throwIfAborted(opts.signal, img.path);
-      await img.file.writeAt(k.u8(bm.ptr + wr.index * cs, wr.count * cs), wr.host);
-    });
-    const tableOffset = await this.#writeTable(table);
-    const old = bm.dataClusters.map((r) => ({ ...r }));
-    await this.#switchTable(e, tableOffset, old);
-    // The loaded copy now describes what is on disk.
-    (bm as { entry: BitmapDirectoryEntry }).entry = img.bitmaps.find((b) => b.name === e.name)!;
-    (bm as { dataClusters: ClusterRun[] }).dataClusters = dataRuns(readTableBytes(table, cs), cs);
+  }
+
+  /**
+   * Writes new data clusters (only for bitmap clusters that are neither all zeros — a table entry
+   * of 0, as QEMU writes them — nor all ones — the spec's all-ones entry, which QEMU reads) and a
+   * new table for each item (`entries` clusters of bitmap data at `ptr`). The clusters come from
+   * the allocator with their refcounts raised; nothing is durable yet and nothing points at them.
+   * Kernels classify the clusters and build the tables; the writes are coalesced over clusters
+   * contiguous on the host, several in flight.
+   */
+  async #writeContents(items: ReadonlyArray<{ ptr: number; entries: number }>, signal: AbortSignal | undefined): Promise<Array<{ tableOffset: number; dataClusters: ClusterRun[] }>> {
+    const img = this.img;
+    const cs = this.cs;
+    const k = kernels();
+    const scratch: number[] = [];
+    const take = (bytes: number) => {
+      const p = k.alloc(Math.max(bytes, 16));
+      scratch.push(p);
+      return p;
+    };
+    try {
+      const plans = items.map((it) => {
+        const kinds = take(it.entries);
+        return { ...it, kinds, mixed: k.bitmapClusterKinds(it.ptr, it.entries, img.clusterBits, kinds), tableBytes: Math.ceil((it.entries * 8) / cs) * cs };
+      });
+      // Each table is one contiguous run; the data clusters of all items come from one allocation.
+      const tables: number[] = [];
+      for (const p of plans) {
+        const at = await this.w.allocator.allocateBytes(p.tableBytes);
+        img.noteFileEnd(at + p.tableBytes);
+        tables.push(at);
+      }
+      const runs = await this.w.allocator.allocate(plans.reduce((n, p) => n + p.mixed, 0));
+      for (const r of runs) img.noteFileEnd((r.first + r.count) * cs);
+      const writes: Array<{ ptr: number; bytes: number; at: number }> = [];
+      const out: Array<{ tableOffset: number; dataClusters: ClusterRun[] }> = [];
+      let ri = 0;
+      let used = 0;
+      plans.forEach((p, i) => {
+        // This item's share of the runs, in order.
+        const mine: ClusterRun[] = [];
+        for (let need = p.mixed; need > 0; ) {
+          const r = runs[ri]!;
+          const n = Math.min(need, r.count - used);
+          mine.push({ first: r.first + used, count: n });
+          need -= n;
+          used += n;
+          if (used === r.count) [ri, used] = [ri + 1, 0];
+        }
+        const hosts = take(16 * mine.length);
+        const table = take(p.tableBytes);
+        const plan = take(24 * p.mixed);
+        const hv = new Float64Array(k.memory.buffer, hosts, mine.length * 2);
+        mine.forEach((r, j) => hv.set([r.first, r.count], j * 2));
+        k.u8(table, p.tableBytes).fill(0);
+        const n = k.bitmapTableBuild(p.kinds, p.entries, img.clusterBits, hosts, mine.length, runLimit(cs), table, plan);
+        if (n < 0) throw new QcowError('INTERNAL', 'bitmap store: fewer clusters allocated than needed', img.path);
+        for (const wr of readTriples(plan, n)) writes.push({ ptr: p.ptr + wr.index * cs, bytes: wr.count * cs, at: wr.host });
+        writes.push({ ptr: table, bytes: p.tableBytes, at: tables[i]! });
+        out.push({ tableOffset: tables[i]!, dataClusters: mine });
+      });
+      // Nothing allocates in wasm memory while these views are being written.
+      await inParallel(writes, IO_IN_FLIGHT, async (wr) => {
+        throwIfAborted(signal, img.path);
+        await img.file.writeAt(k.u8(wr.ptr, wr.bytes), wr.at);
+      });
+      return out;
+    } finally {
+      for (const p of scratch) k.free(p);
+    }
   }
 
   /** Allocates and writes a table (not yet durable: the switch makes it so). */
@@ -401,33 +505,52 @@ export class BitmapStore {
     return at;
   }
 
-  /** Everything written so far durable, refcounts of the new clusters included. */
+  /**
+   * Everything written so far durable, refcounts of the new clusters included: one write-back of
+   * the refcount cache (after the flush that makes a grown file cover the new clusters) and one
+   * flush.
+   */
   async #durable(): Promise<void> {
-    await this.w.refcountCache.writeBack();
-    await this.img.file.flush();
+    await this.w.refcountCache.flush();
   }
 
   /**
-   * Points entry `e` at a new table with one 8-byte in-place write of its table_offset, durably,
-   * then releases the old table and `oldData`.
+   * Points each entry at its new table with one 8-byte in-place write of its table_offset, then
+   * one flush makes them durable (the caller made the tables durable before).
    */
-  async #switchTable(e: BitmapDirectoryEntry, tableOffset: number, oldData: ClusterRun[]): Promise<void> {
+  async #switchTables(list: ReadonlyArray<{ e: BitmapDirectoryEntry; tableOffset: number }>): Promise<void> {
     const img = this.img;
-    const ext = img.header.bitmaps!;
-    await this.#durable();
-    let pos = ext.directoryOffset;
+    const at = new Map<BitmapDirectoryEntry, number>();
+    let pos = img.header.bitmaps!.directoryOffset;
     for (const b of img.bitmaps) {
-      if (b === e) break;
+      at.set(b, pos);
       pos += directoryEntrySize(b.name);
     }
-    const buf = new Uint8Array(8);
-    new DataView(buf.buffer).setBigUint64(0, BigInt(tableOffset));
-    await img.file.writeAt(buf, pos);
+    for (const { e, tableOffset } of list) {
+      const buf = new Uint8Array(8);
+      new DataView(buf.buffer).setBigUint64(0, BigInt(tableOffset));
+      await img.file.writeAt(buf, at.get(e)!);
+    }
     await img.file.flush();
-    const oldTable = { first: e.tableOffset / this.cs, count: Math.ceil((e.tableSize * 8) / this.cs) };
-    const i = img.bitmaps.indexOf(e);
-    img.bitmaps[i] = { ...e, tableOffset };
-    await this.#release([...oldData, oldTable]);
+    for (const { e, tableOffset } of list) img.bitmaps[img.bitmaps.indexOf(e)] = { ...e, tableOffset };
+  }
+
+  /** Allocates and writes a directory holding `entries` (not durable yet, nothing points at it). */
+  async #placeDirectory(entries: BitmapDirectoryEntry[]): Promise<BitmapsExtension> {
+    const img = this.img;
+    const cs = this.cs;
+    for (const e of entries) {
+      if (e.flags & ~(BME_FLAG_IN_USE | BME_FLAG_AUTO) || e.type !== BITMAP_TYPE_DIRTY || e.extraData.length)
+        throw new QcowError('INTERNAL', `bitmap '${e.name}' would not satisfy QEMU's constraints`, img.path);
+    }
+    const dir = encodeBitmapDirectory(entries);
+    const clusters = Math.ceil(dir.length / cs);
+    const at = await this.w.allocator.allocateBytes(clusters * cs);
+    img.noteFileEnd(at + clusters * cs);
+    const padded = new Uint8Array(clusters * cs);
+    padded.set(dir);
+    await img.file.writeAt(padded, at);
+    return { nbBitmaps: entries.length, directorySize: dir.length, directoryOffset: at };
   }
 
   /**
@@ -438,24 +561,9 @@ export class BitmapStore {
     const img = this.img;
     const cs = this.cs;
     const old = img.header.bitmaps;
-    for (const e of entries) {
-      if (e.flags & ~(BME_FLAG_IN_USE | BME_FLAG_AUTO) || e.type !== BITMAP_TYPE_DIRTY || e.extraData.length)
-        throw new QcowError('INTERNAL', `bitmap '${e.name}' would not satisfy QEMU's constraints`, img.path);
-    }
-    if (entries.length) {
-      const dir = encodeBitmapDirectory(entries);
-      const clusters = Math.ceil(dir.length / cs);
-      const at = await this.w.allocator.allocateBytes(clusters * cs);
-      img.noteFileEnd(at + clusters * cs);
-      const padded = new Uint8Array(clusters * cs);
-      padded.set(dir);
-      await img.file.writeAt(padded, at);
-      await this.#durable();
-      await this.w.header.setBitmapsExtension({ nbBitmaps: entries.length, directorySize: dir.length, directoryOffset: at });
-    } else {
-      await this.#durable();
-      await this.w.header.setBitmapsExtension(undefined);
-    }
+    const ext = entries.length ? await this.#placeDirectory(entries) : undefined;
+    await this.#durable();
+    await this.w.header.setBitmapsExtension(ext);
     img.bitmaps.splice(0, img.bitmaps.length, ...entries);
     const all = [...release];
     if (old) all.push({ first: old.directoryOffset / cs, count: Math.ceil(old.directorySize / cs) });
@@ -473,33 +581,49 @@ export class BitmapStore {
   }
 }
 
-function readTableBytes(table: Uint8Array, cs: number): Float64Array {
-  const v = new DataView(table.buffer, table.byteOffset, table.byteLength);
-  const out = new Float64Array(table.length / 8);
-  for (let i = 0; i < out.length; i++) out[i] = Number(v.getBigUint64(i * 8) & BME_TABLE_OFFSET_MASK);
-  void cs;
-  return out;
+/** QEMU keeps at most 512 MiB of bitmap data per bitmap. */
+function assertDataFits(diskSize: number, granularityBits: number, path: string): void {
+  const bytes = Math.ceil(bitmapBits(diskSize, granularityBits) / 8);
+  if (bytes > MAX_BITMAP_DATA_BYTES) throw new QcowError('INVALID_ARGUMENT', `Too large bitmap: its data would take ${bytes} bytes (QEMU's limit is ${MAX_BITMAP_DATA_BYTES})`, path);
+}
+
+/**
+ * Why the disk of `img` can't grow to `size` because of its bitmaps, checked before anything is
+ * written: an in-use bitmap refuses the resize as in QEMU (its contents can't be carried over),
+ * and so does a bitmap whose data would pass QEMU's size limit.
+ */
+export function assertCanGrow(img: Qcow2Image, size: number): void {
+  for (const e of img.bitmaps) {
+    if (isInUse(e)) throw inconsistent(e.name, img.path);
+    assertDataFits(size, e.granularityBits, img.path);
+  }
+}
+
+/** See BitmapStore.prepareGrowth: the writer's resize calls this when the image has bitmaps. */
+export async function prepareBitmapGrowth(img: Qcow2Image, w: Qcow2Writer, size: number): Promise<{ commit(): Promise<void> }> {
+  return BitmapStore.forWriter(img, w).prepareGrowth(size);
 }
 
 /**
  * Marks every enabled, not in-use bitmap of a writable image dirty for the guest ranges (call it
  * before the data is written: a superset of dirty bits is harmless, a missing one loses data).
+ * All of them are stored together (one flush for their new clusters, one for the switches).
  * Returns the names of the bitmaps marked.
  */
 export async function markBitmapsDirty(img: Qcow2Image, ranges: ReadonlyArray<ByteExtent>, opts: { signal?: AbortSignal | undefined } = {}): Promise<string[]> {
   const targets = img.bitmaps.filter((b) => isEnabled(b) && !isInUse(b));
   if (!targets.length || !ranges.some((r) => r.length > 0)) return [];
   const store = await BitmapStore.open(img);
-  const done: string[] = [];
-  for (const t of targets) {
-    const bm = await loadBitmap(img, t, opts);
-    try {
+  const loaded: LoadedBitmap[] = [];
+  try {
+    for (const t of targets) {
+      const bm = await loadBitmap(img, t, opts);
+      loaded.push(bm);
       setRanges(bm, ranges);
-      await store.store(bm, opts);
-      done.push(t.name);
-    } finally {
-      bm.free();
     }
+    await store.storeMany(loaded, opts);
+  } finally {
+    for (const bm of loaded) bm.free();
   }
-  return done;
+  return targets.map((t) => t.name);
 }

@@ -8,8 +8,8 @@
  *   refcounts wait for the L2 tables that dropped the references);
  * - `dependsOnFlush()`: before any dirty entry is written, the file is flushed (L2 tables mapping
  *   freshly written guest data wait for that data).
- * A dependency is dropped once satisfied. QEMU's qcow2-cache.c and imago's cache follow the same
- * model.
+ * A dependency is dropped once satisfied; one on a cache with nothing unwritten or unflushed is
+ * satisfied without a flush. QEMU's qcow2-cache.c and imago's cache follow the same model.
  */
 import { QcowError } from '../errors.js';
 import type { ImageFile } from '../io/file.js';
@@ -28,6 +28,9 @@ export class MetadataCache {
   #dependency: MetadataCache | undefined;
   #needsFlush = false;
   #writing: Promise<void> = Promise.resolve();
+  /** Tables written to the file, and how many of those a completed flush of this cache covered. */
+  #written = 0;
+  #flushedWritten = 0;
 
   constructor(
     readonly name: string,
@@ -141,7 +144,20 @@ export class MetadataCache {
   /** writeBack, then a file flush: every change made so far is durable. */
   async flush(): Promise<void> {
     await this.writeBack();
+    const written = this.#written; // writes completed before the flush starts are covered by it
     await this.file.flush();
+    this.#flushedWritten = Math.max(this.#flushedWritten, written);
+  }
+
+  /**
+   * Nothing of this cache can reach the file unordered any more: no dirty table, no pending
+   * dependency, every table it wrote covered by a completed flush. Depending on such a cache asks
+   * for nothing (a flush for it would only repeat one already made).
+   */
+  get #settled(): boolean {
+    if (this.#dependency || this.#needsFlush || this.#written !== this.#flushedWritten) return false;
+    for (const e of this.#entries.values()) if (e.dirty) return false;
+    return true;
   }
 
   /** Frees every table (after a flush; throws if anything is still dirty). */
@@ -178,8 +194,10 @@ export class MetadataCache {
     const dep = this.#dependency;
     if (dep) {
       this.#dependency = undefined;
-      await dep.flush();
-      this.#needsFlush = false;
+      if (!dep.#settled) {
+        await dep.flush();
+        this.#needsFlush = false;
+      }
     }
     if (this.#needsFlush) {
       this.#needsFlush = false;
@@ -204,6 +222,7 @@ export class MetadataCache {
         e.dirty = false;
         try {
           await this.file.writeAt(k.u8(e.ptr, this.entrySize).slice(), e.offset);
+          this.#written++;
         } catch (err) {
           e.dirty = true;
           throw err;

@@ -312,6 +312,32 @@ export class HeaderWriter {
     if (this.#decoded) this.#decoded.size = size;
   }
 
+  /**
+   * Grows the disk and points the bitmaps extension at a directory made for the new size, in ONE
+   * write: bytes 24 (size) up to the end of the extension's payload, the bytes between rewritten
+   * as they are. Bitmap tables must match the disk size exactly (QEMU refuses the image
+   * otherwise), so size and directory must change together; the range lies in the header's first
+   * 4 KiB block, which reaches the disk as a unit (see rewriteBacking). The directory must
+   * already be durable; durable on return.
+   */
+  async setSizeAndBitmaps(size: number, ext: BitmapsExtension): Promise<void> {
+    const h = this.#decoded;
+    const at = h ? extensionPosition(h, ExtensionType.Bitmaps) : undefined;
+    if (!h?.bitmaps || at === undefined) throw new QcowError('INTERNAL', 'the image has no bitmaps extension', this.file.path);
+    const end = at + 8 + 24;
+    if (end > 4096) throw new QcowError('UNSUPPORTED', 'cannot grow an image with bitmaps whose bitmaps extension lies past the first 4 KiB of the header', this.file.path);
+    const payload = encodeBitmapsPayload(ext);
+    const buf = new Uint8Array(end - OFF_SIZE);
+    await this.file.readAt(buf, OFF_SIZE);
+    new DataView(buf.buffer).setBigUint64(0, BigInt(size));
+    buf.set(payload, at + 8 - OFF_SIZE);
+    await this.file.writeAt(buf, OFF_SIZE);
+    await this.file.flush();
+    h.size = size;
+    h.bitmaps = { ...ext };
+    h.extensions.find((e) => e.type === ExtensionType.Bitmaps)!.data = payload;
+  }
+
   /** Sets the snapshot count alone (dropping entries off the table's end), durably. */
   async setSnapshotCount(count: number): Promise<void> {
     const buf = new Uint8Array(4);

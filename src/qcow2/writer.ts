@@ -27,6 +27,7 @@ import { DiscardQueue } from './discard-queue.js';
 import { HeaderWriter } from './header-writer.js';
 import { RefcountManager } from './refcount-manager.js';
 import { compressCluster } from './compressed.js';
+import { assertCanGrow, prepareBitmapGrowth } from './bitmaps.js';
 import type { Qcow2Image } from './image.js';
 
 const COPIED_HI = 0x80000000;
@@ -278,12 +279,21 @@ export class Qcow2Writer {
    * then switched to by one header write; the old one is released after), then the size field.
    */
   resize(size: number): Promise<void> {
+    // What the bitmaps refuse (in-use ones, as QEMU) is refused before anything is written.
+    try {
+      if (size > this.#img.virtualSize) assertCanGrow(this.#img, size);
+    } catch (e) {
+      return Promise.reject(e);
+    }
     return this.#serial(async () => {
       const img = this.#img;
       if (size < img.virtualSize) throw new QcowError('UNSUPPORTED', 'shrinking an image is not supported', img.path);
       if (size === img.virtualSize) return;
-      if (img.bitmaps.length) throw new QcowError('UNSUPPORTED', `cannot grow an image that has persistent bitmaps (${img.bitmaps.length})`, img.path);
       if (img.header.version === 2 && img.snapshots.length) throw new QcowError('UNSUPPORTED', "can't resize a v2 image which has snapshots", img.path);
+      // Persistent bitmaps grow with the disk, the new range clean (as QEMU's resize): their new
+      // tables and directory are durable first, then one header write switches the size and the
+      // directory together (bitmaps.ts).
+      const bitmaps = img.bitmaps.length ? await prepareBitmapGrowth(img, this, size) : undefined;
       const need = minL1Size(size, img.clusterBits, img.extendedL2);
       const oldSize = img.l1.offsets.length;
       if (need > oldSize) {
@@ -311,7 +321,8 @@ export class Qcow2Writer {
         if (oldOffset && oldSize) await this.refcounts.update(oldOffset / this.cs, Math.ceil((oldSize * 8) / this.cs), -1);
       }
       const oldVirtual = img.virtualSize;
-      await this.header.setSize(size);
+      if (bitmaps) await bitmaps.commit();
+      else await this.header.setSize(size);
       // As QEMU: the grown area reads as zeros, not as whatever the backing file has there.
       if (img.backingName) await this.#zeroOrDiscard(oldVirtual, img.virtualSize - oldVirtual, 'zero');
     });

@@ -4,6 +4,7 @@
 import { createHash } from 'node:crypto';
 import { expect, it } from 'vitest';
 import { bitmap, openImage } from '../../src/index.js';
+import { Qcow2Image } from '../../src/qcow2/image.js';
 import { findBitmap, loadBitmap } from '../../src/qcow2/bitmaps.js';
 import { kernels } from '../../src/kernels/index.js';
 import { describeQemu, qemuImg, qemuImgJson, qemuIo } from '../helpers/qemu.js';
@@ -65,6 +66,39 @@ describeQemu('bitmap stores are crash-safe', () => {
       ioErrors: { errnos: ['EIO', 'ENOSPC'], points: 6 },
     });
     expect(report.counts.flushes).toBeGreaterThan(1);
+    expect(report.statesChecked).toBeGreaterThan(20);
+  }, 600_000);
+
+  it('grow the disk (new tables and directory, then size and directory switched by one header write)', async () => {
+    const report = await runCrashMatrix({
+      name: 'grow',
+      setup(dir) {
+        const f = `${dir}/g.qcow2`;
+        must(qemuImg(['create', '-f', 'qcow2', '-o', 'cluster_size=512', f, String(40 * 2 ** 20 + 1024)]), 'create');
+        must(qemuImg(['bitmap', '--add', '-g', '512', f, 'fine']), 'add');
+        must(qemuImg(['bitmap', '--add', '-g', '64k', '--disable', f, 'off']), 'add');
+        must(qemuIo(f, ['write 0 64k', 'write 20M 3k', `write ${40 * 2 ** 20} 1024`]), 'writes');
+      },
+      async operation({ path, openFile }) {
+        const file = await openFile(path('g.qcow2'), { writable: true, lock: 'write', forWrite: true });
+        const img = await Qcow2Image.open(path('g.qcow2'), { writable: true, file });
+        try {
+          await img.resize(100 * 2 ** 20);
+        } finally {
+          await img.close();
+        }
+      },
+      check: async (s) => {
+        await expectBeforeOrAfter(s, 'g.qcow2');
+        // Size and bitmap tables switch together: QEMU serves the bitmaps (it refuses tables of
+        // another size), and the size is the old or the new one.
+        const size = qemuImgJson(['info', s.path('g.qcow2')])['virtual-size'];
+        expect([40 * 2 ** 20 + 1024, 100 * 2 ** 20], s.label).toContain(size);
+      },
+      points: { ops: 'all', modes: ['none', 'all', 'latest'] },
+      ioErrors: { errnos: ['EIO', 'ENOSPC'], points: 6 },
+    });
+    expect(report.counts.flushes).toBeGreaterThan(2);
     expect(report.statesChecked).toBeGreaterThan(20);
   }, 600_000);
 

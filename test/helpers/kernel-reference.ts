@@ -342,6 +342,64 @@ export function referenceKernels(base: Kernels): Kernels {
       }
     },
 
+    bitmapTableLoad(table, n, data, clusterBits, maxRunClusters, runs) {
+      // Entry by entry with BigInt: fill zeros / ones, else plan a read (merged with the previous
+      // one when both the index and the host offset continue it).
+      const cs = 2 ** clusterBits;
+      const dv = view();
+      const plan: Array<[number, number, number]> = [];
+      for (let i = 0; i < n; i++) {
+        const e = dv.getBigUint64(table + i * 8);
+        const host = Number(e & HOST_MASK);
+        if (host === 0) {
+          if (data) bytes().fill(e & 1n ? 0xff : 0, data + i * cs, data + (i + 1) * cs);
+          continue;
+        }
+        const last = plan[plan.length - 1];
+        if (last && last[0] + last[1] === i && last[2] + last[1] * cs === host && last[1] < maxRunClusters) last[1]++;
+        else plan.push([i, 1, host]);
+      }
+      plan.forEach((r, j) => r.forEach((x, f) => dv.setFloat64(runs + j * 24 + f * 8, x, true)));
+      return plan.length;
+    },
+    bitmapClusterKinds(data, n, clusterBits, kinds) {
+      const cs = 2 ** clusterBits;
+      const b = bytes();
+      let mixed = 0;
+      for (let i = 0; i < n; i++) {
+        const c = b.subarray(data + i * cs, data + (i + 1) * cs);
+        const kind = c.every((x) => x === 0) ? 0 : c.every((x) => x === 0xff) ? 1 : 2;
+        b[kinds + i] = kind;
+        if (kind === 2) mixed++;
+      }
+      return mixed;
+    },
+    bitmapTableBuild(kinds, n, clusterBits, hosts, nHosts, maxRunClusters, table, writes) {
+      const cs = 2 ** clusterBits;
+      const dv = view();
+      const free: number[] = [];
+      for (let h = 0; h < nHosts; h++) {
+        const first = dv.getFloat64(hosts + h * 16, true);
+        for (let c = 0; c < dv.getFloat64(hosts + h * 16 + 8, true); c++) free.push(first + c);
+      }
+      const plan: Array<[number, number, number]> = [];
+      for (let i = 0; i < n; i++) {
+        const kind = bytes()[kinds + i]!;
+        let e = BigInt(kind);
+        if (kind === 2) {
+          const c = free.shift();
+          if (c === undefined) return -1;
+          e = BigInt(c * cs);
+          const last = plan[plan.length - 1];
+          if (last && last[0] + last[1] === i && last[2] + last[1] * cs === c * cs && last[1] < maxRunClusters) last[1]++;
+          else plan.push([i, 1, c * cs]);
+        }
+        dv.setBigUint64(table + i * 8, e);
+      }
+      plan.forEach((r, j) => r.forEach((x, f) => dv.setFloat64(writes + j * 24 + f * 8, x, true)));
+      return plan.length;
+    },
+
     isZero: (ptr, n) => firstDifferent(ptr, null, n) < 0,
     firstNonZero: (ptr, n) => firstDifferent(ptr, null, n),
     firstDifference: (a, b, n) => firstDifferent(a, b, n),

@@ -30,7 +30,13 @@ export async function nbdDirtyMaps(file: string, names: string[]): Promise<Recor
     }
     const out: Record<string, Extent[]> = {};
     for (const n of names) {
-      const r = spawnSync('nbdinfo', ['--json', `--map=qemu:dirty-bitmap:${n}`, `nbd+unix:///?socket=${sock}`], { encoding: 'utf8' });
+      const query = () => spawnSync('nbdinfo', ['--json', `--map=qemu:dirty-bitmap:${n}`, `nbd+unix:///?socket=${sock}`], { encoding: 'utf8' });
+      let r = query();
+      // The socket file appears at bind(), a moment before qemu-nbd listens (seen on a loaded machine).
+      for (let i = 0; r.status !== 0 && /Connection refused/.test(r.stderr) && i < 40; i++) {
+        await new Promise((ok) => setTimeout(ok, 25));
+        r = query();
+      }
       if (r.status !== 0) throw new Error(`nbdinfo for ${n} failed: ${r.stderr}`);
       const entries = JSON.parse(r.stdout) as Array<{ offset: number; length: number; type: number }>;
       out[n] = coalesce(entries.filter((e) => e.type & 1).map((e) => ({ start: e.offset, length: e.length })));

@@ -325,6 +325,48 @@ describeQemu('persistent bitmaps: qcowkit and QEMU read and write each other', (
     }
   });
 
+  it('bitmap tables are validated where the image is opened: every operation refuses a bad one as QEMU does; an in-use one is not loaded', async () => {
+    const dir = tmpDir();
+    const img = join(dir, 't.qcow2');
+    must(qemuImg(['create', '-f', 'qcow2', img, '1G']), 'create');
+    must(qemuImg(['bitmap', '--add', img, 'b0']), 'add');
+    must(qemuImg(['bitmap', '--add', img, 'b1']), 'add');
+    must(qemuIo(img, ['write 0 1M']), 'write');
+    const h = await openImage(img);
+    const b1 = h.bitmaps.find((b) => b.name === 'b1')!.tableOffset;
+    await h.close();
+    const entry = readFileSync(img).readBigUInt64BE(b1);
+    const bad = Buffer.alloc(8);
+    bad.writeBigUInt64BE(entry | 0x100n); // a reserved bit
+    const broken = join(dir, 'broken.qcow2');
+    copyFileSync(img, broken);
+    patchBytes(broken, b1, bad);
+    const message = /Could not read bitmap_table table from image for bitmap 'b1'/;
+    expect(qemuImg(['check', broken]).stderr).toMatch(message);
+    for (const args of [['check', broken], ['bitmap', '--dump', broken, 'b0'], ['bitmap', '--clear', broken, 'b0'], ['changes', '--bitmap', 'b0', broken]]) {
+      const cmd = args[0] === 'check' ? checkCommand : args[0] === 'changes' ? changesCommand : bitmapCommand;
+      const r = await qcowkit(cmd, args.slice(1), dir);
+      expect(r.status, args.join(' ')).toBe(1);
+      expect(r.stderr, args.join(' ')).toMatch(message);
+    }
+    await expect(openImage(broken)).rejects.toThrow(message);
+    // The same entry in a bitmap QEMU left in use: the image opens (the table is not loaded), and
+    // removing the bitmap releases its table but none of the clusters a bad table names.
+    const inUse = join(dir, 'in-use.qcow2');
+    copyFileSync(broken, inUse);
+    const h2 = await openImage(img);
+    const dirOffset = h2.header.bitmaps!.directoryOffset;
+    await h2.close();
+    const flagsAt = dirOffset + Math.ceil((24 + 2) / 8) * 8 + 12; // b1's flags: second entry
+    patchBytes(inUse, flagsAt, Buffer.from([0, 0, 0, 3]));
+    expect(infoBitmaps(inUse).map((b) => b.flags)).toEqual([['auto'], ['in-use', 'auto']]);
+    await ok(bitmapCommand, ['--remove', inUse, 'b1'], dir);
+    const r = qemuImg(['check', '--output=json', inUse]);
+    expect([0, 3]).toContain(r.status);
+    expect(JSON.parse(r.stdout)['corruptions'] ?? 0).toBe(0);
+    expect(infoBitmaps(inUse).map((b) => b.name)).toEqual(['b0']);
+  });
+
   it("commit marks the base's recording bitmaps for every range it writes, as qemu-img commit does", async () => {
     const results: Record<string, Record<string, Extent[]>> = {};
     for (const tool of ['qemu-img', 'qcowkit']) {

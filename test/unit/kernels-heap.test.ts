@@ -184,7 +184,7 @@ describe('kernels loading', () => {
       [
         'memory', 'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'l2Fill', 'refsAddRange', 'refcountAddRange', 'refcountFind', 'refcountCompare',
         'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits',
-        'clearBits', 'extents', 'extentsNext', 'bitmapConvertOr', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks', 'diffBlocks',
+        'clearBits', 'extents', 'extentsNext', 'bitmapConvertOr', 'bitmapTableLoad', 'bitmapClusterKinds', 'bitmapTableBuild', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks', 'diffBlocks',
         'mapJsonReset', 'mapJsonFeed', 'mapJsonFinish',
       ].sort(),
     );

@@ -599,6 +599,131 @@ describe('bitmaps', () => {
     expect(Array.from(k.u8(clipped, 1))).toEqual([0x30]);
   });
 
+  /** Random bitmap data of n clusters: each all zeros, all ones, or mixed (sometimes one odd byte). */
+  function clusterData(r: ReturnType<typeof prng>, n: number, cs: number): Uint8Array {
+    const b = new Uint8Array(n * cs);
+    for (let i = 0; i < n; i++) {
+      const c = b.subarray(i * cs, (i + 1) * cs);
+      const kind = r.int(3);
+      if (kind === 1) c.fill(0xff);
+      if (kind === 2) {
+        if (r.chance(0.5)) c.fill(r.chance(0.5) ? 0xff : 0);
+        c[r.int(cs)] = 1 + r.int(254); // neither 0 nor 0xff: the cluster is mixed
+      }
+    }
+    return b;
+  }
+
+  const triples = (p: number, n: number) => Array.from(new Float64Array(k.u8(p, 24 * n).slice().buffer));
+
+  it('bitmapTableLoad fills zero and all-ones clusters and plans coalesced reads, as the reference', () => {
+    const r = prng(21);
+    for (let round = 0; round < 300; round++) {
+      const clusterBits = 9 + r.int(4);
+      const cs = 2 ** clusterBits;
+      const n = 1 + r.int(60);
+      // Host clusters that often follow each other, entries of every form (reserved bits ignored).
+      let next = 1 + r.int(1000);
+      const words = Array.from({ length: n }, () => {
+        const form = r.int(4);
+        if (form === 0) return r.chance(0.2) ? 0x1fen : 0n;
+        if (form === 1) return 1n;
+        next = r.chance(0.7) ? next + 1 : 1 + r.int(2 ** 20);
+        return BigInt(next) << BigInt(clusterBits);
+      });
+      const table = putWords(words);
+      const init = randomBytes(r, n * cs);
+      const [d1, d2] = [putBytes(init), putBytes(init)];
+      const [o1, o2] = [alloc(24 * n), alloc(24 * n)];
+      const maxRun = 1 + r.int(8);
+      // Without a data buffer (0) only the reads are planned.
+      const [x1, x2] = round % 5 ? [d1, d2] : [0, 0];
+      const n1 = k.bitmapTableLoad(table, n, x1, clusterBits, maxRun, o1);
+      const n2 = ref.bitmapTableLoad(table, n, x2, clusterBits, maxRun, o2);
+      expect(n1).toBe(n2);
+      expect(triples(o1, n1)).toEqual(triples(o2, n2));
+      expectSameBytes(d1, d2, n * cs);
+      release();
+    }
+  });
+
+  it('bitmapClusterKinds tells zero, all-ones and mixed clusters apart, as the reference', () => {
+    const r = prng(22);
+    for (let round = 0; round < 200; round++) {
+      const clusterBits = 9 + r.int(8);
+      const n = 1 + r.int(round < 190 ? 40 : 3);
+      const data = putBytes(clusterData(r, n, 2 ** clusterBits), r.int(16));
+      const [a, b] = [alloc(n), alloc(n)];
+      expect(k.bitmapClusterKinds(data, n, clusterBits, a)).toBe(ref.bitmapClusterKinds(data, n, clusterBits, b));
+      expectSameBytes(a, b, n);
+      release();
+    }
+  });
+
+  it('bitmapTableBuild assigns host clusters in order and coalesces writes, as the reference', () => {
+    const r = prng(23);
+    for (let round = 0; round < 300; round++) {
+      const clusterBits = 9 + r.int(8);
+      const n = 1 + r.int(80);
+      const kinds = putBytes(Uint8Array.from({ length: n }, () => r.int(3)));
+      let mixed = 0;
+      for (let i = 0; i < n; i++) if (k.u8(kinds + i, 1)[0] === 2) mixed++;
+      // Host runs with room for the mixed clusters (sometimes one short: -1), some empty.
+      const runs: number[] = [];
+      let room = mixed - (r.chance(0.1) && mixed ? 1 : 0);
+      let at = 1 + r.int(100);
+      while (room > 0 || r.chance(0.2)) {
+        const len = r.chance(0.1) ? 0 : Math.min(Math.max(room, 1), 1 + r.int(6));
+        runs.push(at, len);
+        at += len + r.int(3);
+        room -= len;
+      }
+      const hosts = putBytes(new Uint8Array(new Float64Array(runs).buffer));
+      const [t1, t2] = [alloc(8 * n), alloc(8 * n)];
+      const [w1, w2] = [alloc(24 * Math.max(1, mixed)), alloc(24 * Math.max(1, mixed))];
+      const maxRun = 1 + r.int(8);
+      const n1 = k.bitmapTableBuild(kinds, n, clusterBits, hosts, runs.length / 2, maxRun, t1, w1);
+      const n2 = ref.bitmapTableBuild(kinds, n, clusterBits, hosts, runs.length / 2, maxRun, t2, w2);
+      expect(n1).toBe(n2);
+      if (n1 < 0) continue;
+      expectSameBytes(t1, t2, 8 * n);
+      expect(triples(w1, n1)).toEqual(triples(w2, n2));
+      release();
+    }
+  });
+
+  it('a stored table loads back to the same data (kinds, build, load round trip)', () => {
+    const r = prng(24);
+    for (let round = 0; round < 50; round++) {
+      const clusterBits = 9 + r.int(4);
+      const cs = 2 ** clusterBits;
+      const n = 1 + r.int(30);
+      const src = clusterData(r, n, cs);
+      const data = putBytes(src);
+      const kinds = alloc(n);
+      const mixed = k.bitmapClusterKinds(data, n, clusterBits, kinds);
+      const hosts = putBytes(new Uint8Array(new Float64Array([100, mixed]).buffer));
+      const table = alloc(8 * n);
+      const writes = alloc(24 * Math.max(1, mixed));
+      const nw = k.bitmapTableBuild(kinds, n, clusterBits, hosts, 1, 1 << 20, table, writes);
+      // "Write" the mixed clusters to a fake host file, then load from the table.
+      const file = new Uint8Array((100 + mixed) * cs);
+      for (let i = 0; i < nw; i++) {
+        const [index, count, host] = triples(writes, nw).slice(i * 3, i * 3 + 3) as [number, number, number];
+        file.set(src.subarray(index * cs, (index + count) * cs), host);
+      }
+      const out = putBytes(randomBytes(r, n * cs));
+      const runs = alloc(24 * n);
+      const nr = k.bitmapTableLoad(table, n, out, clusterBits, 1 << 20, runs);
+      for (let i = 0; i < nr; i++) {
+        const [index, count, host] = triples(runs, nr).slice(i * 3, i * 3 + 3) as [number, number, number];
+        k.u8(out + index * cs, count * cs).set(file.subarray(host, host + count * cs));
+      }
+      expect(Buffer.compare(k.u8(out, n * cs), src)).toBe(0);
+      release();
+    }
+  });
+
   function extentsOf(impl: typeof k, p: number, start: number, end: number, maxOut: number) {
     const out = k.alloc(16 * Math.max(1, maxOut));
     const n = impl.extents(p, start, end, out, maxOut);
