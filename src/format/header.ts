@@ -219,9 +219,12 @@ export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, op
   checkTable(file, 'Reference count table', v, 48, h.refcountTableClusters * cs, cs, fileSize, MAX_REFTABLE_BYTES, 'Reference count table too large');
 
   // Validated even without snapshots, as QEMU does; the entries are checked when the table is read.
-  if (h.nbSnapshots > MAX_SNAPSHOTS) throw corrupt(file, 'Snapshot table too large');
-  const snapshotsRaw = v.getBigUint64(64);
-  if (snapshotsRaw % BigInt(cs) !== 0n || snapshotsRaw >= 1n << 63n) throw corrupt(file, 'Snapshot table offset invalid');
+  // In check mode QEMU leaves count and offset to the check, which reports (and -r all repairs) them.
+  if (!opts.checkMode) {
+    if (h.nbSnapshots > MAX_SNAPSHOTS) throw corrupt(file, 'Snapshot table too large');
+    const snapshotsRaw = v.getBigUint64(64);
+    if (snapshotsRaw % BigInt(cs) !== 0n || snapshotsRaw >= 1n << 63n) throw corrupt(file, 'Snapshot table offset invalid');
+  }
   if (h.nbSnapshots && h.snapshotsOffset >= fileSize) throw corrupt(file, 'Snapshot table lies past the end of the file');
 
   checkTable(file, 'L1 table', v, 40, h.l1Size * 8, cs, fileSize, MAX_L1_BYTES, 'Active L1 table too large');
