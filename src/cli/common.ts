@@ -13,6 +13,13 @@ const SUFFIX: Record<string, bigint> = { b: 1n, k: 1n << 10n, m: 1n << 20n, g: 1
  * deprecated: `onHexSuffix` receives that warning.
  */
 export function parseSize(text: string, what = 'size', onHexSuffix?: (message: string) => void): number {
+  const v = parseSizeExact(text, what, onHexSuffix);
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new QcowError('INVALID_ARGUMENT', `${what} '${text}' is too large`);
+  return Number(v);
+}
+
+/** parseSize without qcowkit's 2^53 limit: exact, up to QEMU's own limit of 2^63 - 1. */
+export function parseSizeExact(text: string, what = 'size', onHexSuffix?: (message: string) => void): bigint {
   const invalid = () => new QcowError('INVALID_ARGUMENT', `Invalid ${what} specified: '${text}' (use bytes, 0x-prefixed hex, or a k, M, G, T, P, E suffix)`);
   const m = /^[ \t\n\v\f\r]*\+?(\d+)(.*)$/s.exec(text);
   if (!m) throw invalid();
@@ -43,9 +50,11 @@ export function parseSize(text: string, what = 'size', onHexSuffix?: (message: s
   const scaledFraction = fraction * mul;
   // Round half up, as QEMU does.
   const v = intPart * mul + (scaledFraction >> 64n) + ((scaledFraction >> 63n) & 1n);
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new QcowError('INVALID_ARGUMENT', `${what} '${text}' is too large`);
-  return Number(v);
+  if (v > INT64_MAX) throw new QcowError('INVALID_ARGUMENT', `Invalid ${what} specified: '${text}' (must be between 0 and ${INT64_MAX})`);
+  return v;
 }
+
+const INT64_MAX = (1n << 63n) - 1n;
 
 /** QEMU block drivers a filename can name as `driver:...`; qcowkit opens plain files only. */
 const PROTOCOLS = new Set([

@@ -2,7 +2,7 @@
 import { Command, Option } from 'commander';
 import { QcowError } from '../errors.js';
 export { fail } from './fail.js';
-export { parseSize, progressPrinter, printJson, printPlainJson, warn, imageFilename, feedback, printResult } from './common.js';
+export { parseSize, parseSizeExact, progressPrinter, printJson, printPlainJson, warn, imageFilename, feedback, printResult } from './common.js';
 
 /** A subcommand with qcowkit's conventions: errors via `fail`, examples in --help. */
 export function newCommand(name: string, description: string, examples: string[], opts: { imageOpts?: boolean } = {}): Command {

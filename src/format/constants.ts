@@ -33,6 +33,9 @@ export const COMPAT_LAZY_REFCOUNTS = 1n << 0n;
 export const AUTOCLEAR_BITMAPS = 1n << 0n;
 export const AUTOCLEAR_DATA_FILE_RAW = 1n << 1n;
 
+/** Bytes of one feature-name table entry: type, bit number, a name of up to 46 bytes. */
+export const FEATURE_ENTRY_BYTES = 48;
+
 /** Names QEMU puts in the feature-name table, in the order it writes them. */
 export const FEATURE_NAMES: ReadonlyArray<readonly [kind: 0 | 1 | 2, bit: number, name: string]> = [
   [0, 0, 'dirty bit'],

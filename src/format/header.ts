@@ -8,6 +8,7 @@ import {
   AUTOCLEAR_BITMAPS,
   AUTOCLEAR_DATA_FILE_RAW,
   ExtensionType,
+  FEATURE_ENTRY_BYTES,
   FEATURE_NAMES,
   INCOMPAT_COMPRESSION,
   INCOMPAT_DATA_FILE,
@@ -83,16 +84,21 @@ export function minL1Size(size: number, clusterBits: number, extendedL2: boolean
   return Math.ceil(size / 2 ** (clusterBits + l2Bits));
 }
 
+/**
+ * The "Unsupported qcow2 feature(s)" list as QEMU builds it: names in feature-table order for the
+ * incompatible bits they cover (the bit number taken modulo 64, as the C shift does on x86-64),
+ * then one hex mask of the bits no entry named.
+ */
 function describeFeatures(mask: bigint, names: FeatureName[]): string {
   const parts: string[] = [];
-  let unnamed = 0n;
-  for (let bit = 0; bit < 64; bit++) {
-    if (!(mask & (1n << BigInt(bit)))) continue;
-    const n = names.find((f) => f.kind === 0 && f.bit === bit);
-    if (n) parts.push(n.name);
-    else unnamed |= 1n << BigInt(bit);
+  let left = mask;
+  for (const f of names) {
+    const bit = 1n << BigInt(f.bit & 63);
+    if (f.kind !== 0 || !(left & bit)) continue;
+    parts.push(f.name);
+    left &= ~bit;
   }
-  if (unnamed) parts.push(`Unknown incompatible feature: ${unnamed.toString(16)}`);
+  if (left) parts.push(`Unknown incompatible feature: ${left.toString(16)}`);
   return parts.join(', ');
 }
 
@@ -167,24 +173,8 @@ export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, op
   }
 
   if (h.backingFileOffset > cs) throw corrupt(file, 'Invalid backing file offset');
-  if (h.backingFileOffset) {
-    if (h.backingFileSize > MAX_BACKING_NAME || h.backingFileOffset + h.backingFileSize > cs)
-      throw corrupt(file, 'Backing file name too long');
-    // Bytes past the end of the file read as zeros (as in QEMU): pass cluster 0 zero-padded.
-    if (h.backingFileOffset + h.backingFileSize > buf.length) throw corrupt(file, 'backing file name extends past the end of the file');
-  }
 
-  // Extensions come first so the feature-name table can name unknown features.
-  decodeExtensions(buf, h, cs, fileSize, file);
-
-  const unknownIncompat = h.incompatibleFeatures & ~INCOMPAT_KNOWN;
-  if (unknownIncompat)
-    throw new QcowError('UNSUPPORTED', `Unsupported qcow2 feature(s): ${describeFeatures(unknownIncompat, h.featureNames)}`, file);
-
-  if (h.refcountOrder > MAX_REFCOUNT_ORDER)
-    throw new QcowError('UNSUPPORTED', 'Reference count entry width too large; may not exceed 64 bits', file);
-  if (h.cryptMethod > 2) throw new QcowError('UNSUPPORTED', `Unsupported encryption method: ${h.cryptMethod}`, file);
-
+  // Checked in QEMU's order: compression type, then unknown incompatible features, then the rest.
   const compressionBit = (h.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n;
   if (h.compressionType > 1) throw new QcowError('UNSUPPORTED', `Unknown compression type ${h.compressionType}`, file);
   if (h.compressionType !== 0 && !compressionBit)
@@ -192,24 +182,61 @@ export function decodeHeader(buf: Uint8Array, fileSize: number, file: string, op
   if (h.compressionType === 0 && compressionBit)
     throw corrupt(file, 'Corrupted compression type: the compression type incompatible bit is set for zlib');
 
+  const unknownIncompat = h.incompatibleFeatures & ~INCOMPAT_KNOWN;
+  if (unknownIncompat) {
+    // The feature-name table names the bits; QEMU reads the extensions only for it here, and an
+    // invalid extension just ends the search (what was read up to it still counts).
+    const scratch: Qcow2Header = { ...h, extensions: [], featureNames: [] };
+    try {
+      decodeExtensions(buf, scratch, cs, fileSize, file);
+    } catch {
+      // keep the names found before the bad extension
+    }
+    throw new QcowError('UNSUPPORTED', `Unsupported qcow2 feature(s): ${describeFeatures(unknownIncompat, scratch.featureNames)}`, file);
+  }
+
+  if (h.backingFileOffset) {
+    if (h.backingFileSize > MAX_BACKING_NAME || h.backingFileOffset + h.backingFileSize > cs)
+      throw corrupt(file, 'Backing file name too long');
+    // Bytes past the end of the file read as zeros (as in QEMU): pass cluster 0 zero-padded.
+    if (h.backingFileOffset + h.backingFileSize > buf.length) throw corrupt(file, 'backing file name extends past the end of the file');
+  }
+
+  decodeExtensions(buf, h, cs, fileSize, file);
+
+  if (h.refcountOrder > MAX_REFCOUNT_ORDER)
+    throw new QcowError('UNSUPPORTED', 'Reference count entry width too large; may not exceed 64 bits', file);
+  if (h.cryptMethod > 2) throw new QcowError('UNSUPPORTED', `Unsupported encryption method: ${h.cryptMethod}`, file);
+
   const extendedL2 = isExtendedL2(h);
   if (extendedL2 && clusterBits < 14) throw corrupt(file, 'Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
 
-  if (h.size > MAX_HOST_OFFSET) throw new QcowError('UNSUPPORTED', `Image size too large: ${h.size}`, file);
-  // QEMU validates the table offsets only for alignment and range (an offset of 0 is accepted);
-  // qcowkit also refuses tables past the end of the file (README: deliberate differences).
-  checkTable(file, 'L1 table', v, 40, h.l1Size * 8, cs, fileSize, MAX_L1_BYTES, 'Active L1 table too large');
-  if (h.l1Size < minL1Size(h.size, clusterBits, extendedL2)) throw corrupt(file, 'L1 table is too small');
-
+  // In QEMU's order: refcount table, snapshot table, L1 table, then the size it must cover.
   // `check` opens images without a refcount table (and reports every cluster), as QEMU does.
   if (h.refcountTableClusters === 0 && !opts.checkMode) throw corrupt(file, 'Image does not contain a reference count table');
+  // QEMU validates the table offsets only for alignment and range (an offset of 0 is accepted);
+  // qcowkit also refuses tables past the end of the file (README: deliberate differences).
   checkTable(file, 'Reference count table', v, 48, h.refcountTableClusters * cs, cs, fileSize, MAX_REFTABLE_BYTES, 'Reference count table too large');
 
   // Validated even without snapshots, as QEMU does; the entries are checked when the table is read.
-  if (h.nbSnapshots > MAX_SNAPSHOTS) throw corrupt(file, 'Snapshot table too large');
-  const snapshotsRaw = v.getBigUint64(64);
-  if (snapshotsRaw % BigInt(cs) !== 0n || snapshotsRaw >= 1n << 63n) throw corrupt(file, 'Snapshot table offset invalid');
+  // In check mode QEMU leaves count and offset to the check, which reports (and -r all repairs) them.
+  if (!opts.checkMode) {
+    if (h.nbSnapshots > MAX_SNAPSHOTS) throw corrupt(file, 'Snapshot table too large');
+    const snapshotsRaw = v.getBigUint64(64);
+    if (snapshotsRaw % BigInt(cs) !== 0n || snapshotsRaw >= 1n << 63n) throw corrupt(file, 'Snapshot table offset invalid');
+  }
   if (h.nbSnapshots && h.snapshotsOffset >= fileSize) throw corrupt(file, 'Snapshot table lies past the end of the file');
+
+  checkTable(file, 'L1 table', v, 40, h.l1Size * 8, cs, fileSize, MAX_L1_BYTES, 'Active L1 table too large');
+  // Exact on the 64-bit size: QEMU refuses a size needing more than INT_MAX L1 entries.
+  const l2Bits = BigInt(clusterBits - (extendedL2 ? 4 : 3));
+  const span = 1n << (BigInt(clusterBits) + l2Bits);
+  const sizeRaw = v.getBigUint64(24);
+  const l1Needed = (sizeRaw + span - 1n) / span;
+  if (l1Needed > 0x7fffffffn) throw new QcowError('UNSUPPORTED', 'Image is too big', file);
+  if (BigInt(h.l1Size) < l1Needed) throw corrupt(file, 'L1 table is too small');
+  // qcowkit's own limit (offsets are JavaScript numbers); only large clusters get this far.
+  if (sizeRaw > BigInt(MAX_HOST_OFFSET)) throw new QcowError('UNSUPPORTED', `Image size too large: ${sizeRaw} (qcowkit supports up to ${MAX_HOST_OFFSET} bytes)`, file);
 
   // QEMU crashes on LUKS images without the encryption header extension; refuse them.
   if (h.cryptMethod === 2 && !h.encryption) throw corrupt(file, 'LUKS encryption header extension missing');
@@ -286,11 +313,7 @@ function decodeKnownExtension(type: number, data: Uint8Array, h: Qcow2Header, cs
       h.backingFormat = cString(data) || undefined;
       break;
     case ExtensionType.FeatureTable:
-      for (let i = 0; i + 48 <= data.length; i += 48) {
-        const raw = data.subarray(i + 2, i + 48);
-        const end = raw.indexOf(0);
-        h.featureNames.push({ kind: data[i]!, bit: data[i + 1]!, name: decodeUtf8(end < 0 ? raw : raw.subarray(0, end)) });
-      }
+      h.featureNames = decodeFeatureTable(data);
       break;
     case ExtensionType.Bitmaps: {
       if (data.length !== 24) throw corrupt(file, 'Invalid bitmaps extension length');
@@ -318,6 +341,24 @@ function decodeKnownExtension(type: number, data: Uint8Array, h: Qcow2Header, cs
   }
 }
 
+/**
+ * Entries of 48 bytes (type, bit, name of up to 46 bytes); as QEMU reads it, a short last entry
+ * is zero-padded and the table ends at the first entry with an empty name. A repeated table
+ * replaces the earlier one.
+ */
+function decodeFeatureTable(data: Uint8Array): FeatureName[] {
+  const out: FeatureName[] = [];
+  for (let i = 0; i < data.length; i += FEATURE_ENTRY_BYTES) {
+    const entry = new Uint8Array(FEATURE_ENTRY_BYTES);
+    entry.set(data.subarray(i, i + FEATURE_ENTRY_BYTES));
+    const raw = entry.subarray(2);
+    const end = raw.indexOf(0);
+    if (end === 0) break;
+    out.push({ kind: entry[0]!, bit: entry[1]!, name: decodeUtf8(end < 0 ? raw : raw.subarray(0, end)) });
+  }
+  return out;
+}
+
 /** Options for building a new header (create). */
 export interface NewHeaderSpec {
   version: 2 | 3;
@@ -334,6 +375,8 @@ export interface NewHeaderSpec {
   compressionType: number;
   backingFile?: string | undefined;
   backingFormat?: string | undefined;
+  /** External data file name (stored verbatim; set INCOMPAT_DATA_FILE with it). */
+  dataFile?: string | undefined;
   /** Extensions to keep after the ones qcowkit writes (e.g. unknown ones from an old header). */
   extraExtensions?: HeaderExtension[];
   bitmaps?: BitmapsExtension | undefined;
@@ -348,7 +391,9 @@ export function encodeHeader(spec: NewHeaderSpec, file: string): Uint8Array {
   const headerLength = spec.version === 3 ? V3_HEADER_LENGTH + (spec.unknownHeaderBytes?.length ?? 0) : V2_HEADER_LENGTH;
   const exts: HeaderExtension[] = [];
   const enc = new TextEncoder();
+  // QEMU's order: backing format, data file, feature table, bitmaps, then unknown ones.
   if (spec.backingFormat !== undefined) exts.push({ type: ExtensionType.BackingFormat, data: enc.encode(spec.backingFormat) });
+  if (spec.dataFile !== undefined) exts.push({ type: ExtensionType.DataFile, data: enc.encode(spec.dataFile) });
   if (spec.version === 3 && cs > 4096) exts.push({ type: ExtensionType.FeatureTable, data: featureTable() });
   if (spec.bitmaps) {
     const b = new Uint8Array(24);
@@ -406,12 +451,12 @@ export function encodeHeader(spec: NewHeaderSpec, file: string): Uint8Array {
 }
 
 function featureTable(): Uint8Array {
-  const t = new Uint8Array(FEATURE_NAMES.length * 48);
+  const t = new Uint8Array(FEATURE_NAMES.length * FEATURE_ENTRY_BYTES);
   const enc = new TextEncoder();
   FEATURE_NAMES.forEach(([kind, bit, name], i) => {
-    t[i * 48] = kind;
-    t[i * 48 + 1] = bit;
-    t.set(enc.encode(name), i * 48 + 2);
+    t[i * FEATURE_ENTRY_BYTES] = kind;
+    t[i * FEATURE_ENTRY_BYTES + 1] = bit;
+    t.set(enc.encode(name), i * FEATURE_ENTRY_BYTES + 2);
   });
   return t;
 }

@@ -8,7 +8,10 @@
  * returned (with the first pass's fixed counts), exactly as qemu-img reports it.
  */
 import { reserveForLargeWork } from '../kernels/index.js';
-import { QcowError, isQcowError } from '../errors.js';
+import { stat } from 'node:fs/promises';
+import type { Stats } from 'node:fs';
+import { fromSystemError, QcowError, isQcowError } from '../errors.js';
+import { hasDataFile } from '../format/header.js';
 import { openImageFile, type FileOpener, type ImageFile } from '../io/file.js';
 import { BackingChain, probeFile } from '../chain/chain.js';
 import { Qcow2Image } from '../qcow2/image.js';
@@ -93,11 +96,15 @@ export async function check(path: string, opts: CheckOptions = {}): Promise<Chec
 async function pass(path: string, file: ImageFile, fix: FixMode, opts: CheckOptions, settle = false): Promise<CheckCounters> {
   const img = await Qcow2Image.open(path, { file, writable: fix !== 0, forRepair: true, metadataOnly: true, check: true });
   try {
+    if (img.header.cryptMethod !== 0)
+      throw new QcowError('UNSUPPORTED', `encrypted images are not supported (encryption method ${img.header.cryptMethod === 1 ? 'aes' : 'luks'})`, path);
+    if (!settle && img.header.dataFile !== undefined && hasDataFile(img.header)) await openDataFile(img.header.dataFile, path);
+    // A read-write open clears the autoclear bits it does not know (QEMU does it as the image
+    // opens, before its backing file is opened and whether or not anything needs repair).
+    if (fix && !settle) await HeaderWriter.for(file, img.header).clearUnknownAutoclear();
     // qemu-img check opens the whole backing chain (read-only) and fails when it can't.
     if (!settle && !opts.skipBacking && img.backingName !== undefined)
       await Promise.all((await BackingChain.openBackingOf(img, { forceShare: opts.forceShare, signal: opts.signal })).map((l) => l.close()));
-    if (img.header.cryptMethod !== 0)
-      throw new QcowError('UNSUPPORTED', `encrypted images are not supported (encryption method ${img.header.cryptMethod === 1 ? 'aes' : 'luks'})`, path);
     const ctx = await createContext(img, file, {
       writable: fix !== 0,
       report: opts.onMessage ?? (() => {}),
@@ -125,6 +132,20 @@ async function pass(path: string, file: ImageFile, fix: FixMode, opts: CheckOpti
   } finally {
     img.l2Tables.clear();
   }
+}
+
+/**
+ * QEMU opens the external data file with the image (and fails when it can't), although check
+ * reads only metadata. QEMU 7.2 takes a relative data file name from the current directory.
+ */
+async function openDataFile(name: string, path: string): Promise<void> {
+  let st: Stats;
+  try {
+    st = await stat(name);
+  } catch (e) {
+    throw fromSystemError(e, path, `Could not open '${name}'`);
+  }
+  if (!st.isFile()) throw new QcowError('UNSUPPORTED', `'file' driver requires '${name}' to be a regular file`, path);
 }
 
 function toResult(path: string, r: CheckCounters): CheckResult {

@@ -259,6 +259,9 @@ export class HeaderWriter {
     const own = new Set<number>([ExtensionType.BackingFormat, ExtensionType.FeatureTable, ExtensionType.Bitmaps, ExtensionType.DataFile, ExtensionType.FullDiskEncryption]);
     const unknown = h.extensions.filter((e) => !own.has(e.type));
     const cs = 2 ** h.clusterBits;
+    // A rewrite modifies the file: unknown autoclear bits go in the same write (spec; QEMU clears
+    // them on every read-write open).
+    const autoclear = this.#autoclear & KNOWN_AUTOCLEAR;
     const encoded = encodeHeader(
       {
         version: h.version,
@@ -271,7 +274,7 @@ export class HeaderWriter {
         refcountOrder: h.refcountOrder,
         incompatibleFeatures: this.#incompatible,
         compatibleFeatures: h.compatibleFeatures,
-        autoclearFeatures: this.#autoclear,
+        autoclearFeatures: autoclear,
         compressionType: h.compressionType,
         backingFile: backingFile === '' ? undefined : backingFile,
         backingFormat: backingFile === '' || backingFile === undefined ? undefined : backingFormat,
@@ -288,6 +291,8 @@ export class HeaderWriter {
     await this.file.writeAt(cluster, 0);
     await this.file.flush();
     // Keep the decoded header in step.
+    this.#autoclear = autoclear;
+    h.autoclearFeatures = autoclear;
     const v = new DataView(encoded.buffer, encoded.byteOffset, encoded.byteLength);
     h.backingFileOffset = Number(v.getBigUint64(8));
     h.backingFileSize = v.getUint32(16);

@@ -25,6 +25,11 @@ export interface FreshLayoutParams {
   size: number;
   /** Allocate every L2 table and data cluster (preallocation=metadata/full). */
   preallocate: boolean;
+  /**
+   * The data lives in an external data file: preallocated L2 entries map each guest cluster to
+   * the same offset there, and no data cluster takes room (or a refcount) in the image file.
+   */
+  externalData?: boolean | undefined;
 }
 
 export interface FreshLayout extends FreshLayoutParams {
@@ -39,8 +44,9 @@ export interface FreshLayout extends FreshLayoutParams {
   l1Clusters: number;
   l2TableOffset: number;
   l2Tables: number;
-  /** Host offset of guest cluster 0 when preallocated (data clusters are contiguous). */
+  /** Host offset of guest cluster 0 when preallocated (data clusters are contiguous); 0 in an external data file. */
   dataOffset: number;
+  /** Data clusters the preallocated L2 tables map (in the image file unless externalData). */
   dataClusters: number;
   usedClusters: number;
   /**
@@ -68,7 +74,8 @@ export function freshLayout(p: FreshLayoutParams, file?: string): FreshLayout {
 
   // The refcount structures count themselves: grow table and blocks until they cover everything.
   const perBlock = refcountBlockEntries(p.clusterBits, p.refcountOrder);
-  const others = 1 + l1Clusters + l2Tables + dataClusters;
+  const inFile = p.externalData ? 0 : dataClusters;
+  const others = 1 + l1Clusters + l2Tables + inFile;
   let blocks = 1;
   let tableClusters = 1;
   for (;;) {
@@ -85,7 +92,8 @@ export function freshLayout(p: FreshLayoutParams, file?: string): FreshLayout {
   const refcountBlockOffset = refcountTableOffset + tableClusters * cs;
   const l1Start = refcountBlockOffset + blocks * cs;
   const l2TableOffset = l1Start + l1Clusters * cs;
-  const dataOffset = l2TableOffset + l2Tables * cs;
+  const l2End = l2TableOffset + l2Tables * cs;
+  const dataOffset = p.externalData ? 0 : l2End;
   const usedClusters = others + tableClusters + blocks;
   const fileLength = p.preallocate ? usedClusters * cs : l1Start + l1Size * 8;
   if (usedClusters * cs > MAX_HOST_OFFSET) throw new QcowError('INVALID_ARGUMENT', SIZE_TOO_LARGE, file);
@@ -104,7 +112,7 @@ export function freshLayout(p: FreshLayoutParams, file?: string): FreshLayout {
     dataOffset,
     dataClusters,
     usedClusters,
-    tablesEnd: p.preallocate ? dataOffset : l1Start,
+    tablesEnd: p.preallocate ? l2End : l1Start,
     fileLength,
   };
 }

@@ -198,7 +198,9 @@ describeQemu('qcowkit create versus qemu-img 7.2', () => {
 
   const errors: Array<[string, string, RegExp]> = [
     ['-b without -F', '-f qcow2 -b sub/base.qcow2 @', /Backing file specified without backing format \(detected qcow2: add -F qcow2\)/],
-    ['-b missing without -F', '-f qcow2 -b nope.qcow2 @ 1G', /without backing format \(add -F qcow2 or -F raw\)/],
+    // As qemu-img: the backing file is opened (format probed) before -F is asked for.
+    ['-b missing without -F', '-f qcow2 -b nope.qcow2 @ 1G', /Could not open backing image 'nope.qcow2'.*No such file or directory/],
+    ['-u -b missing without -F', '-f qcow2 -u -b nope.qcow2 @ 1G', /without backing format \(add -F qcow2 or -F raw\)/],
     ['missing backing', '-f qcow2 -b nope.qcow2 -F qcow2 @', /Could not open backing image 'nope.qcow2'/],
     ['bad cluster size', '-f qcow2 -o cluster_size=1000 @ 1G', /Cluster size must be a power of two between 512 and 2048k/],
     ['cluster size too large', '-f qcow2 -o cluster_size=4M @ 1G', /between 512 and 2048k/],

@@ -2,7 +2,7 @@
 // messages and exit codes equal the oracles; a read-only check never writes; repairs leave an
 // image the check finds clean with unchanged guest data.
 import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { check, compare, QcowError, type CheckResult } from '../../src/index.js';
 import { checkExitCode, NO_CHECKS } from '../../src/ops/check.js';
@@ -47,13 +47,27 @@ function readOnlyGuard(inner: ImageFile): ImageFile {
   };
 }
 
+/**
+ * Runs `fn` in the fixture's directory, where qemu-img ran for the oracles: QEMU 7.2 (and so
+ * qcowkit) takes a relative external data file name from the current directory.
+ */
+async function inFixtureDir<T>(path: string, fn: () => Promise<T>): Promise<T> {
+  const old = process.cwd();
+  process.chdir(dirname(path));
+  try {
+    return await fn();
+  } finally {
+    process.chdir(old);
+  }
+}
+
 describe('check: committed samples match their qemu-img oracles', () => {
   for (const s of samples) {
     it(s.name, async () => {
       const oracle = s.oracles.check!;
       const path = fixturePath(s.name);
       const before = sha256(path);
-      const r = await runCheck(path);
+      const r = await inFixtureDir(path, () => runCheck(path));
       expect(r.status).toBe(oracle.status);
       if (oracle.file) {
         // qemu-img ran in images/ with the relative name: that is its filename field.
@@ -76,7 +90,7 @@ describe('check: read-only never writes', () => {
       const path = fixturePath(s.name);
       const file = readOnlyGuard(await openImageFile(path));
       try {
-        const r = await check(path, { file });
+        const r = await inFixtureDir(path, () => check(path, { file }));
         expect(r['check-errors']).toBe(0);
       } finally {
         await file.close();

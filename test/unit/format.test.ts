@@ -93,6 +93,33 @@ describe('header', () => {
     expect(errorOf(() => decodeHeader(c, 1 << 18, 'f')).message).toBe('Unsupported qcow2 feature(s): Unknown incompatible feature: 200');
   });
 
+  it('reads the feature-name table as QEMU does: short entries padded, table order, an empty name ends it', () => {
+    const withTable = (bits: bigint, table: number[]) => {
+      const c = new Uint8Array(65536);
+      c.set(encodeHeader(base, 'x'));
+      const v = new DataView(c.buffer);
+      v.setBigUint64(72, bits);
+      const at = v.getUint32(100); // the first extension (the feature table qcowkit writes is replaced)
+      v.setUint32(at, 0x6803f857);
+      v.setUint32(at + 4, table.length);
+      c.set(table, at + 8);
+      c.fill(0, at + 8 + table.length, at + 16 + Math.ceil(table.length / 8) * 8);
+      return errorOf(() => decodeHeader(c, 1 << 18, 'f')).message.replace('Unsupported qcow2 feature(s): ', '');
+    };
+    const entry = (type: number, bit: number, name: string, pad = true) => [type, bit, ...Buffer.from(name), ...(pad ? new Array(46 - name.length).fill(0) : [])];
+    expect(withTable(1n << 63n, entry(0, 63, 'Test feature', false))).toBe('Test feature');
+    expect(withTable(3n << 61n, [...entry(0, 62, 'b'), ...entry(0, 61, 'a')])).toBe('b, a');
+    expect(withTable(7n << 61n, [...entry(0, 61, 'x'), ...entry(0, 62, ''), ...entry(0, 63, 'y')])).toBe('x, Unknown incompatible feature: c000000000000000');
+    expect(withTable(1n << 63n, [...entry(2, 63, 'autoclear'), ...entry(0, 127, 'wide')])).toBe('wide');
+  });
+
+  it('refuses a size needing more than INT_MAX L1 entries as QEMU does ("Image is too big")', () => {
+    const c = new Uint8Array(65536);
+    c.set(encodeHeader(base, 'x'));
+    new DataView(c.buffer).setBigUint64(24, 1n << 60n);
+    expect(errorOf(() => decodeHeader(c, 1 << 18, 'f')).message).toBe('Image is too big');
+  });
+
   it('computes the minimum L1 size', () => {
     expect(minL1Size(1 << 30, 16, false)).toBe(2);
     expect(minL1Size(1 << 30, 16, true)).toBe(4);

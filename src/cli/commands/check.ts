@@ -19,6 +19,10 @@ export function command() {
     .action(async (name: string, o: { format?: 'qcow2' | 'raw'; repair?: 'leaks' | 'all'; output: string; quiet?: boolean; forceShare?: boolean }) => {
       let filename = name;
       const out = (s: string) => void (o.quiet || process.stdout.write(s));
+      // qemu-img's stdout is block-buffered when it is not a terminal: the repair summary reaches
+      // a file or pipe after every message of the verification pass (stderr). Same order here.
+      let held = '';
+      const soon = (s: string) => (process.stdout.isTTY ? out(s) : void (held += s));
       const json = o.output === 'json';
       let result: CheckResult;
       try {
@@ -29,17 +33,18 @@ export function command() {
           forceShare: o.forceShare === true,
           onMessage: (line) => process.stderr.write(line + '\n'),
           onRepaired: ({ leaks, corruptions }) => {
-            if (!json) out(repairedText(leaks, corruptions));
+            if (!json) soon(repairedText(leaks, corruptions));
           },
         });
       } catch (e) {
         // Exit codes by error code: 63 for a format without checks (NO_CHECKS), else 1.
         fail(e, isQcowError(e) && e.code === 'NO_CHECKS' ? undefined : 1);
+        out(held);
         return;
       }
       if (json) {
         if (!o.quiet) printJson(result);
-      } else out(human(result));
+      } else out(held + human(result));
       const code = checkExitCode(result);
       if (code === 1) fail(new QcowError('IO', 'Check failed', filename), 1);
       else process.exitCode = code;

@@ -1,7 +1,7 @@
 import { QcowError } from '../../errors.js';
 import { create, type Preallocation, type Qcow2CreateOptions } from '../../ops/create.js';
 import type { LayerFormat } from '../../chain/layer.js';
-import { formatOption, imageFilename, newCommand, parseSize, warn } from '../util.js';
+import { formatOption, imageFilename, newCommand, parseSizeExact, warn } from '../util.js';
 
 type Kind = 'size' | 'num' | 'bool' | 'str';
 
@@ -13,6 +13,8 @@ const OPTIONS: Record<LayerFormat, Record<string, [Kind, string]>> = {
     cluster_size: ['size', 'qcow2 cluster size'],
     compat: ['str', 'Compatibility level (v2 [0.10] or v3 [1.1])'],
     compression_type: ['str', 'Compression method used for image cluster compression (zlib or zstd)'],
+    data_file: ['str', 'File name of an external data file'],
+    data_file_raw: ['bool', 'The external data file must stay valid as a raw image'],
     extended_l2: ['bool', 'Extended L2 tables'],
     lazy_refcounts: ['bool', 'Postpone refcount updates'],
     preallocation: ['str', 'Preallocation mode (allowed values: off, metadata, full)'],
@@ -30,8 +32,6 @@ const OPTIONS: Record<LayerFormat, Record<string, [Kind, string]>> = {
 
 /** QEMU options qcowkit knows but refuses, with the feature they belong to. */
 const REFUSED: Record<string, string> = {
-  data_file: 'external data files',
-  data_file_raw: 'external data files',
   encryption: 'encryption',
 };
 
@@ -39,7 +39,9 @@ const REFUSED: Record<string, string> = {
 const HARMLESS: Record<string, string[]> = { encryption: ['off'] };
 
 /** Order and defaults of qemu-img's "Formatting ..." line. */
-const LINE_ORDER = ['encryption', 'cluster_size', 'extended_l2', 'preallocation', 'compression_type', 'size', 'compat', 'backing_file', 'backing_fmt', 'lazy_refcounts', 'refcount_bits'];
+const LINE_ORDER = [
+  'encryption', 'cluster_size', 'extended_l2', 'preallocation', 'compression_type', 'size', 'compat', 'backing_file', 'backing_fmt', 'data_file', 'data_file_raw', 'lazy_refcounts', 'refcount_bits',
+];
 const LINE_DEFAULTS: Record<string, string> = { cluster_size: '65536', extended_l2: 'off', compression_type: 'zlib', lazy_refcounts: 'off', refcount_bits: '16' };
 
 const BOOLS: Record<string, boolean> = { on: true, yes: true, true: true, off: false, no: false, false: false };
@@ -71,14 +73,15 @@ export function command() {
     .action(async (filename: string | undefined, sizeText: string | undefined, f: Flags) => {
       // qemu-img checks each -o on its own: no empty list, no leading comma, no lone trailing one.
       for (const list of f.options ?? []) if (!isValidOptionList(list)) throw new QcowError('INVALID_ARGUMENT', `Invalid option list: ${list}`);
-      const opts = parseOptionList((f.options ?? []).join(','), f.format, filename);
+      const notInt64 = new Set<string>();
+      const opts = parseOptionList((f.options ?? []).join(','), f.format, filename, notInt64);
       if (opts === 'help') {
         process.stdout.write(helpText(f.format));
         return;
       }
       if (filename === undefined) throw new QcowError('INVALID_ARGUMENT', 'Expecting image file name');
       if (sizeText !== undefined && opts.has('size')) throw new QcowError('INVALID_ARGUMENT', 'The image size must be specified only once', filename);
-      if (sizeText !== undefined) opts.set('size', String(parseSize(sizeText, 'image size', warn)));
+      if (sizeText !== undefined) opts.set('size', String(parseSizeExact(sizeText, 'image size', warn)));
       // -b / -F win over their -o aliases.
       if (f.backing !== undefined) opts.set('backing_file', f.backing);
       if (f.backingFormat !== undefined) opts.set('backing_fmt', f.backingFormat);
@@ -91,7 +94,7 @@ export function command() {
       let optionError: unknown;
       let options: Qcow2CreateOptions | { preallocation: Preallocation | undefined } = {};
       try {
-        options = f.format === 'qcow2' ? typedOptions(opts, filename) : { preallocation: preallocation(opts, filename) };
+        options = f.format === 'qcow2' ? typedOptions(opts, notInt64, filename) : { preallocation: preallocation(opts, filename) };
       } catch (e) {
         optionError = e;
       }
@@ -116,7 +119,7 @@ export function command() {
  * Parses qemu's `key=value,key2,...` syntax (",," is a literal comma; a bare key means "on").
  * Sizes are normalised to bytes; other values are kept as typed (they are echoed back).
  */
-function parseOptionList(text: string, format: LayerFormat, filename: string | undefined): Map<string, string> | 'help' {
+function parseOptionList(text: string, format: LayerFormat, filename: string | undefined, notInt64 = new Set<string>()): Map<string, string> | 'help' {
   const out = new Map<string, string>();
   if (text === '') return out;
   const items = splitOptions(text);
@@ -138,19 +141,39 @@ function parseOptionList(text: string, format: LayerFormat, filename: string | u
     const bad = (what: string) => new QcowError('INVALID_ARGUMENT', `Parameter '${key}' expects ${what}`, filename);
     if (spec[0] === 'size') {
       try {
-        value = String(parseSize(value, key, warn));
+        value = String(parseSizeExact(value, key, warn));
       } catch {
         throw bad('a size (bytes or a k, M, G, T suffix)');
       }
     } else if (spec[0] === 'num') {
-      // QEMU parses numbers with strtoull base 0: decimal, 0x hex or 0 octal.
-      const n = /^\s*\+?(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9]\d*))$/.exec(value);
-      if (!n) throw bad('a number');
-      value = String(n[1] !== undefined ? parseInt(n[1], 16) : n[2] !== undefined ? parseInt(n[2], 8) : Number(n[3]));
+      const n = parseNumberOption(value);
+      if (n === 'invalid') throw bad('a number');
+      if (n === 'range') throw new QcowError('INVALID_ARGUMENT', `Value '${value}' is too large for parameter '${key}'`, filename);
+      if (!n.int64) notInt64.add(key);
+      value = String(n.value);
     } else if (spec[0] === 'bool' && !(value in BOOLS)) throw bad("'on' or 'off'");
     out.set(key, value);
   }
   return out;
+}
+
+const U64 = 1n << 64n;
+const I64_MIN = -(1n << 63n);
+
+/**
+ * A number option as qemu-img 7.2 reads it: strtoull with base 0 (leading blanks, a sign,
+ * decimal, 0x hex or 0 octal; a negative number wraps modulo 2^64, a magnitude of 2^64 or more is
+ * out of range). `value` is the 64 bits as a signed number (qemu-img echoes them so); `int64`
+ * says whether the text also reads as a signed 64-bit integer, which the qcow2 driver needs.
+ */
+function parseNumberOption(text: string): { value: bigint; int64: boolean } | 'invalid' | 'range' {
+  const m = /^[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9]\d*)$/.exec(text);
+  if (!m) return 'invalid';
+  const magnitude = BigInt(m[2]!.replace(/^0(?=[0-7])/, '0o'));
+  if (magnitude >= U64) return 'range';
+  const signed = m[1] === '-' ? -magnitude : magnitude;
+  const bits = ((signed % U64) + U64) % U64;
+  return { value: bits >= 1n << 63n ? bits - U64 : bits, int64: signed >= I64_MIN && signed < -I64_MIN };
 }
 
 /** QEMU's is_valid_option_list: not empty, no leading comma, trailing commas only in escaped pairs. */
@@ -171,7 +194,9 @@ function splitOptions(text: string): string[] {
   return items;
 }
 
-function typedOptions(opts: Map<string, string>, filename: string): Qcow2CreateOptions {
+function typedOptions(opts: Map<string, string>, notInt64: Set<string>, filename: string): Qcow2CreateOptions {
+  // The driver reads number options again as signed 64-bit integers (QAPI names use '-').
+  for (const key of notInt64) throw new QcowError('INVALID_ARGUMENT', `Parameter '${key.replaceAll('_', '-')}' expects integer`, filename);
   const enumValue = <T extends string>(key: string, map: Record<string, T>): T | undefined => {
     const v = opts.get(key);
     if (v === undefined) return undefined;
@@ -188,6 +213,8 @@ function typedOptions(opts: Map<string, string>, filename: string): Qcow2CreateO
     extendedL2: bool('extended_l2'),
     compressionType: enumValue('compression_type', { zlib: 'zlib', zstd: 'zstd' } as const),
     preallocation: preallocation(opts, filename),
+    dataFile: opts.get('data_file'),
+    dataFileRaw: bool('data_file_raw'),
   };
 }
 

@@ -20,7 +20,7 @@ import { CheckAborted, FIX_ERRORS, type CheckCounters, type FixMode } from './ty
 const ENTRY_HEADER = 40;
 /** sizeof(QCowSnapshotExtraData) in QEMU 7.2: vm_state_size_large, disk_size, icount. */
 const KNOWN_EXTRA = 24;
-const INT64_MAX = 2 ** 63;
+const INT64_MAX = (1n << 63n) - 1n;
 
 /** qcow2_check_read_snapshot_table: counts go to `res`; aborts the check when unreadable. */
 export async function checkReadSnapshotTable(ctx: CheckContext, res: CheckCounters, fix: FixMode): Promise<void> {
@@ -36,7 +36,8 @@ export async function checkReadSnapshotTable(ctx: CheckContext, res: CheckCounte
   // qcow2_validate_table
   let invalid: [string, string] | undefined;
   if (count > MAX_SNAPSHOTS) invalid = ['snapshot table too large', 'File too large'];
-  else if (INT64_MAX - count * ENTRY_HEADER < offset || offset % ctx.cs) invalid = ['snapshot table offset invalid', 'Invalid argument'];
+  // Exact (BigInt): an offset of 2^63 or more is invalid, and doubles round INT64_MAX up to 2^63.
+  else if (BigInt(offset) + BigInt(count * ENTRY_HEADER) > INT64_MAX || offset % ctx.cs) invalid = ['snapshot table offset invalid', 'Invalid argument'];
   if (invalid) {
     res.checkErrors++;
     ctx.report(`ERROR ${invalid[0]}`);
