@@ -11,7 +11,9 @@ import type { SnapshotEntry } from '../format/snapshot.js';
 import { readSnapshotTable, SnapshotTableError } from './snapshot-table.js';
 import { BME_FLAG_IN_USE, decodeBitmapDirectory, validateBitmapTable, type BitmapDirectoryEntry } from '../format/bitmap.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L2E_OFFSET_MASK } from '../format/constants.js';
-import { pushExtent, type BlockLayer, type LayerExtent } from '../chain/layer.js';
+import type { BlockLayer, LayerExtent } from '../chain/layer.js';
+import { extentBuffer, recordsToExtents, type RecordBuffer } from '../chain/records.js';
+import { kernels, LAYER_EXTENT_BYTES } from '../kernels/index.js';
 import { L2Tables } from './l2.js';
 import { RefcountReader } from './refcounts.js';
 import { decompressCluster, loadDecoder } from './compressed.js';
@@ -291,56 +293,59 @@ export class Qcow2Image implements BlockLayer {
   }
 
   async status(start: number, length: number, opts: { probeHost?: boolean } = {}): Promise<LayerExtent[]> {
-    const end = Math.min(start + length, this.virtualSize);
-    const out: LayerExtent[] = [];
-    if (start >= end) return out;
-    const v2 = this.header.version === 2;
-    await this.#l2.scan(this, start, end, (e) => {
-      // v2 has no zero flag: QEMU fails the read and marks the image corrupt.
-      if (v2 && e.allocated && e.zero) throw new QcowError('CORRUPT', `Zero cluster entry found in pre-v3 image (guest offset ${e.start})`, this.path);
-      pushExtent(out, e);
-    });
-    const plainData = (e: LayerExtent) => e.data && !e.compressed && e.offset !== undefined;
-    // The preallocation heuristic reads refcounts: only worth it when there is data to refine.
-    if (!opts.probeHost || !out.some(plainData) || !(await this.metadataPreallocated())) return out;
-    // One probe of the host file for all data extents of the scan (one native call per batch).
-    const data = out.filter(plainData);
-    const ranges = new Float64Array(data.length * 2);
-    data.forEach((e, i) => {
-      ranges[2 * i] = e.offset!;
-      ranges[2 * i + 1] = Math.min(e.offset! + e.length, this.fileSize);
-    });
-    const probed = this.file.dataExtentsMany ? this.file.dataExtentsMany(ranges) : perRange(this.file, ranges);
-    if (!probed) return out;
-    const refined: LayerExtent[] = [];
-    let at = 0;
-    for (const e of out) {
-      if (!plainData(e)) {
-        pushExtent(refined, e);
-        continue;
-      }
-      const n = probed[at++]!;
-      this.#splitByHostHoles(e, probed, at, n, refined);
-      at += 2 * n;
+    const buf = extentBuffer();
+    try {
+      await this.statusRecords(start, length, buf, opts);
+      return recordsToExtents(buf);
+    } finally {
+      buf.free();
     }
-    return refined;
   }
 
-  /** Splits a data extent at the host-file holes in pairs [at, at + 2n) of `ext`. */
-  #splitByHostHoles(e: LayerExtent, ext: Float64Array, at: number, n: number, out: LayerExtent[]): void {
-    const host = e.offset!;
-    const hostEnd = host + e.length;
-    if (n === 1 && ext[at] === host && ext[at + 1] === hostEnd) return pushExtent(out, e);
-    let pos = host;
-    const piece = (from: number, to: number, zero: boolean) => {
-      if (to > from) pushExtent(out, { start: e.start + (from - host), length: to - from, allocated: true, data: true, zero, offset: from });
-    };
-    for (let i = at; i < at + 2 * n; i += 2) {
-      piece(pos, ext[i]!, true);
-      piece(ext[i]!, ext[i + 1]!, false);
-      pos = ext[i + 1]!;
+  async statusRecords(start: number, length: number, out: RecordBuffer, opts: { probeHost?: boolean; stream?: boolean } = {}): Promise<void> {
+    const end = Math.min(start + length, this.virtualSize);
+    if (start >= end) return;
+    const from = out.count;
+    await this.#l2.scanRecords(this, start, end, out, { v2: this.header.version === 2, stream: opts.stream ?? false });
+    if (opts.probeHost) await this.#probeHostHoles(out, from);
+  }
+
+  /**
+   * Splits the plain data extents among out's records [from, count) at holes of the host file,
+   * as qemu-img map does for images that look metadata-preallocated: one probe of the host file
+   * for all of them (one native call), the split in wasm.
+   */
+  async #probeHostHoles(out: RecordBuffer, from: number): Promise<void> {
+    const k = kernels();
+    const n = out.count - from;
+    const at = (b: RecordBuffer, i: number) => b.ptr + i * LAYER_EXTENT_BYTES;
+    let ranges = k.alloc(n * 16);
+    let probedPtr = 0;
+    const split = extentBuffer();
+    try {
+      const m = k.recordsDataRanges(at(out, from), n, this.fileSize, ranges);
+      // The preallocation heuristic reads refcounts: only worth it when there is data to refine.
+      if (m === 0 || !(await this.metadataPreallocated())) return;
+      const view = new Float64Array(k.memory.buffer, ranges, 2 * m);
+      const probed = this.file.dataExtentsMany ? this.file.dataExtentsMany(view) : perRange(this.file, view);
+      if (!probed) return;
+      k.free(ranges);
+      ranges = 0;
+      probedPtr = k.alloc(probed.length * 8);
+      new Float64Array(k.memory.buffer, probedPtr, probed.length).set(probed);
+      // Each data pair adds at most two pieces (its count adds none).
+      split.reserve(n + probed.length);
+      const r = k.recordsSplitHoles(at(out, from), n, probedPtr, split.ptr, split.capacity);
+      if (r < 0) throw new QcowError('INTERNAL', 'internal error: status records overflowed their buffer', this.path);
+      out.count = from;
+      out.reserve(r);
+      k.u8(at(out, from), r * LAYER_EXTENT_BYTES).set(k.u8(split.ptr, r * LAYER_EXTENT_BYTES));
+      out.count = from + r;
+    } finally {
+      if (ranges) k.free(ranges);
+      if (probedPtr) k.free(probedPtr);
+      split.free();
     }
-    piece(pos, hostEnd, true);
   }
 
   async readExtent(extent: LayerExtent, offsetInExtent: number, dst: Uint8Array): Promise<void> {
