@@ -195,11 +195,18 @@ export class Qcow2Image implements BlockLayer {
 
   static async #load(path: string, file: ImageFile, opts: OpenQcow2Options): Promise<Qcow2Image> {
     const fileSize = await file.size();
-    // One read covers cluster 0 of the common cluster sizes; larger ones take a second. Bytes
-    // past the end of the file read as zeros, as in QEMU (cluster 0 is always whole).
-    let head = new Uint8Array(Math.max(65536, Math.min(fileSize, 65536)));
+    // An overlay keeps all the header decoder reads (header, extensions up to the backing file
+    // name, the name) in its first few hundred bytes: one small read, not cluster 0 (a 100-deep
+    // chain reads 100 headers). Otherwise one read covers cluster 0 of the common cluster
+    // sizes; larger ones take a second. Bytes past the end of the file read as zeros, as in
+    // QEMU (cluster 0 is always whole).
+    let head = new Uint8Array(HEAD_PROBE_BYTES);
     await file.readAt(head, 0);
-    if (fileSize >= 24) {
+    if (!headerWithin(head)) {
+      head = new Uint8Array(65536);
+      await file.readAt(head, 0);
+    }
+    if (head.length === 65536 && fileSize >= 24) {
       const bits = dataView(head).getUint32(20);
       if (bits > 16 && bits <= 21) {
         head = new Uint8Array(2 ** bits);
@@ -438,6 +445,22 @@ async function readZeroPadded(file: ImageFile, offset: number, length: number, f
   const buf = new Uint8Array(length);
   if (offset < fileSize) await file.readAt(buf.subarray(0, Math.min(length, fileSize - offset)), offset);
   return buf;
+}
+
+const HEAD_PROBE_BYTES = 4096;
+
+/**
+ * Whether `head` (the file's first bytes) holds everything decodeHeader reads: with a backing
+ * file name, the extension area ends where the name starts; without one it runs to the end of
+ * cluster 0.
+ */
+function headerWithin(head: Uint8Array): boolean {
+  const v = dataView(head);
+  const clusterBits = v.getUint32(20);
+  const backingOffset = v.getUint32(8) * 2 ** 32 + v.getUint32(12);
+  if (clusterBits < 9 || clusterBits > 21 || backingOffset === 0 || backingOffset > 2 ** clusterBits) return false;
+  const headerLength = v.getUint32(4) === 3 ? v.getUint32(100) : 72;
+  return Math.max(headerLength, backingOffset + v.getUint32(16)) <= head.length;
 }
 
 function assertReadable(h: Qcow2Header, path: string): void {
