@@ -291,7 +291,7 @@ export class BackingChain {
       start,
       length,
       (recs) => {
-        const v = recs.f64();
+        const v = recs.f64().slice(); // the sink may use the kernels (growing memory detaches views)
         for (let r = 0; r < v.length; r += 4) sink(v[r]!, v[r + 1]!, Math.floor(v[r + 3]! / 8), v[r + 3]! % 8, v[r + 2]! < 0 ? -1 : v[r + 2]!);
       },
       opts,
