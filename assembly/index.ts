@@ -11,3 +11,4 @@ export { mapJsonReset, mapJsonFeed, mapJsonFinish } from "./mapjson";
 export function heapBase(): usize {
   return __heap_base;
 }
+export { l2Records, recordsDataRanges, recordsSplitHoles, mapMergeLayer, mapPendingLeft, statusErrorRun, statusErrorStart, refcountCountNonZero } from "./mapstatus";

@@ -188,10 +188,32 @@ function extendRun(table: usize, index: u32, remaining: u32, word: u64, cs: u64)
   if (kind >= COMPRESSED) return 0;
   const step: u64 = kind == DATA || kind == ZERO_ALLOC ? cs : 0;
   let expect = word + step;
+  // The expected word must stay a valid entry of the same kind: its host offset below 2^53 (so
+  // nothing carries out of the host field either). `word` itself is valid (classified above).
+  let limit = remaining;
+  if (step != 0) {
+    const host = expect & HOST_MASK;
+    if (((expect ^ word) & ~HOST_MASK) != 0 || host >= MAX_OFFSET) return 0;
+    const room = (MAX_OFFSET - host + step - 1) / step;
+    if (room < <u64>limit) limit = <u32>room;
+  }
+  const p = entryPtr(table, index, false);
   let n: u32 = 0;
-  // The expected word must stay a valid entry of the same kind: no carry out of the host field.
-  while (n < remaining && ((expect ^ word) & ~HOST_MASK) == 0 && (expect & HOST_MASK) < MAX_OFFSET) {
-    if (loadBE(entryPtr(table, index + n, false)) != expect) break;
+  // Four entries per step: two byte-swapped vector compares against the expected words.
+  let e = i64x2.replace_lane(i64x2.splat(expect), 1, expect + step);
+  const inc2 = i64x2.splat(step * 2);
+  const inc4 = i64x2.splat(step * 4);
+  while (n + 4 <= limit) {
+    const a = v128.load(p + (<usize>n << 3));
+    const b = v128.load(p + (<usize>n << 3), 16);
+    const ea = i64x2.eq(i8x16.shuffle(a, a, 7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8), e);
+    const eb = i64x2.eq(i8x16.shuffle(b, b, 7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8), i64x2.add(e, inc2));
+    if (!i64x2.all_true(v128.and(ea, eb))) break;
+    e = i64x2.add(e, inc4);
+    n += 4;
+  }
+  expect = i64x2.extract_lane(e, 0);
+  while (n < limit && loadBE(p + (<usize>n << 3)) == expect) {
     n++;
     expect += step;
   }

@@ -26,7 +26,7 @@ export function refsAddRange(refs: usize, nClusters: u32, firstCluster: f64, cou
   return end > outStart ? <f64>(end - outStart) : 0;
 }
 
-function getEntry(block: usize, index: u32, order: u32): u64 {
+export function getEntry(block: usize, index: u32, order: u32): u64 {
   if (order >= 3) {
     const p = block + (<usize>index << (order - 3));
     if (order == 3) return load<u8>(p);

@@ -12,9 +12,12 @@ import { Qcow2Image } from '../qcow2/image.js';
 import { RawLayer } from './raw.js';
 import type { BlockLayer, LayerExtent, LayerFormat } from './layer.js';
 import { QCOW2_MAGIC } from '../format/constants.js';
-import { reserveForLargeWork } from '../kernels/index.js';
+import { kernels, MAP_ENTRY_BYTES, MAP_PENDING, reserveForLargeWork } from '../kernels/index.js';
+import { extentBuffer, RecordBuffer } from './records.js';
 
 export const MAX_CHAIN_DEPTH = 1000;
+/** Allocation units per map window (see #mapWindowBytes). */
+const MAP_WINDOW_UNITS = 65536;
 
 export interface OpenChainOptions {
   /** Format of the top image (-f); probed when absent. */
@@ -119,9 +122,10 @@ export async function probeFile(f: ImageFile): Promise<LayerFormat> {
   return version >= 2 ? 'qcow2' : 'raw';
 }
 
+/** Opens one layer; without a `format` it is probed from the opened file (one open, not two). */
 export async function openLayer(
   path: string,
-  format: LayerFormat,
+  format: LayerFormat | undefined,
   opts: { metadataOnly?: boolean | undefined; forceShare?: boolean | undefined; openFile?: FileOpener | undefined; writable?: boolean | undefined; writeOperation?: boolean | undefined } = {},
 ): Promise<BlockLayer> {
   const forceShare = opts.forceShare === true && !opts.writable;
@@ -129,6 +133,7 @@ export async function openLayer(
   const lock = writable ? ('write' as const) : forceShare ? ('read-shared' as const) : ('read' as const);
   const file = await (opts.openFile ?? openImageFile)(path, { writable, lock, forWrite: writable || opts.writeOperation === true });
   try {
+    format ??= await probeFile(file);
     if (format === 'raw') return await RawLayer.open(path, { forceShare, writable, file });
     return await Qcow2Image.open(path, { metadataOnly: opts.metadataOnly ?? false, forceShare, writable, file });
   } catch (e) {
@@ -151,8 +156,7 @@ export class BackingChain {
     const layers: BlockLayer[] = [];
     let chain: BackingChain;
     try {
-      const format = opts.format ?? (await probeFormat(path));
-      layers.push(await openLayer(path, format, { ...opts, writable: wantsWrite(opts.write, 0, path) }));
+      layers.push(await openLayer(path, opts.format, { ...opts, writable: wantsWrite(opts.write, 0, path) }));
       if (opts.openBacking !== false) await BackingChain.#openBacking(layers, opts);
       chain = new BackingChain(layers);
       chain.#connectWriters();
@@ -277,63 +281,77 @@ export class BackingChain {
   }
 
   /**
-   * The entries of `map`, unmerged and without objects: `sink(start, length, depth, flags,
-   * offset)` with MAP_* flags and offset < 0 for none (the depth names the file). Streams in
-   * guest order through bounded windows, so memory stays flat at any image size.
+   * The entries of `map` without objects: `sink(start, length, depth, flags, offset)` with MAP_*
+   * flags and offset < 0 for none (the depth names the file), in guest order, merged within each
+   * window (`map` merges across windows). Streams through bounded windows, so memory stays flat
+   * at any image size.
    */
   async mapRecords(start: number, length: number, sink: MapSink, opts: MapWalkOptions = {}): Promise<void> {
+    await this.mapWindows(
+      start,
+      length,
+      (recs) => {
+        const v = recs.f64().slice(); // the sink may use the kernels (growing memory detaches views)
+        for (let r = 0; r < v.length; r += 4) sink(v[r]!, v[r + 1]!, Math.floor(v[r + 3]! / 8), v[r + 3]! % 8, v[r + 2]! < 0 ? -1 : v[r + 2]!);
+      },
+      opts,
+    );
+  }
+
+  /**
+   * Block status by depth as map records in wasm memory (MAP_ENTRY_BYTES each: start, length,
+   * offset (< 0: none), depth * 8 + MAP_* flags), window by window in guest order; `onWindow`
+   * reads the buffer before it returns (it is reused). Each layer is asked for its extents over
+   * the whole window once, as records, and only if some range falls through to it; the mapJson
+   * and mapMergeLayer kernels do the rest, so no object is made per extent.
+   */
+  async mapWindows(start: number, length: number, onWindow: (recs: RecordBuffer) => void, opts: MapWalkOptions = {}): Promise<void> {
     const end = Math.min(start + length, this.virtualSize);
-    // Extents of a window are objects alive until it is written out: a window small enough that
-    // they die young (scavenged, not promoted and mark-compacted) keeps GC cheap.
-    const WINDOW = 1024 ** 3;
-    for (let pos = start; pos < end; pos += WINDOW) {
-      throwIfAborted(opts.signal, this.top.path);
-      await this.#statusWindow(pos, Math.min(WINDOW, end - pos), sink);
-      opts.onProgress?.(Math.min(pos + WINDOW, end) - start, end - start);
+    if (start >= end) return;
+    const k = kernels();
+    const window = this.#mapWindowBytes();
+    let cur = new RecordBuffer(MAP_ENTRY_BYTES);
+    let next = new RecordBuffer(MAP_ENTRY_BYTES);
+    const layer = extentBuffer();
+    try {
+      for (let pos = start; pos < end; pos += window) {
+        throwIfAborted(opts.signal, this.top.path);
+        const len = Math.min(window, end - pos);
+        cur.count = 0;
+        cur.reserve(1);
+        new Float64Array(k.memory.buffer, cur.ptr, 4).set([pos, len, -1, MAP_PENDING]);
+        cur.count = 1;
+        for (let depth = 0, pending = 1; pending > 0; depth++) {
+          layer.count = 0;
+          await this.layers[depth]!.statusRecords(pos, len, layer, { probeHost: true, stream: true });
+          // Every (pending range, extent) overlap gives at most two records.
+          next.count = 0;
+          next.reserve(3 * cur.count + 2 * layer.count + 1);
+          const below = this.layers[depth + 1]?.virtualSize ?? -1;
+          const n = k.mapMergeLayer(cur.ptr, cur.count, layer.ptr, layer.count, depth, below, next.ptr, next.capacity);
+          if (n < 0) throw new QcowError('INTERNAL', 'internal error: map records overflowed their buffer', this.top.path);
+          next.count = n;
+          pending = k.mapPendingLeft();
+          [cur, next] = [next, cur];
+        }
+        onWindow(cur);
+        opts.onProgress?.(pos + len - start, end - start);
+      }
+    } finally {
+      cur.free();
+      next.free();
+      layer.free();
     }
   }
 
   /**
-   * One window of `mapRecords`: each layer is asked for its extents over the whole window once,
-   * and only if some range falls through to it; the ranges each layer answers for are then
-   * picked from those lists with a forward-only cursor per layer. (Asking a backing layer about
-   * every gap of the layers above separately costs a status call per gap: ~90,000 of them for a
-   * 10-deep chain with scattered writes.) Entries come out in guest order, unmerged.
+   * Guest bytes per map window: 64 Ki of the smallest allocation unit (cluster, or subcluster
+   * with extended L2) among the layers, so a window's records stay a few MiB whatever the layout.
    */
-  async #statusWindow(start: number, length: number, sink: MapSink): Promise<void> {
-    const extents: LayerExtent[][] = [];
-    const cursor: number[] = [];
-    const fill = async (depth: number, s: number, end: number): Promise<void> => {
-      const layer = this.layers[depth]!;
-      const backing = this.layers[depth + 1];
-      if (!extents[depth]) {
-        extents[depth] = await layer.status(start, length, { probeHost: true });
-        cursor[depth] = 0;
-      }
-      const list = extents[depth]!;
-      let i = cursor[depth]!;
-      while (i < list.length && list[i]!.start + list[i]!.length <= s) i++;
-      for (; i < list.length && list[i]!.start < end; i++) {
-        const e = list[i]!;
-        const from = Math.max(s, e.start);
-        const to = Math.min(end, e.start + e.length);
-        const offset = e.offset === undefined ? -1 : e.offset + (from - e.start);
-        if (e.allocated) {
-          sink(from, to - from, depth, MAP_PRESENT | (e.zero ? MAP_ZERO : 0) | (e.data ? MAP_DATA : 0), offset);
-          continue;
-        }
-        const below = backing ? Math.max(from, Math.min(to, backing.virtualSize)) : from;
-        if (below > from) {
-          cursor[depth] = i;
-          await fill(depth + 1, from, below);
-        }
-        // Nothing below: reads as zeros, reported at this depth (QEMU: past the backing file's end).
-        if (to > below) sink(below, to - below, depth, MAP_ZERO, offset < 0 ? -1 : offset + (below - from));
-      }
-      // The last extent may reach past `end`: the next range asked for may start inside it.
-      cursor[depth] = Math.max(0, i - 1);
-    };
-    await fill(0, start, start + length);
+  #mapWindowBytes(): number {
+    let unit = 65536;
+    for (const l of this.layers) if (l instanceof Qcow2Image) unit = Math.min(unit, l.extendedL2 ? l.clusterSize / 32 : l.clusterSize);
+    return MAP_WINDOW_UNITS * unit;
   }
 
   /**

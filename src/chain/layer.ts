@@ -3,6 +3,7 @@
  * Status follows QEMU's block-status model so `map` can reproduce qemu-img exactly.
  */
 import type { ImageFile } from '../io/file.js';
+import type { RecordBuffer } from './records.js';
 
 export type LayerFormat = 'qcow2' | 'raw';
 
@@ -54,6 +55,11 @@ export interface BlockLayer {
    * `probeHost` refines data extents by host-file holes the way qemu-img map does.
    */
   status(start: number, length: number, opts?: { probeHost?: boolean }): Promise<LayerExtent[]>;
+  /**
+   * `status` appended to `out` as layer extent records (records.ts), for the map path. `stream`:
+   * one pass over a large range (no table caching).
+   */
+  statusRecords(start: number, length: number, out: RecordBuffer, opts?: { probeHost?: boolean; stream?: boolean }): Promise<void>;
   /** Reads allocated bytes described by an extent from `status` into dst (dst.length <= extent). */
   readExtent(extent: LayerExtent, offsetInExtent: number, dst: Uint8Array): Promise<void>;
   close(): Promise<void>;

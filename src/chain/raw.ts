@@ -1,6 +1,7 @@
 /** A raw file as a block layer: guest offset == host offset, holes read as zeros. */
 import { openImageFile, type ImageFile } from '../io/file.js';
 import { pushExtent, type BlockLayer, type LayerExtent } from './layer.js';
+import { appendExtents, type RecordBuffer } from './records.js';
 
 export class RawLayer implements BlockLayer {
   readonly format = 'raw' as const;
@@ -39,6 +40,11 @@ export class RawLayer implements BlockLayer {
     }
     piece(pos, end, false);
     return out;
+  }
+
+  async statusRecords(start: number, length: number, out: RecordBuffer, opts: { probeHost?: boolean } = {}): Promise<void> {
+    // A raw file's extents are its host data extents: few, whatever the disk size.
+    appendExtents(out, await this.status(start, length, opts));
   }
 
   async readExtent(extent: LayerExtent, offsetInExtent: number, dst: Uint8Array): Promise<void> {

@@ -12,18 +12,34 @@ function qdictBucket(key: string): number {
   return ((Math.imul(1103515243, v) + 12345) >>> 0) % 512;
 }
 
+/**
+ * Key orders already worked out, by the object's key list: `info --backing-chain` prints a
+ * hundred dictionaries of the same few shapes.
+ */
+const keyOrders = new Map<string, string[]>();
+
 /** Keys of `obj` (undefined values dropped) in QDict iteration order. */
 export function qdictKeys(obj: object): string[] {
-  return Object.keys(obj)
-    .filter((k) => (obj as Record<string, unknown>)[k] !== undefined)
-    .map((k, i) => ({ k, i, b: qdictBucket(k) }))
-    // Same bucket: QEMU inserts at the head of the bucket's list, the later key comes first.
-    .sort((x, y) => x.b - y.b || y.i - x.i)
-    .map((x) => x.k);
+  const keys = Object.keys(obj).filter((k) => (obj as Record<string, unknown>)[k] !== undefined);
+  const shape = keys.join('\0');
+  let order = keyOrders.get(shape);
+  if (!order) {
+    order = keys
+      .map((k, i) => ({ k, i, b: qdictBucket(k) }))
+      // Same bucket: QEMU inserts at the head of the bucket's list, the later key comes first.
+      .sort((x, y) => x.b - y.b || y.i - x.i)
+      .map((x) => x.k);
+    keyOrders.set(shape, order);
+  }
+  return order;
 }
+
+/** Printable ASCII without quote or backslash: quoted as it is. */
+const PLAIN = /^[\x20\x21\x23-\x5b\x5d-\x7e]*$/;
 
 /** A JSON string as QEMU quotes it: control and non-ASCII characters as \uXXXX. */
 function qemuQuote(s: string): string {
+  if (PLAIN.test(s)) return `"${s}"`;
   let out = '"';
   for (const ch of s) {
     const cp = ch.codePointAt(0)!;

@@ -3,8 +3,8 @@
  * truncate, and host-file allocation probing. Nothing here knows about qcow2. Tests substitute
  * implementations (fault injection) through the same interface.
  */
-import { fstatSync, readSync, writeSync } from 'node:fs';
-import { open, type FileHandle } from 'node:fs/promises';
+import { close, closeSync, fdatasync, fstatSync, ftruncate, openSync, read, readSync, write, writeSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { fromSystemError, QcowError } from '../errors.js';
 import { dataExtentsManyNative, dataExtentsNative } from './native.js';
 import { forgetLockSnapshot, lockImage, type LockMode } from './lock.js';
@@ -58,24 +58,30 @@ const SYNC_READ_MAX = 64 * 1024;
 const KILL_AFTER_WRITES = Number(process.env.QCOWKIT_FAULT_KILL_AFTER_WRITES) || 0;
 let writesDone = 0;
 
+// Descriptor-based async I/O (the file is opened synchronously: see openImageFile).
+const readAsync = promisify(read);
+const writeAsync = promisify(write);
+const datasyncAsync = promisify(fdatasync);
+const truncateAsync = promisify(ftruncate);
+const closeAsync = promisify(close);
+
 class NodeImageFile implements ImageFile {
   #closed = false;
+  /** Async operations in flight: close waits for them (the descriptor number must not be reused under them). */
+  #inflight = 0;
+  #drained: (() => void) | undefined;
   constructor(
     readonly path: string,
     readonly writable: boolean,
-    private readonly handle: FileHandle,
+    readonly fd: number,
     private readonly openSize?: number,
   ) {}
-
-  get fd(): number {
-    return this.handle.fd;
-  }
 
   async size(): Promise<number> {
     // A file opened read-only is not ours to change: the size seen at open is kept.
     if (!this.writable && this.openSize !== undefined) return this.openSize;
     try {
-      return fstatSync(this.handle.fd).size;
+      return fstatSync(this.fd).size;
     } catch (e) {
       throw fromSystemError(e, this.path, 'stat failed');
     }
@@ -83,7 +89,7 @@ class NodeImageFile implements ImageFile {
 
   async allocatedBytes(): Promise<number> {
     try {
-      return fstatSync(this.handle.fd).blocks * 512;
+      return fstatSync(this.fd).blocks * 512;
     } catch (e) {
       throw fromSystemError(e, this.path, 'stat failed');
     }
@@ -101,8 +107,8 @@ class NodeImageFile implements ImageFile {
     try {
       while (done < buf.length) {
         const bytesRead = sync
-          ? readSync(this.handle.fd, buf, done, buf.length - done, offset + done)
-          : (await this.handle.read(buf, done, buf.length - done, offset + done)).bytesRead;
+          ? readSync(this.fd, buf, done, buf.length - done, offset + done)
+          : (await this.#track(readAsync(this.fd, buf, done, buf.length - done, offset + done))).bytesRead;
         if (bytesRead === 0) break;
         done += bytesRead;
       }
@@ -119,8 +125,8 @@ class NodeImageFile implements ImageFile {
     try {
       while (done < buf.length) {
         done += sync
-          ? writeSync(this.handle.fd, buf, done, buf.length - done, offset + done)
-          : (await this.handle.write(buf, done, buf.length - done, offset + done)).bytesWritten;
+          ? writeSync(this.fd, buf, done, buf.length - done, offset + done)
+          : (await this.#track(writeAsync(this.fd, buf, done, buf.length - done, offset + done))).bytesWritten;
       }
     } catch (e) {
       throw fromSystemError(e, this.path, `write error at offset ${offset + done}`);
@@ -131,7 +137,7 @@ class NodeImageFile implements ImageFile {
   async flush(): Promise<void> {
     if (!this.writable) return;
     try {
-      await this.handle.datasync();
+      await this.#track(datasyncAsync(this.fd));
     } catch (e) {
       throw fromSystemError(e, this.path, 'flush failed');
     }
@@ -139,7 +145,7 @@ class NodeImageFile implements ImageFile {
 
   async truncate(length: number): Promise<void> {
     try {
-      await this.handle.truncate(length);
+      await this.#track(truncateAsync(this.fd, length));
     } catch (e) {
       throw fromSystemError(e, this.path, 'truncate failed');
     }
@@ -147,24 +153,36 @@ class NodeImageFile implements ImageFile {
 
   async punchHole(offset: number, length: number): Promise<void> {
     try {
-      await trim(this.handle.fd, offset, length);
+      await this.#track(trim(this.fd, offset, length));
     } catch (e) {
       throw fromSystemError(e, this.path, `punching a hole at ${offset} failed`);
     }
   }
 
   dataExtents(start: number, end: number): Float64Array | null {
-    return dataExtentsNative(this.handle.fd, start, end);
+    return dataExtentsNative(this.fd, start, end);
   }
 
   dataExtentsMany(ranges: Float64Array): Float64Array | null {
-    return dataExtentsManyNative(this.handle.fd, ranges);
+    return dataExtentsManyNative(this.fd, ranges);
+  }
+
+  async #track<T>(op: Promise<T>): Promise<T> {
+    this.#inflight++;
+    try {
+      return await op;
+    } finally {
+      if (--this.#inflight === 0) this.#drained?.();
+    }
   }
 
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    await this.handle.close();
+    if (this.#inflight) await new Promise<void>((resolve) => (this.#drained = resolve));
+    // close(2) of a file only read never waits on the disk: no thread-pool round trip for it.
+    if (this.writable) await closeAsync(this.fd);
+    else closeSync(this.fd);
     forgetLockSnapshot(); // our locks on this file are gone
   }
 }
@@ -172,25 +190,30 @@ class NodeImageFile implements ImageFile {
 /** How files get opened; tests pass a fault-injecting opener through every operation's options. */
 export type FileOpener = (path: string, opts: OpenFileOptions) => Promise<ImageFile>;
 
+/**
+ * Opens synchronously: open(2) of a local file takes microseconds, a thread-pool round trip tens
+ * of them and much more on a busy machine, and a 100-deep backing chain opens its files one
+ * after another.
+ */
 export async function openImageFile(path: string, opts: OpenFileOptions = {}): Promise<ImageFile> {
   const writable = opts.writable ?? false;
-  let handle: FileHandle;
+  let fd: number;
   try {
-    handle = await open(path, writable ? 'r+' : 'r');
+    fd = openSync(path, writable ? 'r+' : 'r');
   } catch (e) {
     throw fromSystemError(e, path, 'Could not open');
   }
   let size: number;
   try {
-    const st = fstatSync(handle.fd);
+    const st = fstatSync(fd);
     size = st.size;
     if (st.isDirectory()) throw new QcowError('NOT_QCOW2', 'Could not open: Is a directory', path);
-    if (st.isFile()) await lockImage(handle.fd, st.dev, st.ino, opts.lock ?? (writable ? 'write' : 'read'), path, opts.forWrite ?? writable);
+    if (st.isFile()) await lockImage(fd, st.dev, st.ino, opts.lock ?? (writable ? 'write' : 'read'), path, opts.forWrite ?? writable);
   } catch (e) {
-    await handle.close();
+    closeSync(fd);
     throw fromSystemError(e, path, 'Could not open');
   }
-  return new NodeImageFile(path, writable, handle, size);
+  return new NodeImageFile(path, writable, fd, size);
 }
 
 /** Runs `worker` over `items` with at most `concurrency` promises in flight, in order of start. */

@@ -52,6 +52,30 @@ export const enum L2Stat {
 export const MAP_ENTRY_BYTES = 32;
 /** Most bytes the JSON writer produces per record (",\n" + one entry with 16-digit numbers). */
 export const MAP_JSON_MAX_ENTRY_BYTES = 192;
+/** `meta` of a map record whose range is still to be resolved by a lower layer (mapMergeLayer). */
+export const MAP_PENDING = -1;
+
+/**
+ * One layer extent record (a LayerExtent as numbers) = 48 bytes, six f64: start, length, host
+ * offset (negative: none), flags (ExtentFlag bits), compressed offset, compressed length (both 0
+ * unless Compressed).
+ */
+export const LAYER_EXTENT_BYTES = 48;
+
+/** Bits of a layer extent record's flags (the low three are also the map record flags). */
+export const enum ExtentFlag {
+  Allocated = 1,
+  Zero = 2,
+  Data = 4,
+  Compressed = 8,
+}
+
+/** Negative results of the status kernels. */
+export const enum StatusError {
+  InvalidRun = -1, // l2Records: run statusErrorRun() is Invalid
+  V2Zero = -2, // l2Records: zero cluster in a version 2 image at guest byte statusErrorStart()
+  Full = -3, // the output buffer is full
+}
 
 export interface Kernels {
   readonly memory: WebAssembly.Memory;
@@ -173,4 +197,42 @@ export interface Kernels {
   mapJsonFinish(out: number): number;
   /** Sets bit i of `outBitmap` when block i of a differs from block i of b (clears it when equal); bits past the last block are kept. */
   diffBlocks(a: number, b: number, nBytes: number, blockBits: number, outBitmap: number): void;
+
+  // --- block status records (map) ----------------------------------------------------------------
+  /**
+   * Turns `nRuns` l2Scan run records (unit = 1 << unitBits bytes; the table's first unit at guest
+   * byte `tableStart`) into layer extent records clipped to [clipStart, clipEnd), appended to
+   * out[0..nOut) (room: maxOut) and merged as LayerExtents merge (never compressed ones). Returns
+   * the new count, or a StatusError: InvalidRun, V2Zero (`v2`: a zero cluster in a version 2
+   * image), Full.
+   */
+  l2Records(runs: number, nRuns: number, unitBits: number, tableStart: number, clipStart: number, clipEnd: number, v2: boolean, out: number, nOut: number, maxOut: number): number;
+  /** The run index of the last InvalidRun error of l2Records. */
+  statusErrorRun(): number;
+  /** The guest byte of the last V2Zero error of l2Records. */
+  statusErrorStart(): number;
+  /**
+   * Writes f64 pairs [offset, min(offset + length, fileSize)) for the plain data extents (data with
+   * an offset, not compressed) among n layer extent records to `out`; returns the pair count.
+   */
+  recordsDataRanges(recs: number, n: number, fileSize: number, out: number): number;
+  /**
+   * Splits each plain data extent of n records at the host-file holes listed in `probed` (f64, per
+   * plain data extent in order: a count c and c data pairs, as ImageFile.dataExtentsMany returns):
+   * holes become "allocated, data, zero" pieces. Writes to `out` (room: maxOut) with merging;
+   * returns the count or StatusError.Full.
+   */
+  recordsSplitHoles(recs: number, n: number, probed: number, out: number, maxOut: number): number;
+  /**
+   * Merges one backing-chain layer into map records: the pending records (meta MAP_PENDING) of
+   * cur[0..nCur) take the extents of layer `depth` (records lay[0..nLay), covering them): provided
+   * ranges become records at `depth`, unallocated ones stay pending where the next layer reaches
+   * (`belowEnd`: its virtual size; negative: no next layer) and read as zeros at `depth` past it.
+   * Records merge as qemu-img map merges. Writes to `out` (room: maxOut); returns the count or
+   * StatusError.Full; `mapPendingLeft()` is the number of pending records written.
+   */
+  mapMergeLayer(cur: number, nCur: number, lay: number, nLay: number, depth: number, belowEnd: number, out: number, maxOut: number): number;
+  mapPendingLeft(): number;
+  /** Entries in [from, to) of a refcount block that are not zero. */
+  refcountCountNonZero(block: number, from: number, to: number, refcountOrder: number): number;
 }

@@ -186,6 +186,14 @@ interface RawExports {
   mapJsonFeed(entries: number, n: number, out: number): number;
   mapJsonFinish(out: number): number;
   diffBlocks(a: number, b: number, nBytes: number, blockBits: number, outBitmap: number): void;
+  l2Records(runs: number, nRuns: number, unitBits: number, tableStart: number, clipStart: number, clipEnd: number, v2: number, out: number, nOut: number, maxOut: number): number;
+  statusErrorRun(): number;
+  statusErrorStart(): number;
+  recordsDataRanges(recs: number, n: number, fileSize: number, out: number): number;
+  recordsSplitHoles(recs: number, n: number, probed: number, out: number, maxOut: number): number;
+  mapMergeLayer(cur: number, nCur: number, lay: number, nLay: number, depth: number, belowEnd: number, out: number, maxOut: number): number;
+  mapPendingLeft(): number;
+  refcountCountNonZero(block: number, from: number, to: number, refcountOrder: number): number;
 }
 
 /** wasm/kernels.wasm of the package this file belongs to (works from src/, dist/ and dist/cli-bundle/). */
@@ -205,6 +213,8 @@ const REQUIRED_EXPORTS = [
   'heapBase', 'l2Scan', 'scanConsumed', 'l2AccountRefs', 'l2CopiedMismatches', 'refsAddRange', 'refcountCompare',
   'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits', 'clearBits', 'extents',
   'extentsNext', 'bitmapConvertOr', 'bitmapTableLoad', 'bitmapClusterKinds', 'bitmapTableBuild', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks',
+  'l2Records', 'statusErrorRun', 'statusErrorStart', 'recordsDataRanges', 'recordsSplitHoles', 'mapMergeLayer', 'mapPendingLeft',
+  'refcountCountNonZero',
 ] as const satisfies ReadonlyArray<keyof RawExports>;
 
 const REINSTALL = 'reinstall qcowkit, or run `npm run build:wasm` in a checkout';
@@ -316,5 +326,15 @@ export function createWasmKernels(path: string = wasmPath()): Kernels {
     mapJsonFeed: (entries, n, out) => x.mapJsonFeed(entries, n, out) >>> 0,
     mapJsonFinish: (out) => x.mapJsonFinish(out) >>> 0,
     diffBlocks: x.diffBlocks,
+
+    l2Records: (runs, nRuns, unitBits, tableStart, clipStart, clipEnd, v2, out, nOut, maxOut) =>
+      x.l2Records(runs, nRuns, unitBits, tableStart, clipStart, clipEnd, v2 ? 1 : 0, out, nOut, maxOut),
+    statusErrorRun: () => x.statusErrorRun() >>> 0,
+    statusErrorStart: x.statusErrorStart,
+    recordsDataRanges: (recs, n, fileSize, out) => x.recordsDataRanges(recs, n, fileSize, out) >>> 0,
+    recordsSplitHoles: x.recordsSplitHoles,
+    mapMergeLayer: x.mapMergeLayer,
+    mapPendingLeft: () => x.mapPendingLeft() >>> 0,
+    refcountCountNonZero: (block, from, to, refcountOrder) => x.refcountCountNonZero(block, from, to, refcountOrder) >>> 0,
   };
 }

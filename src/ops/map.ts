@@ -16,52 +16,45 @@ export async function mapImage(path: string, emit: (e: MapEntry) => void, opts: 
   return withChain(path, opts, (chain, start, length) => chain.map(start, length, emit, { signal: opts.signal, onProgress: opts.onProgress }));
 }
 
-/** Entries per batch handed to the JSON kernel (~0.5 MB of text per write). */
+/** Records per call of the JSON kernel (its output needs MAP_JSON_MAX_ENTRY_BYTES each). */
 const JSON_BATCH = 4096;
+/** Text is handed to `write` in chunks of about this size. */
+const JSON_CHUNK = 512 * 1024;
 
 /**
  * `map --output=json` text, byte for byte as qemu-img prints it, streamed to `write` in large
- * chunks. Entries go from the chain walk into a typed batch, and the wasm kernel merges and
- * formats them: no object or string per entry, memory flat at any image size. `write` gets a
- * fresh buffer it may keep.
+ * chunks. The chain's map records stay in wasm memory, where the kernel merges and formats them:
+ * no object or string per entry, memory flat at any image size. `write` gets a fresh buffer it
+ * may keep.
  */
 export async function mapImageJson(path: string, write: (chunk: Uint8Array) => void, opts: MapOptions = {}): Promise<{ virtualSize: number }> {
   return withChain(path, opts, async (chain, start, length) => {
     const k = kernels();
-    const batch = new Float64Array(JSON_BATCH * 4);
-    const batchBytes = new Uint8Array(batch.buffer);
-    const entriesPtr = k.alloc(JSON_BATCH * MAP_ENTRY_BYTES);
-    const outPtr = k.alloc((JSON_BATCH + 2) * MAP_JSON_MAX_ENTRY_BYTES);
-    let n = 0;
-    const feed = () => {
-      k.u8(entriesPtr, n * MAP_ENTRY_BYTES).set(batchBytes.subarray(0, n * MAP_ENTRY_BYTES));
-      const len = k.mapJsonFeed(entriesPtr, n, outPtr);
-      n = 0;
-      if (len) write(k.u8(outPtr, len).slice());
+    const outPtr = k.alloc(JSON_CHUNK + (JSON_BATCH + 2) * MAP_JSON_MAX_ENTRY_BYTES);
+    let used = 0;
+    const flush = () => {
+      if (used) write(k.u8(outPtr, used).slice());
+      used = 0;
     };
     try {
       k.mapJsonReset();
-      await chain.mapRecords(
+      await chain.mapWindows(
         start,
         length,
-        (s, len, depth, flags, offset) => {
-          const i = n * 4;
-          batch[i] = s;
-          batch[i + 1] = len;
-          batch[i + 2] = offset;
-          batch[i + 3] = depth * 8 + flags;
-          if (++n === JSON_BATCH) feed();
+        (recs) => {
+          for (let i = 0; i < recs.count; i += JSON_BATCH) {
+            used += k.mapJsonFeed(recs.ptr + i * MAP_ENTRY_BYTES, Math.min(JSON_BATCH, recs.count - i), outPtr + used);
+            if (used >= JSON_CHUNK) flush();
+          }
         },
         { signal: opts.signal, onProgress: opts.onProgress },
       );
-      feed();
-      const len = k.mapJsonFinish(outPtr);
+      used += k.mapJsonFinish(outPtr + used);
       // Nothing to map (empty image, start at or past the end): qemu-img still prints its
       // initial, empty entry.
-      if (len) write(k.u8(outPtr, len).slice());
+      if (used) flush();
       else write(Buffer.from(`[{ "start": ${start}, "length": 0, "depth": 0, "present": false, "zero": false, "data": false}]\n`));
     } finally {
-      k.free(entriesPtr);
       k.free(outPtr);
     }
   });

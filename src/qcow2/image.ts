@@ -11,7 +11,9 @@ import type { SnapshotEntry } from '../format/snapshot.js';
 import { readSnapshotTable, SnapshotTableError } from './snapshot-table.js';
 import { BME_FLAG_IN_USE, decodeBitmapDirectory, validateBitmapTable, type BitmapDirectoryEntry } from '../format/bitmap.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L2E_OFFSET_MASK } from '../format/constants.js';
-import { pushExtent, type BlockLayer, type LayerExtent } from '../chain/layer.js';
+import type { BlockLayer, LayerExtent } from '../chain/layer.js';
+import { extentBuffer, recordsToExtents, type RecordBuffer } from '../chain/records.js';
+import { kernels, LAYER_EXTENT_BYTES } from '../kernels/index.js';
 import { L2Tables } from './l2.js';
 import { RefcountReader } from './refcounts.js';
 import { decompressCluster, loadDecoder } from './compressed.js';
@@ -193,11 +195,18 @@ export class Qcow2Image implements BlockLayer {
 
   static async #load(path: string, file: ImageFile, opts: OpenQcow2Options): Promise<Qcow2Image> {
     const fileSize = await file.size();
-    // One read covers cluster 0 of the common cluster sizes; larger ones take a second. Bytes
-    // past the end of the file read as zeros, as in QEMU (cluster 0 is always whole).
-    let head = new Uint8Array(Math.max(65536, Math.min(fileSize, 65536)));
+    // An overlay keeps all the header decoder reads (header, extensions up to the backing file
+    // name, the name) in its first few hundred bytes: one small read, not cluster 0 (a 100-deep
+    // chain reads 100 headers). Otherwise one read covers cluster 0 of the common cluster
+    // sizes; larger ones take a second. Bytes past the end of the file read as zeros, as in
+    // QEMU (cluster 0 is always whole).
+    let head = new Uint8Array(HEAD_PROBE_BYTES);
     await file.readAt(head, 0);
-    if (fileSize >= 24) {
+    if (!headerWithin(head)) {
+      head = new Uint8Array(65536);
+      await file.readAt(head, 0);
+    }
+    if (head.length === 65536 && fileSize >= 24) {
       const bits = dataView(head).getUint32(20);
       if (bits > 16 && bits <= 21) {
         head = new Uint8Array(2 ** bits);
@@ -291,56 +300,59 @@ export class Qcow2Image implements BlockLayer {
   }
 
   async status(start: number, length: number, opts: { probeHost?: boolean } = {}): Promise<LayerExtent[]> {
-    const end = Math.min(start + length, this.virtualSize);
-    const out: LayerExtent[] = [];
-    if (start >= end) return out;
-    const v2 = this.header.version === 2;
-    await this.#l2.scan(this, start, end, (e) => {
-      // v2 has no zero flag: QEMU fails the read and marks the image corrupt.
-      if (v2 && e.allocated && e.zero) throw new QcowError('CORRUPT', `Zero cluster entry found in pre-v3 image (guest offset ${e.start})`, this.path);
-      pushExtent(out, e);
-    });
-    const plainData = (e: LayerExtent) => e.data && !e.compressed && e.offset !== undefined;
-    // The preallocation heuristic reads refcounts: only worth it when there is data to refine.
-    if (!opts.probeHost || !out.some(plainData) || !(await this.metadataPreallocated())) return out;
-    // One probe of the host file for all data extents of the scan (one native call per batch).
-    const data = out.filter(plainData);
-    const ranges = new Float64Array(data.length * 2);
-    data.forEach((e, i) => {
-      ranges[2 * i] = e.offset!;
-      ranges[2 * i + 1] = Math.min(e.offset! + e.length, this.fileSize);
-    });
-    const probed = this.file.dataExtentsMany ? this.file.dataExtentsMany(ranges) : perRange(this.file, ranges);
-    if (!probed) return out;
-    const refined: LayerExtent[] = [];
-    let at = 0;
-    for (const e of out) {
-      if (!plainData(e)) {
-        pushExtent(refined, e);
-        continue;
-      }
-      const n = probed[at++]!;
-      this.#splitByHostHoles(e, probed, at, n, refined);
-      at += 2 * n;
+    const buf = extentBuffer();
+    try {
+      await this.statusRecords(start, length, buf, opts);
+      return recordsToExtents(buf);
+    } finally {
+      buf.free();
     }
-    return refined;
   }
 
-  /** Splits a data extent at the host-file holes in pairs [at, at + 2n) of `ext`. */
-  #splitByHostHoles(e: LayerExtent, ext: Float64Array, at: number, n: number, out: LayerExtent[]): void {
-    const host = e.offset!;
-    const hostEnd = host + e.length;
-    if (n === 1 && ext[at] === host && ext[at + 1] === hostEnd) return pushExtent(out, e);
-    let pos = host;
-    const piece = (from: number, to: number, zero: boolean) => {
-      if (to > from) pushExtent(out, { start: e.start + (from - host), length: to - from, allocated: true, data: true, zero, offset: from });
-    };
-    for (let i = at; i < at + 2 * n; i += 2) {
-      piece(pos, ext[i]!, true);
-      piece(ext[i]!, ext[i + 1]!, false);
-      pos = ext[i + 1]!;
+  async statusRecords(start: number, length: number, out: RecordBuffer, opts: { probeHost?: boolean; stream?: boolean } = {}): Promise<void> {
+    const end = Math.min(start + length, this.virtualSize);
+    if (start >= end) return;
+    const from = out.count;
+    await this.#l2.scanRecords(this, start, end, out, { v2: this.header.version === 2, stream: opts.stream ?? false });
+    if (opts.probeHost) await this.#probeHostHoles(out, from);
+  }
+
+  /**
+   * Splits the plain data extents among out's records [from, count) at holes of the host file,
+   * as qemu-img map does for images that look metadata-preallocated: one probe of the host file
+   * for all of them (one native call), the split in wasm.
+   */
+  async #probeHostHoles(out: RecordBuffer, from: number): Promise<void> {
+    const k = kernels();
+    const n = out.count - from;
+    const at = (b: RecordBuffer, i: number) => b.ptr + i * LAYER_EXTENT_BYTES;
+    let ranges = k.alloc(n * 16);
+    let probedPtr = 0;
+    const split = extentBuffer();
+    try {
+      const m = k.recordsDataRanges(at(out, from), n, this.fileSize, ranges);
+      // The preallocation heuristic reads refcounts: only worth it when there is data to refine.
+      if (m === 0 || !(await this.metadataPreallocated())) return;
+      const view = new Float64Array(k.memory.buffer, ranges, 2 * m);
+      const probed = this.file.dataExtentsMany ? this.file.dataExtentsMany(view) : perRange(this.file, view);
+      if (!probed) return;
+      k.free(ranges);
+      ranges = 0;
+      probedPtr = k.alloc(probed.length * 8);
+      new Float64Array(k.memory.buffer, probedPtr, probed.length).set(probed);
+      // Each data pair adds at most two pieces (its count adds none).
+      split.reserve(n + probed.length);
+      const r = k.recordsSplitHoles(at(out, from), n, probedPtr, split.ptr, split.capacity);
+      if (r < 0) throw new QcowError('INTERNAL', 'internal error: status records overflowed their buffer', this.path);
+      out.count = from;
+      out.reserve(r);
+      k.u8(at(out, from), r * LAYER_EXTENT_BYTES).set(k.u8(split.ptr, r * LAYER_EXTENT_BYTES));
+      out.count = from + r;
+    } finally {
+      if (ranges) k.free(ranges);
+      if (probedPtr) k.free(probedPtr);
+      split.free();
     }
-    piece(pos, hostEnd, true);
   }
 
   async readExtent(extent: LayerExtent, offsetInExtent: number, dst: Uint8Array): Promise<void> {
@@ -433,6 +445,22 @@ async function readZeroPadded(file: ImageFile, offset: number, length: number, f
   const buf = new Uint8Array(length);
   if (offset < fileSize) await file.readAt(buf.subarray(0, Math.min(length, fileSize - offset)), offset);
   return buf;
+}
+
+const HEAD_PROBE_BYTES = 4096;
+
+/**
+ * Whether `head` (the file's first bytes) holds everything decodeHeader reads: with a backing
+ * file name, the extension area ends where the name starts; without one it runs to the end of
+ * cluster 0.
+ */
+function headerWithin(head: Uint8Array): boolean {
+  const v = dataView(head);
+  const clusterBits = v.getUint32(20);
+  const backingOffset = v.getUint32(8) * 2 ** 32 + v.getUint32(12);
+  if (clusterBits < 9 || clusterBits > 21 || backingOffset === 0 || backingOffset > 2 ** clusterBits) return false;
+  const headerLength = v.getUint32(4) === 3 ? v.getUint32(100) : 72;
+  return Math.max(headerLength, backingOffset + v.getUint32(16)) <= head.length;
 }
 
 function assertReadable(h: Qcow2Header, path: string): void {

@@ -6,8 +6,8 @@
 import { QcowError } from '../errors.js';
 import type { ImageFile } from '../io/file.js';
 import { inParallel } from '../io/file.js';
-import { kernels, L2_RUN_BYTES, RunKind, InvalidReason } from '../kernels/index.js';
-import type { LayerExtent } from '../chain/layer.js';
+import { kernels, L2_RUN_BYTES, RunKind, InvalidReason, StatusError } from '../kernels/index.js';
+import type { RecordBuffer } from '../chain/records.js';
 import type { MetadataCache } from './cache.js';
 
 const WINDOW_BYTES = 16 * 1024 * 1024;
@@ -123,43 +123,37 @@ export class L2Tables {
     }
   }
 
-  /** Emits the extents of guest range [start, end) in order (not merged). */
-  async scan(g: L2Geometry, start: number, end: number, emit: (e: LayerExtent) => void): Promise<void> {
+  /**
+   * Appends the extents of guest range [start, end) to `out` as layer extent records, in order and
+   * merged (LayerExtent rules). `stream`: a one-pass scan of a large range (map), read in batches
+   * that are released at once instead of going through the table cache. `v2`: zero clusters are
+   * errors (version 2 images have no zero flag).
+   */
+  async scanRecords(g: L2Geometry, start: number, end: number, out: RecordBuffer, opts: { v2: boolean; stream?: boolean }): Promise<void> {
     const firstL1 = Math.floor(start / g.l2Span);
     const lastL1 = Math.floor((end - 1) / g.l2Span);
     const perWindow = Math.max(1, Math.floor(WINDOW_BYTES / g.clusterSize));
     for (let w = firstL1; w <= lastL1; w += perWindow) {
       const n = Math.min(perWindow, lastL1 + 1 - w);
       const offsets = Array.from({ length: n }, (_, i) => g.l2Offset(w + i));
-      let ptrs: number[];
-      let release = (): void => {};
+      const span = (i: number): [number, number, number] => {
+        const tableStart = (w + i) * g.l2Span;
+        return [tableStart, Math.max(start, tableStart), Math.min(end, tableStart + g.l2Span)];
+      };
       if (this.source) {
-        for (let i = 0; i < n; i++) {
-          if (!offsets[i]) this.#scanMissing(g, w + i, start, end, emit);
-          else this.#scanTable(g, await this.source.get(offsets[i]!), (w + i) * g.l2Span, Math.max(start, (w + i) * g.l2Span), Math.min(end, (w + i + 1) * g.l2Span), emit);
-        }
+        for (let i = 0; i < n; i++) this.#tableRecords(g, offsets[i] ? await this.source.get(offsets[i]!) : 0, ...span(i), out, opts.v2);
         continue;
       }
-      if (n <= CACHED_SCAN_TABLES) ptrs = await this.#cachedTables(offsets);
+      let ptrs: number[];
+      let release = (): void => {};
+      if (n <= CACHED_SCAN_TABLES && !opts.stream) ptrs = await this.#cachedTables(offsets);
       else ({ ptrs, release } = await this.load(offsets));
       try {
-        for (let i = 0; i < n; i++) {
-          const tableStart = (w + i) * g.l2Span;
-          const s = Math.max(start, tableStart);
-          const e = Math.min(end, tableStart + g.l2Span);
-          if (!ptrs[i]) this.#scanMissing(g, w + i, start, end, emit);
-          else this.#scanTable(g, ptrs[i]!, tableStart, s, e, emit);
-        }
+        for (let i = 0; i < n; i++) this.#tableRecords(g, ptrs[i]!, ...span(i), out, opts.v2);
       } finally {
         release();
       }
     }
-  }
-
-  #scanMissing(g: L2Geometry, l1Index: number, start: number, end: number, emit: (e: LayerExtent) => void): void {
-    const s = Math.max(start, l1Index * g.l2Span);
-    const e = Math.min(end, (l1Index + 1) * g.l2Span);
-    emit({ start: s, length: e - s, allocated: false, data: false, zero: false, offset: undefined });
   }
 
   /** Forgets the single-table read cache (tables may have changed on disk). */
@@ -169,52 +163,49 @@ export class L2Tables {
     this.#cache.clear();
   }
 
-  #scanTable(g: L2Geometry, ptr: number, tableStart: number, s: number, e: number, emit: (e: LayerExtent) => void): void {
+  /**
+   * Records of the table at `ptr` (0: no table, all unallocated) for [s, e): the l2Scan kernel
+   * turns entries into runs, l2Records turns runs into clipped, merged extent records.
+   */
+  #tableRecords(g: L2Geometry, ptr: number, tableStart: number, s: number, e: number, out: RecordBuffer, v2: boolean): void {
     const k = kernels();
     if (!this.#runs) this.#runs = k.alloc(MAX_RUNS * L2_RUN_BYTES);
-    const unit = g.extendedL2 ? g.clusterSize / 32 : g.clusterSize;
+    const unitBits = g.extendedL2 ? g.clusterBits - 5 : g.clusterBits;
+    if (!ptr) {
+      // One unallocated run over the whole table, clipped and merged like any other.
+      const run = new Uint32Array(k.memory.buffer, this.#runs, 8);
+      run.set([0, g.l2Span / 2 ** unitBits, RunKind.Unallocated, 0, 0, 0, 0, 0]);
+      this.#appendRuns(g, 1, unitBits, tableStart, s, e, out, v2);
+      return;
+    }
     let first = Math.floor((s - tableStart) / g.clusterSize);
     let count = Math.ceil((e - tableStart) / g.clusterSize) - first;
     while (count > 0) {
       const n = k.l2Scan(ptr, first, count, g.extendedL2, g.clusterBits, this.#runs, MAX_RUNS);
       const consumed = k.scanConsumed();
-      const u32 = new Uint32Array(k.memory.buffer, this.#runs, n * 8);
-      const f64 = new Float64Array(k.memory.buffer, this.#runs, n * 4);
-      for (let r = 0; r < n; r++) {
-        const kind = u32[r * 8 + 2]!;
-        let gs = tableStart + u32[r * 8]! * unit;
-        let len = u32[r * 8 + 1]! * unit;
-        let host = f64[r * 4 + 2]!;
-        if (kind === RunKind.Invalid) {
-          throw new QcowError('CORRUPT', `Invalid L2 entry for guest offset ${gs}: ${REASONS[u32[r * 8 + 3]!] ?? 'bad entry'}`, g.path);
-        }
-        const cut = Math.max(0, s - gs);
-        gs += cut;
-        len = Math.min(len - cut, e - gs);
-        if (len <= 0) continue;
-        if (host) host += cut;
-        switch (kind) {
-          case RunKind.Unallocated:
-            emit({ start: gs, length: len, allocated: false, data: false, zero: false, offset: host || undefined });
-            break;
-          case RunKind.Data:
-            emit({ start: gs, length: len, allocated: true, data: true, zero: false, offset: host });
-            break;
-          case RunKind.ZeroPlain:
-            emit({ start: gs, length: len, allocated: true, data: false, zero: true, offset: undefined });
-            break;
-          case RunKind.ZeroAlloc:
-            emit({ start: gs, length: len, allocated: true, data: false, zero: true, offset: host });
-            break;
-          case RunKind.Compressed:
-            emit({ start: gs, length: len, allocated: true, data: true, zero: false, offset: undefined, compressed: { offset: f64[r * 4 + 2]!, length: f64[r * 4 + 3]! } });
-            break;
-        }
-      }
+      this.#appendRuns(g, n, unitBits, tableStart, s, e, out, v2);
       first += consumed;
       count -= consumed;
       if (consumed === 0) throw new QcowError('CORRUPT', 'internal error: L2 scan made no progress', g.path);
     }
+  }
+
+  #appendRuns(g: L2Geometry, n: number, unitBits: number, tableStart: number, s: number, e: number, out: RecordBuffer, v2: boolean): void {
+    const k = kernels();
+    out.reserve(n); // a run makes at most one record
+    const r = k.l2Records(this.#runs, n, unitBits, tableStart, s, e, v2, out.ptr, out.count, out.capacity);
+    if (r >= 0) {
+      out.count = r;
+      return;
+    }
+    if (r === StatusError.InvalidRun) {
+      const run = new Uint32Array(k.memory.buffer, this.#runs + k.statusErrorRun() * L2_RUN_BYTES, 4);
+      const gs = tableStart + run[0]! * 2 ** unitBits;
+      throw new QcowError('CORRUPT', `Invalid L2 entry for guest offset ${gs}: ${REASONS[run[3]!] ?? 'bad entry'}`, g.path);
+    }
+    // QEMU fails the read and marks the image corrupt.
+    if (r === StatusError.V2Zero) throw new QcowError('CORRUPT', `Zero cluster entry found in pre-v3 image (guest offset ${k.statusErrorStart()})`, g.path);
+    throw new QcowError('INTERNAL', 'internal error: status records overflowed their buffer', g.path);
   }
 
   clear(): void {

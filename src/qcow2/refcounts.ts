@@ -6,20 +6,26 @@ import { QcowError } from '../errors.js';
 import type { ImageFile } from '../io/file.js';
 import { decodeRefcountTable, getRefcount, refcountBlockEntries, type DecodedTable } from '../format/tables.js';
 import type { Qcow2Header } from '../format/header.js';
+import { kernels } from '../kernels/index.js';
 
 export class RefcountReader {
   readonly entriesPerBlock: number;
-  readonly table: DecodedTable;
+  #table: DecodedTable | undefined;
   readonly #blocks = new Map<number, Uint8Array>();
 
   private constructor(
     private readonly file: ImageFile,
     readonly header: Qcow2Header,
     readonly clusterSize: number,
-    tableBytes: Uint8Array,
+    private readonly tableBytes: Uint8Array,
   ) {
     this.entriesPerBlock = refcountBlockEntries(header.clusterBits, header.refcountOrder);
-    this.table = decodeRefcountTable(tableBytes, tableBytes.length / 8, clusterSize);
+  }
+
+  /** The whole refcount table, decoded on first use (countInUse needs only its first entries). */
+  get table(): DecodedTable {
+    this.#table ??= decodeRefcountTable(this.tableBytes, this.tableBytes.length / 8, this.clusterSize);
+    return this.#table;
   }
 
   static async load(file: ImageFile, header: Qcow2Header): Promise<RefcountReader> {
@@ -51,18 +57,26 @@ export class RefcountReader {
 
   /**
    * Counts clusters below `endCluster` with a non-zero refcount, stopping once `limit` is reached
-   * (QEMU's metadata-preallocation heuristic).
+   * (QEMU's metadata-preallocation heuristic). Decodes only the table entries it needs and
+   * counts each block in wasm.
    */
   async countInUse(endCluster: number, limit: number): Promise<number> {
-    let n = 0;
-    for (let ti = 0; ti * this.entriesPerBlock < endCluster && n < limit; ti++) {
-      if (ti >= this.table.offsets.length) break;
-      const b = await this.block(ti);
-      if (!b) continue;
-      const end = Math.min(this.entriesPerBlock, endCluster - ti * this.entriesPerBlock);
-      for (let j = 0; j < end && n < limit; j++) if (getRefcount(b, j, this.header.refcountOrder) !== 0) n++;
+    const entries = Math.min(Math.ceil(endCluster / this.entriesPerBlock), this.tableBytes.length / 8);
+    const table = this.#table ?? decodeRefcountTable(this.tableBytes.subarray(0, entries * 8), entries, this.clusterSize);
+    const k = kernels();
+    const block = k.alloc(this.clusterSize);
+    try {
+      let n = 0;
+      for (let ti = 0; ti < entries && n < limit; ti++) {
+        const off = table.offsets[ti];
+        if (!off) continue;
+        await this.file.readAt(k.u8(block, this.clusterSize), off);
+        n += k.refcountCountNonZero(block, 0, Math.min(this.entriesPerBlock, endCluster - ti * this.entriesPerBlock), this.header.refcountOrder);
+      }
+      return Math.min(n, limit);
+    } finally {
+      k.free(block);
     }
-    return n;
   }
 
   invalidTableEntry(file: string): QcowError | undefined {

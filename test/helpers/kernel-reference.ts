@@ -3,7 +3,7 @@
  * (and heap) as a real `Kernels` instance. Written for obviousness, not speed: unit-by-unit L2
  * decoding with BigInt, bit-by-bit bitmaps. Tests compare the wasm kernels against it.
  */
-import { InvalidReason, L2_RUN_BYTES, RunKind, type Kernels } from '../../src/kernels/api.js';
+import { ExtentFlag, InvalidReason, L2_RUN_BYTES, LAYER_EXTENT_BYTES, MAP_ENTRY_BYTES, RunKind, StatusError, type Kernels } from '../../src/kernels/api.js';
 
 const MAX_OFFSET = 2n ** 53n;
 const HOST_MASK = 0x00ff_ffff_ffff_fe00n;
@@ -446,5 +446,168 @@ export function referenceKernels(base: Kernels): Kernels {
         putBit(b, outBitmap, i, firstDifferent(a + i * size, bb + i * size, size) >= 0);
       }
     },
+
+    l2Records(runs, nRuns, unitBits, tableStart, clipStart, clipEnd, v2, out, nOut, maxOut) {
+      const dv = view();
+      const list = readExtents(dv, out, nOut);
+      const unit = 2 ** unitBits;
+      for (let i = 0; i < nRuns; i++) {
+        const at = runs + i * L2_RUN_BYTES;
+        const kind = dv.getUint32(at + 8, true);
+        if (kind === RunKind.Invalid) {
+          errRun = i;
+          return StatusError.InvalidRun;
+        }
+        const runStart = tableStart + dv.getUint32(at, true) * unit;
+        const runEnd = runStart + dv.getUint32(at + 4, true) * unit;
+        const start = Math.max(runStart, clipStart);
+        const end = Math.min(runEnd, clipEnd);
+        if (end <= start) continue;
+        const host = dv.getFloat64(at + 16, true);
+        const hostAt = host === 0 ? -1 : host + (start - runStart);
+        const e: Ext = { start, length: end - start, offset: -1, flags: 0, cOffset: 0, cLength: 0 };
+        if (kind === RunKind.Unallocated) e.offset = hostAt;
+        else if (kind === RunKind.Data) [e.flags, e.offset] = [ExtentFlag.Allocated | ExtentFlag.Data, hostAt];
+        else if (kind === RunKind.ZeroPlain) e.flags = ExtentFlag.Allocated | ExtentFlag.Zero;
+        else if (kind === RunKind.ZeroAlloc) [e.flags, e.offset] = [ExtentFlag.Allocated | ExtentFlag.Zero, hostAt];
+        else [e.flags, e.cOffset, e.cLength] = [ExtentFlag.Allocated | ExtentFlag.Data | ExtentFlag.Compressed, host, dv.getFloat64(at + 24, true)];
+        if (v2 && e.flags & ExtentFlag.Zero) {
+          errStart = start;
+          return StatusError.V2Zero;
+        }
+        pushRefExtent(list, e);
+      }
+      if (list.length > maxOut) return StatusError.Full;
+      writeExtents(dv, out, list);
+      return list.length;
+    },
+    statusErrorRun: () => errRun,
+    statusErrorStart: () => errStart,
+    recordsDataRanges(recs, n, fileSize, out) {
+      const dv = view();
+      let m = 0;
+      for (const e of readExtents(dv, recs, n)) {
+        if (!isPlainData(e)) continue;
+        dv.setFloat64(out + m * 16, e.offset, true);
+        dv.setFloat64(out + m * 16 + 8, Math.min(e.offset + e.length, fileSize), true);
+        m++;
+      }
+      return m;
+    },
+    recordsSplitHoles(recs, n, probed, out, maxOut) {
+      const dv = view();
+      const list: Ext[] = [];
+      let at = probed;
+      for (const e of readExtents(dv, recs, n)) {
+        if (!isPlainData(e)) {
+          pushRefExtent(list, e);
+          continue;
+        }
+        const c = dv.getFloat64(at, true);
+        at += 8;
+        // Byte by byte over the host range: inside a data pair or not.
+        const pairs: [number, number][] = [];
+        for (let j = 0; j < c; j++, at += 16) pairs.push([dv.getFloat64(at, true), dv.getFloat64(at + 8, true)]);
+        const cuts = [...new Set([e.offset, e.offset + e.length, ...pairs.flat()])].filter((x) => x >= e.offset && x <= e.offset + e.length).sort((x, y) => x - y);
+        for (let j = 0; j + 1 < cuts.length; j++) {
+          const inData = pairs.some(([ps, pe]) => ps <= cuts[j]! && cuts[j + 1]! <= pe);
+          const flags = ExtentFlag.Allocated | ExtentFlag.Data | (inData ? 0 : ExtentFlag.Zero);
+          pushRefExtent(list, { start: e.start + (cuts[j]! - e.offset), length: cuts[j + 1]! - cuts[j]!, offset: cuts[j]!, flags, cOffset: 0, cLength: 0 });
+        }
+      }
+      if (list.length > maxOut) return StatusError.Full;
+      writeExtents(dv, out, list);
+      return list.length;
+    },
+    mapMergeLayer(cur, nCur, lay, nLay, depth, belowEnd, out, maxOut) {
+      const dv = view();
+      const layer = readExtents(dv, lay, nLay);
+      const list: MapRec[] = [];
+      const push = (r: MapRec) => {
+        if (r.length <= 0) return;
+        const last = list[list.length - 1];
+        if (last && last.meta === r.meta && last.start + last.length === r.start && (last.offset < 0 ? r.offset < 0 : r.offset === last.offset + last.length)) last.length += r.length;
+        else list.push(r);
+      };
+      for (let i = 0; i < nCur; i++) {
+        const at = cur + i * MAP_ENTRY_BYTES;
+        const c: MapRec = { start: dv.getFloat64(at, true), length: dv.getFloat64(at + 8, true), offset: dv.getFloat64(at + 16, true), meta: dv.getFloat64(at + 24, true) };
+        if (c.meta >= 0) {
+          push(c);
+          continue;
+        }
+        for (const x of layer) {
+          const from = Math.max(c.start, x.start);
+          const to = Math.min(c.start + c.length, x.start + x.length);
+          if (to <= from) continue;
+          const offset = x.offset < 0 ? -1 : x.offset + (from - x.start);
+          if (x.flags & ExtentFlag.Allocated) {
+            push({ start: from, length: to - from, offset, meta: depth * 8 + (x.flags & 7) });
+            continue;
+          }
+          const below = belowEnd < 0 ? from : Math.min(Math.max(from, belowEnd), to);
+          push({ start: from, length: below - from, offset: -1, meta: -1 });
+          push({ start: below, length: to - below, offset: offset < 0 ? -1 : offset + (below - from), meta: depth * 8 + ExtentFlag.Zero });
+        }
+      }
+      pendingLeft = list.filter((r) => r.meta < 0).length;
+      if (list.length > maxOut) return StatusError.Full;
+      list.forEach((r, i) => [r.start, r.length, r.offset, r.meta].forEach((v, j) => dv.setFloat64(out + i * MAP_ENTRY_BYTES + j * 8, v, true)));
+      return list.length;
+    },
+    mapPendingLeft: () => pendingLeft,
+    refcountCountNonZero(block, from, to, refcountOrder) {
+      const b = bytes();
+      let n = 0;
+      for (let i = from; i < to; i++) if (refcountEntry(b, block, i, refcountOrder) !== 0n) n++;
+      return n;
+    },
   };
+}
+
+/** A layer extent record as an object. */
+interface Ext {
+  start: number;
+  length: number;
+  offset: number;
+  flags: number;
+  cOffset: number;
+  cLength: number;
+}
+
+interface MapRec {
+  start: number;
+  length: number;
+  offset: number;
+  meta: number;
+}
+
+let errRun = 0;
+let errStart = 0;
+let pendingLeft = 0;
+
+function readExtents(dv: DataView, ptr: number, n: number): Ext[] {
+  const out: Ext[] = [];
+  for (let i = 0; i < n; i++) {
+    const f = (j: number) => dv.getFloat64(ptr + i * LAYER_EXTENT_BYTES + j * 8, true);
+    out.push({ start: f(0), length: f(1), offset: f(2), flags: f(3), cOffset: f(4), cLength: f(5) });
+  }
+  return out;
+}
+
+function writeExtents(dv: DataView, ptr: number, list: Ext[]): void {
+  list.forEach((e, i) => [e.start, e.length, e.offset, e.flags, e.cOffset, e.cLength].forEach((v, j) => dv.setFloat64(ptr + i * LAYER_EXTENT_BYTES + j * 8, v, true)));
+}
+
+const isPlainData = (e: Ext): boolean => (e.flags & ExtentFlag.Data) !== 0 && (e.flags & ExtentFlag.Compressed) === 0 && e.offset >= 0;
+
+/** LayerExtent merging (chain/layer.ts pushExtent) on records. */
+function pushRefExtent(list: Ext[], e: Ext): void {
+  const last = list[list.length - 1];
+  const compressed = (x: Ext) => (x.flags & ExtentFlag.Compressed) !== 0;
+  if (last && !compressed(last) && !compressed(e) && last.start + last.length === e.start && last.flags === e.flags && (last.offset < 0 ? e.offset < 0 : e.offset === last.offset + last.length)) {
+    last.length += e.length;
+    return;
+  }
+  list.push({ ...e });
 }

@@ -186,6 +186,7 @@ describe('kernels loading', () => {
         'refcountGet', 'refcountSet', 'bitmapOr', 'bitmapAnd', 'bitmapAndNot', 'popcount', 'setBits',
         'clearBits', 'extents', 'extentsNext', 'bitmapConvertOr', 'bitmapTableLoad', 'bitmapClusterKinds', 'bitmapTableBuild', 'isZero', 'firstNonZero', 'firstDifference', 'zeroBlocks', 'diffBlocks',
         'mapJsonReset', 'mapJsonFeed', 'mapJsonFinish',
+        'l2Records', 'statusErrorRun', 'statusErrorStart', 'recordsDataRanges', 'recordsSplitHoles', 'mapMergeLayer', 'mapPendingLeft', 'refcountCountNonZero',
       ].sort(),
     );
   });

@@ -1,6 +1,6 @@
 // WebAssembly kernels versus the plain-TS reference: spec examples plus seeded random inputs.
 import { afterEach, describe, expect, it } from 'vitest';
-import { InvalidReason, kernels, L2_RUN_BYTES, L2Stat, MAP_ENTRY_BYTES, MAP_JSON_MAX_ENTRY_BYTES, RunKind } from '../../src/kernels/index.js';
+import { ExtentFlag, InvalidReason, kernels, L2_RUN_BYTES, L2Stat, LAYER_EXTENT_BYTES, MAP_ENTRY_BYTES, MAP_JSON_MAX_ENTRY_BYTES, MAP_PENDING, RunKind } from '../../src/kernels/index.js';
 import { referenceKernels } from '../helpers/kernel-reference.js';
 
 const k = kernels();
@@ -310,6 +310,215 @@ describe('l2Scan: random tables against the reference', () => {
       }
       const unitSize = 2 ** (extended ? cb - 5 : cb);
       expect(mergeRuns(batches, unitSize)).toEqual(scan(k, table, 0, entries, extended, cb, 1 << 16).runs);
+      release();
+    }
+  });
+});
+
+describe('l2Scan: long runs (the vectorised run extension)', () => {
+  it.each([false, true])('matches the reference on tables of long contiguous runs, near 2^53 too (copied=%s)', (copiedRuns) => {
+    const r = prng(copiedRuns ? 12 : 11);
+    for (let round = 0; round < 60; round++) {
+      const cb = 9 + r.int(13);
+      const cs = 1n << BigInt(cb);
+      const words: bigint[] = [];
+      const entries = 1 + r.int(700);
+      while (words.length < entries) {
+        const len = 1 + r.int(r.chance(0.5) ? 9 : 120);
+        const kind = r.int(4); // 0 unallocated, 1 data, 2 zero-alloc, 3 zero-plain
+        const flags = (copiedRuns || r.chance(0.3) ? COPIED : 0n) | (kind >= 2 ? 1n : 0n);
+        // Host offsets ending just below, at or past 2^53: the run must stop where entries turn invalid.
+        let host = r.chance(0.2) ? (1n << 53n) - BigInt(r.int(6)) * cs : BigInt(1 + r.int(1 << 20)) * cs;
+        for (let i = 0; i < len && words.length < entries; i++, host += cs) {
+          if (kind === 0 || kind === 3) words.push(kind === 0 ? 0n : 1n);
+          else words.push(flags | host);
+        }
+        // Sometimes a lone break inside the run (a different word where the next was expected).
+        if (r.chance(0.3) && words.length) words[r.int(words.length)] = r.chance(0.5) ? 0n : BigInt(r.int(1 << 20)) * cs;
+      }
+      const table = putWords(words);
+      const first = r.int(entries);
+      expect(scan(k, table, first, entries - first, false, cb)).toEqual(scan(ref, table, first, entries - first, false, cb));
+      release();
+    }
+  });
+});
+
+// --- block status records ----------------------------------------------------------------------
+
+/** Records as arrays of numbers (f64 fields). */
+function readF64(ptr: number, n: number, fields: number): number[][] {
+  const v = new Float64Array(k.memory.buffer.slice(ptr, ptr + n * fields * 8));
+  return Array.from({ length: n }, (_, i) => Array.from(v.subarray(i * fields, (i + 1) * fields)));
+}
+function putF64(rows: number[][], fields: number, room = rows.length): number {
+  const ptr = alloc(Math.max(1, room) * fields * 8);
+  new Float64Array(k.memory.buffer, ptr, rows.length * fields).set(rows.flat());
+  return ptr;
+}
+
+/** Random layer extent records in guest order from `start`, covering `length` bytes. */
+function randomExtents(r: ReturnType<typeof prng>, start: number, length: number, unit: number): number[][] {
+  const out: number[][] = [];
+  let pos = start;
+  let host = r.int(1 << 20) * unit;
+  while (pos < start + length) {
+    const len = Math.min(start + length - pos, (1 + r.int(r.chance(0.2) ? 200 : 8)) * unit);
+    const kind = r.int(6);
+    const contiguous = r.chance(0.5);
+    if (!contiguous) host = r.int(1 << 20) * unit;
+    let row: number[];
+    if (kind === 0) row = [pos, len, -1, 0, 0, 0];
+    else if (kind === 1) row = [pos, len, host, ExtentFlag.Allocated | ExtentFlag.Data, 0, 0];
+    else if (kind === 2) row = [pos, len, -1, ExtentFlag.Allocated | ExtentFlag.Zero, 0, 0];
+    else if (kind === 3) row = [pos, len, host, ExtentFlag.Allocated | ExtentFlag.Zero, 0, 0];
+    else if (kind === 4) row = [pos, len, -1, ExtentFlag.Allocated | ExtentFlag.Data | ExtentFlag.Compressed, r.int(1 << 30), 1 + r.int(70000)];
+    else row = [pos, len, host, 0, 0, 0]; // unallocated with a host offset (extended L2)
+    out.push(row);
+    pos += len;
+    host += len;
+  }
+  return out;
+}
+
+describe('block status records', () => {
+  const E = LAYER_EXTENT_BYTES / 8;
+
+  it('l2Records turns l2Scan runs into clipped, merged extents like the reference (errors too)', () => {
+    const r = prng(31);
+    for (let round = 0; round < 200; round++) {
+      const extended = r.chance(0.3);
+      const cb = extended ? 14 + r.int(8) : 9 + r.int(13);
+      const entries = 1 + r.int(400);
+      const table = randomTable(r, entries, extended, cb);
+      const unitBits = extended ? cb - 5 : cb;
+      const tableStart = r.chance(0.2) ? 2 ** 45 : r.int(1000) * entries * 2 ** cb;
+      const span = entries * 2 ** cb;
+      const clipStart = tableStart + (r.chance(0.5) ? 0 : r.int(span));
+      const clipEnd = Math.min(tableStart + span, clipStart + 1 + r.int(span));
+      const first = Math.floor((clipStart - tableStart) / 2 ** cb);
+      const count = Math.ceil((clipEnd - tableStart) / 2 ** cb) - first;
+      const maxRuns = 40 + r.int(64); // an extended entry may need 32 runs
+      const runs = alloc(maxRuns * L2_RUN_BYTES);
+      const v2 = r.chance(0.2);
+      // Feed the scan in batches into one record list, as L2Tables does.
+      const results = [k, ref].map((impl) => {
+        const out = alloc(count * (extended ? 32 : 1) * LAYER_EXTENT_BYTES + 64);
+        let n = 0;
+        let at = first;
+        const trace: number[] = [];
+        while (at < first + count) {
+          const nr = k.l2Scan(table, at, first + count - at, extended, cb, runs, maxRuns);
+          expect(k.scanConsumed()).toBeGreaterThan(0);
+          at += k.scanConsumed();
+          const got = impl.l2Records(runs, nr, unitBits, tableStart, clipStart, clipEnd, v2, out, n, 1 << 20);
+          if (got < 0) {
+            trace.push(got, got === -1 ? impl.statusErrorRun() : impl.statusErrorStart());
+            break;
+          }
+          n = got;
+        }
+        return { records: readF64(out, n, E), trace };
+      });
+      expect(results[0]).toEqual(results[1]);
+      release();
+    }
+  });
+
+  it('l2Records reports a full buffer', () => {
+    const runs = alloc(2 * L2_RUN_BYTES);
+    new Uint32Array(k.memory.buffer, runs, 16).set([0, 1, RunKind.ZeroPlain, 0, 0, 0, 0, 0, 1, 1, RunKind.ZeroAlloc, 0, 0, 0, 0, 0]);
+    new Float64Array(k.memory.buffer, runs + L2_RUN_BYTES + 16, 1)[0] = 65536;
+    const out = alloc(2 * LAYER_EXTENT_BYTES);
+    expect(k.l2Records(runs, 2, 16, 0, 0, 1 << 30, false, out, 0, 1)).toBe(-3);
+    expect(k.l2Records(runs, 2, 16, 0, 0, 1 << 30, false, out, 0, 2)).toBe(2);
+  });
+
+  it('recordsDataRanges / recordsSplitHoles split data extents at host holes like the reference', () => {
+    const r = prng(32);
+    for (let round = 0; round < 150; round++) {
+      const unit = 512 * 2 ** r.int(8);
+      const rows = randomExtents(r, r.int(1000) * unit, (1 + r.int(300)) * unit, unit);
+      const recs = putF64(rows, E);
+      const fileSize = r.chance(0.5) ? 2 ** 40 : r.int(1 << 21) * unit;
+      const ranges = alloc(rows.length * 16 + 16);
+      const m = k.recordsDataRanges(recs, rows.length, fileSize, ranges);
+      expect(m).toBe(ref.recordsDataRanges(recs, rows.length, fileSize, ranges));
+      // A probe result: sorted data pairs inside each range.
+      const probed: number[] = [];
+      for (const [s, e] of readF64(ranges, m, 2)) {
+        const pairs: number[] = [];
+        let pos = s!;
+        while (pos < e! && r.chance(0.7)) {
+          const ds = pos + (r.chance(0.5) ? 0 : r.int(4) * 512);
+          const de = Math.min(e!, ds + (1 + r.int(8)) * 512);
+          if (ds >= de) break;
+          pairs.push(ds, de);
+          pos = de + (r.chance(0.5) ? 0 : 512);
+        }
+        probed.push(pairs.length / 2, ...pairs);
+      }
+      const p = putF64([probed], probed.length || 1);
+      const room = rows.length + probed.length + 1;
+      const [a, b] = [k, ref].map((impl) => {
+        const out = alloc(room * LAYER_EXTENT_BYTES);
+        const n = impl.recordsSplitHoles(recs, rows.length, p, out, room);
+        return n < 0 ? n : readF64(out, n, E);
+      });
+      expect(a).toEqual(b);
+      release();
+    }
+  });
+
+  it('mapMergeLayer resolves pending ranges like the reference', () => {
+    const r = prng(33);
+    for (let round = 0; round < 200; round++) {
+      const unit = 512 * 2 ** r.int(8);
+      const start = r.int(1000) * unit;
+      const length = (1 + r.int(400)) * unit;
+      // The current records: finals and pending ranges alternating at random.
+      const cur: number[][] = [];
+      for (let pos = start; pos < start + length; ) {
+        const len = Math.min(start + length - pos, (1 + r.int(40)) * unit - (unit > 512 && r.chance(0.1) ? 512 : 0));
+        cur.push(r.chance(0.5) ? [pos, len, -1, MAP_PENDING] : [pos, len, r.chance(0.5) ? -1 : r.int(1 << 20) * 512, r.int(3) * 8 + r.int(8)]);
+        pos += len;
+      }
+      const lay = randomExtents(r, start, length, unit);
+      const depth = r.int(5);
+      const belowEnd = r.chance(0.3) ? -1 : r.chance(0.5) ? 2 ** 50 : start + r.int(length + unit);
+      const c = putF64(cur, 4);
+      const l = putF64(lay, E);
+      const room = 3 * cur.length + 2 * lay.length + 1;
+      const [a, b] = [k, ref].map((impl) => {
+        const out = alloc(room * MAP_ENTRY_BYTES);
+        const n = impl.mapMergeLayer(c, cur.length, l, lay.length, depth, belowEnd, out, room);
+        return { recs: n < 0 ? n : readF64(out, n, 4), pending: impl.mapPendingLeft() };
+      });
+      expect(a).toEqual(b);
+      // Output covers exactly the input range, in order.
+      if (Array.isArray(a.recs)) {
+        let pos = start;
+        for (const [s, len] of a.recs) {
+          expect(s).toBe(pos);
+          pos += len!;
+        }
+        expect(pos).toBe(start + length);
+      }
+      release();
+    }
+  });
+
+  it('refcountCountNonZero counts like the reference for every order', () => {
+    const r = prng(34);
+    for (let order = 0; order <= 6; order++) {
+      for (let round = 0; round < 20; round++) {
+        const bytes = randomBytes(r, 512 + r.int(4096), r.chance(0.5) ? 0.05 : 0.6);
+        const block = putBytes(bytes);
+        const entries = (bytes.length * 8) >> order;
+        const from = r.int(entries);
+        const to = from + r.int(entries - from + 1);
+        expect(k.refcountCountNonZero(block, from, to, order)).toBe(ref.refcountCountNonZero(block, from, to, order));
+      }
       release();
     }
   });
