@@ -99,6 +99,9 @@ export async function rebase(filename: string, opts: RebaseOptions = {}): Promis
     format: opts.format,
     openFile: opts.openFile,
     write: dryRun ? [] : [0],
+    // Lock errors on the backing files then tell to stop the holder, not to use -U (which
+    // rebase accepts without effect: it cannot write over files in use).
+    writeOperation: !dryRun,
     openBacking: !unsafe,
     signal: opts.signal,
     onWarning: opts.onWarning,
@@ -173,7 +176,7 @@ async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | 
         const fmt = opts.backingFormat;
         if (fmt !== 'qcow2' && fmt !== 'raw') throw new QcowError('UNSUPPORTED', `Could not open new backing file '${newName}': format '${fmt}' is not supported (qcow2 and raw are)`, img.path);
         try {
-          newChain = await BackingChain.open(path, { format: fmt, openFile: opts.openFile, signal: opts.signal, onWarning: opts.onWarning });
+          newChain = await BackingChain.open(path, { format: fmt, openFile: opts.openFile, writeOperation: !dryRun, signal: opts.signal, onWarning: opts.onWarning });
         } catch (e) {
           const msg = e instanceof QcowError ? e.message : String(e);
           throw new QcowError(e instanceof QcowError && e.code !== 'NOT_FOUND' ? e.code : 'BACKING', `Could not open new backing file '${path}': ${msg}`, img.path, { cause: e });
@@ -351,10 +354,14 @@ async function compareAndWrite(chain: BackingChain, img: Qcow2Image, view: NewVi
         const runs = chunkRuns(c.start, bufs.padded, bufs.old, unit, bits)
           .map((r) => ({ ...r, length: Math.min(r.start + r.length, size) - r.start }))
           .filter((r) => r.length > 0);
-        // The writes of a chunk run while the next chunks are compared (the engine serialises
-        // them; at most WRITES_BEHIND chunks wait, their buffers freed once written).
+        // The writes of a chunk run while the next chunks are compared (at most WRITES_BEHIND
+        // chunks wait, their buffers freed once written). A chunk's writes start once the
+        // previous chunk's are done: runs reach the engine in ascending order (compressedWriter
+        // relies on it), and after a failed write no later chunk's write is issued, so the
+        // failure itself (not the engine's "an earlier write failed") reaches the caller.
         const old = bufs.old;
-        const p = writeRuns(target, runs, c.start, old, { compressed: compressed && ((o, d) => compressed(o, d, target)) }).finally(() => k.free(old));
+        const prev = writes[writes.length - 1] ?? Promise.resolve();
+        const p = prev.then(() => writeRuns(target, runs, c.start, old, { compressed: compressed && ((o, d) => compressed(o, d, target)) })).finally(() => k.free(old));
         p.catch(() => {});
         handedOff = true;
         writes.push(p);

@@ -85,7 +85,9 @@
  * kth write, whatever file) for each k of `points` (default 1, 2, ... up to 1000); the files are
  * exactly as the kill left them (real page cache). `check(s)` gets s.killed === true, or false
  * for a run that completed first (then, by default, the matrix stops: `stopWhenComplete`).
- * Returns { killed: k[], completedAt }. The CLI runs dist/: `npm run build` after changing src/.
+ * Returns { killed: k[], completedAt }. `ahead: n` starts the runs of the next n points (fresh
+ * copies) while a state is checked (the CLI then runs on another core; checks stay in order).
+ * The CLI runs dist/: `npm run build` after changing src/.
  * KillState: { k, killed, label, result (stdout, stderr, status, signal), dir, path(rel),
  * pristine(rel), files }.
  */
@@ -676,6 +678,12 @@ export interface KillMatrixOptions {
   /** Per run, milliseconds; default 60 000. */
   timeout?: number;
   name?: string;
+  /**
+   * Runs of the next kill points started (each on its own fresh copy) while a state is checked,
+   * so the CLI runs on another core meanwhile; default 0 (one run at a time). Checks stay in
+   * order; runs started past the point that completes are discarded.
+   */
+  ahead?: number;
 }
 
 export interface KillMatrixReport {
@@ -712,20 +720,40 @@ export async function runKillMatrix(o: KillMatrixOptions): Promise<KillMatrixRep
   const files = listFiles(pristineDir);
   const prefix = o.name ? `${o.name}: ` : '';
   const report: KillMatrixReport = { killed: [], completedAt: undefined };
-  for (const k of o.points ?? range(1, 1000)) {
+  const points = [...(o.points ?? range(1, 1000))];
+  const runs = new Map<number, Promise<RunResult>>();
+  const dirOf = (k: number) => join(root, `kill-${k}`);
+  const start = (i: number) => {
+    const k = points[i];
+    if (k === undefined || runs.has(i)) return;
     positive(k);
-    const dir = join(root, `kill-${k}`);
+    const dir = dirOf(k);
     copySet(pristineDir, dir);
-    const path = (rel: string) => join(dir, rel);
-    const result = await runAsync(o.args({ dir, path }), dir, { ...o.env, QCOWKIT_FAULT_KILL_AFTER_WRITES: String(k) }, o.timeout ?? 60_000);
-    const killed = result.signal === 'SIGKILL';
-    if (result.error) throw new Error(`${prefix}kill point ${k}: could not run the CLI: ${result.error}`);
-    await o.check({ k, killed, label: `${prefix}${killed ? `SIGKILL after write ${k}` : `completed (kill point ${k} not reached)`}`, result, dir, path, pristine: (rel) => join(pristineDir, rel), files });
-    rmSync(dir, { recursive: true, force: true });
-    if (killed) report.killed.push(k);
-    else {
-      report.completedAt ??= k;
-      if (o.stopWhenComplete ?? true) break;
+    runs.set(i, runAsync(o.args({ dir, path: (rel: string) => join(dir, rel) }), dir, { ...o.env, QCOWKIT_FAULT_KILL_AFTER_WRITES: String(k) }, o.timeout ?? 60_000));
+  };
+  try {
+    for (let i = 0; i < points.length; i++) {
+      for (let j = i; j <= i + Math.max(0, o.ahead ?? 0); j++) start(j);
+      const k = points[i]!;
+      const dir = dirOf(k);
+      const path = (rel: string) => join(dir, rel);
+      const result = await runs.get(i)!;
+      runs.delete(i);
+      const killed = result.signal === 'SIGKILL';
+      if (result.error) throw new Error(`${prefix}kill point ${k}: could not run the CLI: ${result.error}`);
+      await o.check({ k, killed, label: `${prefix}${killed ? `SIGKILL after write ${k}` : `completed (kill point ${k} not reached)`}`, result, dir, path, pristine: (rel) => join(pristineDir, rel), files });
+      rmSync(dir, { recursive: true, force: true });
+      if (killed) report.killed.push(k);
+      else {
+        report.completedAt ??= k;
+        if (o.stopWhenComplete ?? true) break;
+      }
+    }
+  } finally {
+    // Runs started ahead and not checked (past the completing point, or after a failed check).
+    for (const [i, r] of runs) {
+      await r;
+      rmSync(dirOf(points[i]!), { recursive: true, force: true });
     }
   }
   return report;
