@@ -456,8 +456,11 @@ export class BackingChain {
     return { status, pnum: e.length };
   }
 
+  /** Closes every layer, even when one fails (its error is thrown once all are closed). */
   async close(): Promise<void> {
-    await Promise.all(this.layers.map((l) => l.close()));
+    const results = await Promise.allSettled(this.layers.map((l) => l.close()));
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
   }
 }
 
