@@ -548,6 +548,9 @@ function mutatingWorkload(name, kind, args, verify, fx = 'mutable', target = und
       mkdirSync(cwd, { recursive: true });
       for (const f of F[fx].files) sparseCopy(join(F[fx].dir, f), join(cwd, f));
       for (const f of F[fx].shared ?? []) symlinkSync(join(F[fx].dir, f), join(cwd, f));
+      // The fresh copies made durable (untimed): otherwise either tool's first fdatasync also
+      // writes back what the copy left in the page cache.
+      sh('sync', ['-d', ...F[fx].files], { cwd });
       return { cwd, args, cleanup: () => rmSync(cwd, { recursive: true, force: true }) };
     },
     verify(q, k, F) {
