@@ -2,12 +2,12 @@
 // Entries are big-endian u64 words; run records and stats are little-endian outputs.
 
 // RunKind / InvalidReason / L2Stat values, mirrored from api.ts.
-const UNALLOCATED: u32 = 0;
-const DATA: u32 = 1;
-const ZERO_PLAIN: u32 = 2;
-const ZERO_ALLOC: u32 = 3;
-const COMPRESSED: u32 = 4;
-const INVALID: u32 = 5;
+export const UNALLOCATED: u32 = 0;
+export const DATA: u32 = 1;
+export const ZERO_PLAIN: u32 = 2;
+export const ZERO_ALLOC: u32 = 3;
+export const COMPRESSED: u32 = 4;
+export const INVALID: u32 = 5;
 
 const R_RESERVED: u32 = 1;
 const R_UNALIGNED: u32 = 2;

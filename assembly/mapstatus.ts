@@ -4,14 +4,7 @@
 // preallocation heuristic. No JS object per extent or per cluster on the map path.
 
 import { getEntry } from "./refcount";
-
-// RunKind values (l2.ts / api.ts).
-const UNALLOCATED: u32 = 0;
-const DATA: u32 = 1;
-const ZERO_PLAIN: u32 = 2;
-const ZERO_ALLOC: u32 = 3;
-const COMPRESSED: u32 = 4;
-const INVALID: u32 = 5;
+import { UNALLOCATED, DATA, ZERO_PLAIN, ZERO_ALLOC, COMPRESSED, INVALID } from "./l2";
 
 // Extent flags (LayerExtent's booleans; the low three are also the map record flags).
 const F_ALLOCATED: u32 = 1;
