@@ -5,9 +5,10 @@
  * Nothing is written before every image involved has been checked (a corrupt overlay is refused
  * with all files untouched) and the base's filesystem has room for what it will receive. The copy
  * is zero-aware (zero ranges, and data that reads as zeros, become zero flags or unmapped ranges
- * in the base, never written zero data), runs in large coalesced chunks with several reads in
- * flight, and is durable in the base (dirty bit cleared) before the top is emptied. An abort
- * stops between chunks with the base consistent; running the commit again completes it.
+ * in the base, never written zero data), runs in batches (copy.ts: read from the layers' host
+ * data in host order while the previous batch is written), and is durable in the base (dirty bit
+ * cleared) before the top is emptied. An abort stops between batches with the base consistent;
+ * running the commit again completes it.
  */
 import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
@@ -17,12 +18,11 @@ import { BackingChain, resolveBackingPath, type ChainExtent } from '../chain/cha
 import { isWritable, type BlockLayer, type LayerFormat, type WritableLayer } from '../chain/layer.js';
 import { RawLayer } from '../chain/raw.js';
 import { Qcow2Image } from '../qcow2/image.js';
-import { kernels } from '../kernels/index.js';
 import { BME_FLAG_AUTO } from '../format/bitmap.js';
 import { markBitmapsDirty } from '../qcow2/bitmaps.js';
 import type { OperationOptions } from './options.js';
 import { validateForWrite } from './validate.js';
-import { checkFreeSpace, chunkRuns } from './copy.js';
+import { checkFreeSpace, copyPlan } from './copy.js';
 import { emptyOpenImage, type MakeEmptyResult } from './make-empty.js';
 
 export interface CommitOptions extends OperationOptions {
@@ -63,14 +63,6 @@ export interface CommitResult {
   seconds: number;
 }
 
-const CHUNK = 8 * 1024 * 1024;
-/** Reads in flight ahead of the writes: at most this many chunks and bytes. */
-const READS_AHEAD = 32;
-const READ_BUDGET = 32 * 1024 * 1024;
-/** Data written to the base as one batch. */
-const BATCH_BYTES = 8 * 1024 * 1024;
-const BATCH_CHUNKS = 256;
-
 export async function commit(top: string, opts: CommitOptions = {}): Promise<CommitResult> {
   const t0 = performance.now();
   const dryRun = opts.dryRun === true;
@@ -80,6 +72,7 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
   const chain = await BackingChain.open(top, { format: opts.format, openFile: opts.openFile, write, writeOperation: !dryRun, signal: opts.signal, onWarning: opts.onWarning });
   try {
     const topLayer = chain.top;
+    if (chain.layers.length <= baseDepth) throw new QcowError('INVALID_ARGUMENT', 'Image does not have a backing file', top);
     const base = chain.layers[baseDepth]!;
     for (let d = 0; d <= baseDepth; d++) await validateForWrite(chain.layers[d]!, { repairLeaks: !dryRun });
 
@@ -112,7 +105,7 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
 
     // The base's recording bitmaps learn of every range before it is written (qcow2-format.md §8.4 (b)).
     if (base instanceof Qcow2Image && base.bitmaps.some((b) => b.flags & BME_FLAG_AUTO)) await markBitmapsDirty(base, plan.extents, { signal: opts.signal });
-    const copied = await copyExtents(chain, base, plan, cs, opts);
+    const copied = await copyPlan(chain, base, plan.extents, { unit: cs, signal: opts.signal, onProgress: opts.onProgress, rateLimit: opts.rateLimit });
     result.dataBytes = copied.data;
     result.zeroBytes = copied.zero;
     // The base holds the data durably, clean, before anything of the top goes.
@@ -126,13 +119,15 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
   }
 }
 
-/** The depth of the base: the immediate backing file, or the layer -b names (as qemu-img matches it). */
+/** The depth of the base: the immediate backing file (1), or the layer -b names (as qemu-img matches it). */
 export async function findBase(top: string, opts: CommitOptions): Promise<number> {
+  // The immediate backing file: known without a look (the open that follows finds out whether
+  // there is one).
+  if (opts.base === undefined) return 1;
   // Names only: a shared look (the locking open that follows refuses images in use).
   const chain = await BackingChain.open(top, { format: opts.format, forceShare: true, signal: opts.signal, onWarning: opts.onWarning });
   try {
     if (chain.layers.length < 2) throw new QcowError('INVALID_ARGUMENT', 'Image does not have a backing file', top);
-    if (opts.base === undefined) return 1;
     const want = opts.base;
     for (let d = 1; d < chain.layers.length; d++) {
       const parent = chain.layers[d - 1]!;
@@ -157,14 +152,29 @@ interface CopyPlan {
 /** What the layers above the base provide, by guest range (metadata only, no data read). */
 async function planCopy(chain: BackingChain, baseDepth: number, size: number, signal: AbortSignal | undefined): Promise<CopyPlan> {
   const plan: CopyPlan = { extents: [], data: 0, zero: 0 };
+  const add = (start: number, length: number, zero: boolean, depth: number) => {
+    const last = plan.extents[plan.extents.length - 1];
+    // (Each extent names the one layer that provides it: the copy reads that layer's data.)
+    if (last && last.zero === zero && last.depth === depth && last.start + last.length === start) last.length += length;
+    else plan.extents.push({ start, length, allocated: true, zero, depth });
+    if (zero) plan.zero += length;
+    else plan.data += length;
+  };
+  if (baseDepth === 1) {
+    // Only the top above the base: its own allocated extents are the plan (what
+    // statusAboveDepth finds, without its walk below them: a third of the time of a commit's
+    // start on a scattered top). In 1 GiB windows: bounded memory per call.
+    const WINDOW = 1024 ** 3;
+    for (let pos = 0; pos < size; pos += WINDOW) {
+      throwIfAborted(signal, chain.top.path);
+      for (const e of await chain.top.status(pos, Math.min(WINDOW, size - pos))) if (e.allocated) add(e.start, e.length, e.zero, 0);
+    }
+    return plan;
+  }
   await chain.statusAboveDepth(baseDepth, 0, size, (e) => {
     if (!e.allocated) return;
     throwIfAborted(signal, chain.top.path);
-    const last = plan.extents[plan.extents.length - 1];
-    if (last && last.zero === e.zero && last.start + last.length === e.start) last.length += e.length;
-    else plan.extents.push({ ...e });
-    if (e.zero) plan.zero += e.length;
-    else plan.data += e.length;
+    add(e.start, e.length, e.zero, e.depth);
   });
   return plan;
 }
@@ -199,114 +209,4 @@ async function grow(base: WritableLayer, size: number): Promise<void> {
   if (base instanceof Qcow2Image) await base.resize(size);
   else if (base instanceof RawLayer) await base.resize(size);
   else throw new QcowError('UNSUPPORTED', 'cannot grow this base', base.path);
-}
-
-/**
- * The copy: chunks of allocated ranges are read through the chain (several in flight, straight
- * into wasm memory), split at base-cluster granularity into zero and data runs by a kernel, and
- * written to the base in order.
- */
-async function copyExtents(chain: BackingChain, base: WritableLayer, plan: CopyPlan, cs: number, opts: CommitOptions): Promise<{ data: number; zero: number }> {
-  const total = plan.data + plan.zero;
-  const chunks: Array<{ start: number; length: number; zero: boolean }> = [];
-  for (const e of plan.extents) {
-    if (e.zero) chunks.push({ start: e.start, length: e.length, zero: true });
-    else for (let s = e.start; s < e.start + e.length; ) {
-      // Chunk ends on base cluster boundaries so zero detection sees whole clusters.
-      const end = Math.min(e.start + e.length, Math.max(s + cs, Math.floor((s + CHUNK) / cs) * cs));
-      chunks.push({ start: s, length: end - s, zero: false });
-      s = end;
-    }
-  }
-  const k = kernels();
-  k.reserve(READ_BUDGET + BATCH_BYTES + 2 * CHUNK + 64 * 1024 * 1024); // no memory growth while reads are in flight
-  const started = performance.now();
-  let done = 0;
-  let data = 0;
-  let zero = 0;
-  // Reads run ahead (bounded in count and bytes); the data of several chunks is written as one
-  // batch, so the base gets one allocation and one table update per batch, and few large writes.
-  const reads = new Map<number, Promise<number>>();
-  let next = 0;
-  let inFlight = 0;
-  const fill = (from: number) => {
-    if (next < from) next = from;
-    while (next < chunks.length && reads.size < READS_AHEAD && inFlight < READ_BUDGET) {
-      const c = chunks[next]!;
-      const i = next++;
-      if (c.zero) continue;
-      const ptr = k.alloc(c.length);
-      inFlight += c.length;
-      reads.set(
-        i,
-        chain.read(c.start, k.u8(ptr, c.length)).then(
-          () => ptr,
-          (e) => {
-            k.free(ptr);
-            throw e;
-          },
-        ),
-      );
-    }
-  };
-  let batch: { items: Array<{ offset: number; ptr: number; length: number }>; zeroes: Array<{ start: number; length: number }>; ptrs: number[]; bytes: number } = { items: [], zeroes: [], ptrs: [], bytes: 0 };
-  const flushBatch = async () => {
-    const b = batch;
-    batch = { items: [], zeroes: [], ptrs: [], bytes: 0 };
-    try {
-      // Views are made now: none is held while memory could change.
-      if (b.items.length) await base.writeMany(b.items.map((it) => ({ offset: it.offset, data: k.u8(it.ptr, it.length) })));
-      for (const z of b.zeroes) await base.writeZeroes(z.start, z.length, { unmap: true });
-    } finally {
-      for (const p of b.ptrs) k.free(p);
-    }
-    done += b.bytes;
-    opts.onProgress?.(done, total);
-    if (opts.rateLimit) {
-      // Sleep until the average since the start is back under the limit.
-      const ahead = (done / opts.rateLimit) * 1000 - (performance.now() - started);
-      if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
-    }
-  };
-  let writing: Promise<void> | undefined;
-  try {
-    for (let i = 0; i < chunks.length; i++) {
-      throwIfAborted(opts.signal, chain.top.path);
-      fill(i);
-      const c = chunks[i]!;
-      if (c.zero) {
-        batch.zeroes.push({ start: c.start, length: c.length });
-        zero += c.length;
-        batch.bytes += c.length;
-      } else {
-        const ptr = await reads.get(i)!;
-        reads.delete(i);
-        inFlight -= c.length;
-        batch.ptrs.push(ptr);
-        batch.bytes += c.length;
-        for (const r of chunkRuns(c.start, c.length, ptr, cs)) {
-          if (r.zero) {
-            batch.zeroes.push({ start: r.start, length: r.length });
-            zero += r.length;
-          } else {
-            batch.items.push({ offset: r.start, ptr: ptr + (r.start - c.start), length: r.length });
-            data += r.length;
-          }
-        }
-      }
-      if (batch.bytes >= BATCH_BYTES || batch.ptrs.length >= BATCH_CHUNKS) {
-        // One batch writes while the next one is read (the engine runs one write at a time).
-        await writing;
-        writing = flushBatch();
-      }
-    }
-    await writing;
-    await flushBatch();
-  } finally {
-    await writing?.catch(() => {}); // never leave writes running behind an error
-    for (const p of batch.ptrs) k.free(p);
-    for (const p of reads.values()) await p.then((ptr) => k.free(ptr)).catch(() => {});
-  }
-  if (!total) opts.onProgress?.(0, 0);
-  return { data, zero };
 }

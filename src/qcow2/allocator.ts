@@ -128,9 +128,21 @@ export class ClusterAllocator implements FreeClusterSource {
     return (await this.#findRun(count, true)).first;
   }
 
+  /**
+   * A free cluster for a new refcount block, claimed until `release`. Its refcount is raised by
+   * the caller, so the file is made to cover it first, as for `allocate`: a refcount block is
+   * written in one flush with the block that counts it, and a crash between the two writes must
+   * not leave a count past the end of the file (a leak no check sees, until the file grows).
+   */
   async claimOne(): Promise<number> {
     const r = await this.#findRun(1, true);
     this.#claims.push([r.first, r.first + 1]);
+    try {
+      if (this.beforeRaise) await this.beforeRaise(r.first + 1);
+    } catch (e) {
+      this.#unclaim(r.first);
+      throw e;
+    }
     this.#high = Math.max(this.#high, r.first + 1);
     return r.first;
   }

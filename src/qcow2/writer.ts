@@ -16,7 +16,9 @@
  * The v3 dirty bit is set before the first change and cleared by a clean `close`.
  */
 import { QcowError, throwIfAborted } from '../errors.js';
-import { inParallel, type ImageFile } from '../io/file.js';
+import type { ImageFile } from '../io/file.js';
+import { hostRuns } from '../io/host-runs.js';
+import { WriteFence } from '../io/write-fence.js';
 import { kernels, L2_RUN_BYTES, reserveForLargeWork, RunKind } from '../kernels/index.js';
 import { dataView, setU64 } from '../format/bytes.js';
 import { INCOMPAT_CORRUPT } from '../format/constants.js';
@@ -35,7 +37,6 @@ const L2_CACHE_TABLES = 256;
 const REFCOUNT_CACHE_BLOCKS = 256;
 const MAX_RUNS = 1024;
 const ALL_SUBCLUSTERS = 0xffffffff;
-const WRITES_IN_FLIGHT = 4;
 
 /** One L2 run as the scan kernel reports it. */
 interface Run {
@@ -45,6 +46,14 @@ interface Run {
   copied: boolean;
   host: number;
   extra: number;
+}
+
+/** What a round of writes does to one L2 table. */
+interface TablePlan {
+  tableOff: number;
+  tableStart: number;
+  newMaps: Array<{ seg: Segment; runs: ClusterRun[]; from: number; to: number }>;
+  inPlaceFixes: Array<{ seg: Segment; xs: number; xe: number }>;
 }
 
 /** Consecutive clusters of one table that a write treats alike. */
@@ -79,8 +88,12 @@ export class Qcow2Writer {
   #started = false;
   #failed = false;
 
-  private constructor(img: Qcow2Image, header: HeaderWriter, refcounts: RefcountManager, discards: DiscardQueue) {
+  /** The image's file with write-behind for guest data (see #writeData); every write and flush goes through it. */
+  readonly #fence: WriteFence;
+
+  private constructor(img: Qcow2Image, fence: WriteFence, header: HeaderWriter, refcounts: RefcountManager, discards: DiscardQueue) {
     this.#img = img;
+    this.#fence = fence;
     this.cs = img.clusterSize;
     this.header = header;
     this.refcounts = refcounts;
@@ -119,16 +132,17 @@ export class Qcow2Writer {
     // Metadata and data reads land in wasm memory while other reads are in flight: no growth.
     reserveForLargeWork();
     const cs = img.clusterSize;
-    const header = HeaderWriter.for(file, img.header);
-    const l2Cache = new MetadataCache('L2', file, cs, L2_CACHE_TABLES);
-    const refcountCache = new MetadataCache('refcount', file, cs, REFCOUNT_CACHE_BLOCKS);
+    const fence = new WriteFence(file);
+    const header = HeaderWriter.for(fence, img.header);
+    const l2Cache = new MetadataCache('L2', fence, cs, L2_CACHE_TABLES);
+    const refcountCache = new MetadataCache('refcount', fence, cs, REFCOUNT_CACHE_BLOCKS);
     const discards = new DiscardQueue();
-    const refcounts = await RefcountManager.open(file, img.header, refcountCache, l2Cache, header, discards);
-    return new Qcow2Writer(img, header, refcounts, discards);
+    const refcounts = await RefcountManager.open(fence, img.header, refcountCache, l2Cache, header, discards);
+    return new Qcow2Writer(img, fence, header, refcounts, discards);
   }
 
   get file(): ImageFile {
-    return this.#img.file;
+    return this.#fence;
   }
 
   /** An operation failed: nothing more is written (see `abandon`). */
@@ -169,12 +183,17 @@ export class Qcow2Writer {
   }
 
   /**
-   * Writes several disjoint guest ranges as one batch: per L2 table one allocation for all the
-   * clusters the batch needs (they come out contiguous where the free space allows), one
-   * write per contiguous host run, one update of the table. Same result as one `write` per item.
+   * Writes several disjoint guest ranges as one batch: one allocation for all the clusters the
+   * batch needs (they come out contiguous, in guest order, where the free space allows), one
+   * vectored write per contiguous host run, all in flight together, then the table updates.
+   * Ranges that share a cluster go in separate rounds (the later one sees the earlier one's
+   * result). Same result as one `write` per item.
    */
   writeMany(items: ReadonlyArray<{ offset: number; data: Uint8Array }>): Promise<void> {
-    return this.#serial(async () => {
+    // The data is written behind: the next operation may start while it is in flight (flushes
+    // wait for it, see WriteFence); this call returns once it has been written.
+    const behind: Array<Promise<void>> = [];
+    const op = this.#serial(async () => {
       const sorted = items.filter((i) => i.data.length).sort((a, b) => a.offset - b.offset);
       sorted.forEach((it, i) => {
         this.#checkRange(it.offset, it.data.length);
@@ -184,27 +203,35 @@ export class Qcow2Writer {
       });
       const span = this.#img.l2Span;
       const cs = this.cs;
-      // A group is one table's ranges that share no cluster (a shared one starts a new group).
-      let group: { l1i: number; lastCluster: number; ranges: Array<{ s: number; data: Uint8Array }> } | undefined;
+      let round: Array<{ l1i: number; ranges: Array<{ s: number; data: Uint8Array }> }> = [];
+      let lastCluster = -1;
       for (const it of sorted) {
         for (let s = it.offset; s < it.offset + it.data.length; ) {
           const l1i = Math.floor(s / span);
           const e = Math.min(it.offset + it.data.length, (l1i + 1) * span);
           const piece = { s, data: it.data.subarray(s - it.offset, e - it.offset) };
-          const first = Math.floor(s / cs);
-          const last = Math.ceil(e / cs) - 1;
-          if (group && group.l1i === l1i && first > group.lastCluster) {
-            group.ranges.push(piece);
-            group.lastCluster = last;
-          } else {
-            if (group) await this.#writeRangesInTable(group.l1i, group.ranges);
-            group = { l1i, lastCluster: last, ranges: [piece] };
+          if (Math.floor(s / cs) <= lastCluster) {
+            await this.#writeRound(round, behind);
+            round = [];
           }
+          const group = round[round.length - 1];
+          if (group && group.l1i === l1i) group.ranges.push(piece);
+          else round.push({ l1i, ranges: [piece] });
+          lastCluster = Math.ceil(e / cs) - 1;
           s = e;
         }
       }
-      if (group) await this.#writeRangesInTable(group.l1i, group.ranges);
+      if (round.length) await this.#writeRound(round, behind);
     });
+    return op.then(
+      async () => {
+        for (const d of await Promise.allSettled(behind)) if (d.status === 'rejected') throw d.reason;
+      },
+      async (e: unknown) => {
+        await Promise.allSettled(behind); // the caller's buffers are in use until then
+        throw e;
+      },
+    );
   }
 
   /**
@@ -359,9 +386,19 @@ export class Qcow2Writer {
       await this.file.flush();
       img.l1.offsets.fill(0);
       img.l1.copied.fill(0);
+      // In host order, runs joined: guest order is scattered on the host (one run per cluster),
+      // sorted the data of a whole image is a few runs (one refcount update and discard each).
+      // Runs of compressed clusters sharing a host cluster stay separate: one reference each.
+      const all: ClusterRun[] = [];
+      for (const t of tables) for (const r of t.refs) all.push(r);
+      all.sort((a, b) => a.first - b.first);
+      const runs: ClusterRun[] = [];
+      mergeRuns(runs, all);
+      for (let i = 0; i < runs.length; i++) {
+        if (i % 4096 === 0) throwIfAborted(opts.signal, img.path);
+        await this.refcounts.update(runs[i]!.first, runs[i]!.count, -1);
+      }
       for (const t of tables) {
-        throwIfAborted(opts.signal, img.path);
-        for (const r of t.refs) await this.refcounts.update(r.first, r.count, -1);
         await this.refcounts.update(t.offset / this.cs, 1, -1);
         if ((await this.refcounts.get(t.offset / this.cs)) === 0) this.l2Cache.forget(t.offset);
       }
@@ -609,67 +646,77 @@ export class Qcow2Writer {
   // --- writes ---------------------------------------------------------------------------------------
 
   async #writeInTable(l1i: number, s: number, data: Uint8Array): Promise<void> {
-    await this.#writeRangesInTable(l1i, [{ s, data }]);
+    await this.#writeRound([{ l1i, ranges: [{ s, data }] }]);
   }
 
-  /** Disjoint ranges of one L2 table, ascending. */
-  async #writeRangesInTable(l1i: number, ranges: ReadonlyArray<{ s: number; data: Uint8Array }>): Promise<void> {
+  /**
+   * Disjoint ranges that share no cluster, grouped by L2 table (ascending): every table is
+   * planned first (copy-on-write reads see the tables before any entry changes), then one
+   * allocation serves all the new clusters, in guest order, so the data of the whole round lands
+   * in few host runs; all its writes are in flight at once (vectored, no coalescing copy); only
+   * then are the entries switched, table by table. The entries may change in the cache while
+   * the data is in flight: no table reaches the file before a flush, and every flush waits for
+   * the data first (WriteFence). With `behind`, the data's promise goes there instead of being
+   * awaited.
+   */
+  async #writeRound(groups: ReadonlyArray<{ l1i: number; ranges: ReadonlyArray<{ s: number; data: Uint8Array }> }>, behind?: Array<Promise<void>>): Promise<void> {
     const img = this.#img;
     const cs = this.cs;
-    const tableStart = l1i * img.l2Span;
-    const tableOff = await this.#l2ForWrite(l1i);
-    this.l2Cache.pin(tableOff);
+    const unit = img.extendedL2 ? cs / 32 : cs;
+    const tables: TablePlan[] = [];
+    const writes: Array<{ host: number; buf: Uint8Array }> = [];
+    const fresh: Array<{ table: TablePlan; seg: Segment; buf: Uint8Array; from: number; to: number }> = [];
     try {
-      const ptr = await this.l2Cache.get(tableOff);
-      // Plan every segment (copy-on-write reads see the table before any entry changes).
-      const writes: Array<{ host: number; buf: Uint8Array }> = [];
-      const fresh: Array<{ seg: Segment; buf: Uint8Array; from: number; to: number }> = [];
-      const inPlaceFixes: Array<{ seg: Segment; xs: number; xe: number }> = [];
-      const unit = img.extendedL2 ? cs / 32 : cs;
-      let claimedUpTo = -1; // last cluster a segment of an earlier range covered
-      for (const { s, data } of ranges) {
-      const e = s + data.length;
-      const firstCluster = Math.floor((s - tableStart) / cs);
-      const endCluster = Math.ceil((e - tableStart) / cs);
-      if (firstCluster <= claimedUpTo)
-        throw new QcowError('INTERNAL', 'batched writes share a cluster: write them separately', img.path);
-      claimedUpTo = endCluster - 1;
-      for (const seg of this.#segments(ptr, firstCluster, endCluster - firstCluster)) {
-        const segStart = tableStart + seg.firstCluster * cs;
-        const segEnd = segStart + seg.count * cs;
-        const ws = Math.max(s, segStart);
-        const we = Math.min(e, segEnd);
-        if (seg.inPlace) {
-          // Only units that don't already hold data need their untouched part filled.
-          const expand = img.extendedL2 || seg.zeroFlag;
-          const xs = expand ? Math.floor(ws / unit) * unit : ws;
-          const xe = expand ? Math.ceil(we / unit) * unit : we;
-          const buf = await this.#assemble(xs, xe, ws, data.subarray(ws - s, we - s));
-          writes.push({ host: seg.host + (xs - segStart), buf });
-          if (expand) inPlaceFixes.push({ seg, xs, xe });
-        } else if (img.extendedL2 && seg.oldClusters.length === 0) {
-          // Extended L2, nothing mapped here yet: only the subclusters written get allocated
-          // (the others keep reading from the backing file or as zeros), as QEMU does; no
-          // copy-on-write beyond the partial subclusters at the ends.
-          const xs = Math.floor(ws / unit) * unit;
-          const xe = Math.min(segEnd, Math.ceil(we / unit) * unit);
-          const buf = await this.#assemble(xs, xe, ws, data.subarray(ws - s, we - s));
-          fresh.push({ seg, buf, from: xs - segStart, to: xe - segStart });
-        } else {
-          const buf = await this.#assemble(segStart, segEnd, ws, data.subarray(ws - s, we - s));
-          fresh.push({ seg, buf, from: 0, to: segEnd - segStart });
+      for (const { l1i, ranges } of groups) {
+        const tableStart = l1i * img.l2Span;
+        const tableOff = await this.#l2ForWrite(l1i);
+        this.l2Cache.pin(tableOff);
+        const table: TablePlan = { tableOff, tableStart, newMaps: [], inPlaceFixes: [] };
+        tables.push(table);
+        const ptr = await this.l2Cache.get(tableOff);
+        let claimedUpTo = -1; // last cluster a segment of an earlier range covered
+        for (const { s, data } of ranges) {
+          const e = s + data.length;
+          const firstCluster = Math.floor((s - tableStart) / cs);
+          const endCluster = Math.ceil((e - tableStart) / cs);
+          if (firstCluster <= claimedUpTo) throw new QcowError('INTERNAL', 'batched writes share a cluster: write them separately', img.path);
+          claimedUpTo = endCluster - 1;
+          for (const seg of this.#segments(ptr, firstCluster, endCluster - firstCluster)) {
+            const segStart = tableStart + seg.firstCluster * cs;
+            const segEnd = segStart + seg.count * cs;
+            const ws = Math.max(s, segStart);
+            const we = Math.min(e, segEnd);
+            if (seg.inPlace) {
+              // Only units that don't already hold data need their untouched part filled.
+              const expand = img.extendedL2 || seg.zeroFlag;
+              const xs = expand ? Math.floor(ws / unit) * unit : ws;
+              const xe = expand ? Math.ceil(we / unit) * unit : we;
+              const buf = await this.#assemble(xs, xe, ws, data.subarray(ws - s, we - s));
+              writes.push({ host: seg.host + (xs - segStart), buf });
+              if (expand) table.inPlaceFixes.push({ seg, xs, xe });
+            } else if (img.extendedL2 && seg.oldClusters.length === 0) {
+              // Extended L2, nothing mapped here yet: only the subclusters written get allocated
+              // (the others keep reading from the backing file or as zeros), as QEMU does; no
+              // copy-on-write beyond the partial subclusters at the ends.
+              const xs = Math.floor(ws / unit) * unit;
+              const xe = Math.min(segEnd, Math.ceil(we / unit) * unit);
+              const buf = await this.#assemble(xs, xe, ws, data.subarray(ws - s, we - s));
+              fresh.push({ table, seg, buf, from: xs - segStart, to: xe - segStart });
+            } else {
+              const buf = await this.#assemble(segStart, segEnd, ws, data.subarray(ws - s, we - s));
+              fresh.push({ table, seg, buf, from: 0, to: segEnd - segStart });
+            }
+          }
         }
       }
-      }
       // New clusters: refcounts raised now (cache), data written, entries switched after.
-      // One allocation for the whole batch, handed out to the segments in order.
-      const newMaps: Array<{ seg: Segment; runs: ClusterRun[]; from: number; to: number }> = [];
+      // One allocation for the whole round, handed out to the segments in order.
       let total = 0;
       for (const f of fresh) total += f.seg.count;
       const pool = total ? await this.allocator.allocate(total) : [];
-      for (const { seg, buf, from, to } of fresh) {
+      for (const { table, seg, buf, from, to } of fresh) {
         const runs = takeRuns(pool, seg.count);
-        newMaps.push({ seg, runs, from, to });
+        table.newMaps.push({ seg, runs, from, to });
         let at = 0; // segment byte offset of the run's first cluster
         for (const r of runs) {
           // The part of [from, to) that lies in this run.
@@ -680,47 +727,87 @@ export class Qcow2Writer {
           at += r.count * cs;
         }
       }
-      await inParallel(coalesce(writes), WRITES_IN_FLIGHT, (w) => this.file.writeAt(w.buf, w.host));
-      if (!newMaps.length && !inPlaceFixes.length) return;
-      // Entries may now point at the data: it must be durable first, and so must the refcounts.
-      this.l2Cache.dependsOnFlush();
-      if (newMaps.length) await this.l2Cache.dependsOn(this.refcountCache);
-      const k = kernels();
-      const tptr = await this.l2Cache.get(tableOff);
-      for (const { seg, runs, from, to } of newMaps) {
-        // Extended L2, partly written first/last cluster: its old zero bits (still valid where
-        // not written) before the fill below overwrites them.
-        const partial = img.extendedL2 && (from > 0 || to < seg.count * cs);
-        const v = partial ? new DataView(k.memory.buffer) : undefined;
-        const edges = partial ? [...new Set([seg.firstCluster + Math.floor(from / cs), seg.firstCluster + Math.ceil(to / cs) - 1])] : [];
-        const oldZero = edges.map((c) => v!.getUint32(tptr + c * 16 + 8));
-        let c = seg.firstCluster;
-        for (const r of runs) {
-          k.l2Fill(tptr, c, r.count, img.extendedL2, r.first * cs, cs, COPIED_HI, 0, img.extendedL2 ? ALL_SUBCLUSTERS : 0, 0);
-          c += r.count;
-        }
-        edges.forEach((cl, i) => {
-          const cStart = (cl - seg.firstCluster) * cs;
-          const a = Math.max(0, Math.floor((from - cStart) / unit));
-          const b = Math.min(32, Math.ceil((to - cStart) / unit));
-          const mask = b - a >= 32 ? ALL_SUBCLUSTERS : ((2 ** Math.max(0, b - a) - 1) * 2 ** a) >>> 0;
-          v!.setUint32(tptr + cl * 16 + 8, (oldZero[i]! & ~mask) >>> 0);
-          v!.setUint32(tptr + cl * 16 + 12, mask);
-        });
+      const written = this.#writeData(writes);
+      if (behind) behind.push(written);
+      const newMaps = tables.some((t) => t.newMaps.length);
+      try {
+        if (newMaps || tables.some((t) => t.inPlaceFixes.length)) await this.#switchRound(tables, newMaps);
+      } catch (e) {
+        if (!behind) await written.catch(() => {}); // the caller's buffers are in use until then
+        throw e;
       }
-      for (const fix of inPlaceFixes) this.#markWritten(tptr, fix.seg, tableStart, fix.xs, fix.xe);
-      this.l2Cache.markDirty(tableOff);
-      // Old references go only after the new entries (the refcount cache depends on the L2 cache).
-      for (const { seg } of newMaps) for (const r of seg.oldClusters) await this.refcounts.update(r.first, r.count, -1);
-      img.invalidateReadCaches();
+      if (!behind) await written;
     } finally {
-      this.l2Cache.unpin(tableOff);
+      for (const t of tables) this.l2Cache.unpin(t.tableOff);
     }
+  }
+
+  /** After a round's data writes were issued: its entries, then the references it drops. */
+  async #switchRound(tables: TablePlan[], newMaps: boolean): Promise<void> {
+    // Entries may now point at the data: it must be durable first, and so must the refcounts.
+    this.l2Cache.dependsOnFlush();
+    if (newMaps) await this.l2Cache.dependsOn(this.refcountCache);
+    for (const t of tables) await this.#switchEntries(t);
+    // Old references go only after the new entries (the refcount cache depends on the L2 cache).
+    for (const t of tables) for (const { seg } of t.newMaps) for (const r of seg.oldClusters) await this.refcounts.update(r.first, r.count, -1);
+    this.#img.invalidateReadCaches();
+  }
+
+  /** Points a table's entries at the round's new clusters and marks in-place writes. */
+  async #switchEntries(t: TablePlan): Promise<void> {
+    if (!t.newMaps.length && !t.inPlaceFixes.length) return;
+    const img = this.#img;
+    const cs = this.cs;
+    const unit = img.extendedL2 ? cs / 32 : cs;
+    const k = kernels();
+    const tptr = await this.l2Cache.get(t.tableOff);
+    for (const { seg, runs, from, to } of t.newMaps) {
+      // Extended L2, partly written first/last cluster: its old zero bits (still valid where
+      // not written) before the fill below overwrites them.
+      const partial = img.extendedL2 && (from > 0 || to < seg.count * cs);
+      const v = partial ? new DataView(k.memory.buffer) : undefined;
+      const edges = partial ? [...new Set([seg.firstCluster + Math.floor(from / cs), seg.firstCluster + Math.ceil(to / cs) - 1])] : [];
+      const oldZero = edges.map((c) => v!.getUint32(tptr + c * 16 + 8));
+      let c = seg.firstCluster;
+      for (const r of runs) {
+        k.l2Fill(tptr, c, r.count, img.extendedL2, r.first * cs, cs, COPIED_HI, 0, img.extendedL2 ? ALL_SUBCLUSTERS : 0, 0);
+        c += r.count;
+      }
+      edges.forEach((cl, i) => {
+        const cStart = (cl - seg.firstCluster) * cs;
+        const a = Math.max(0, Math.floor((from - cStart) / unit));
+        const b = Math.min(32, Math.ceil((to - cStart) / unit));
+        const mask = b - a >= 32 ? ALL_SUBCLUSTERS : ((2 ** Math.max(0, b - a) - 1) * 2 ** a) >>> 0;
+        v!.setUint32(tptr + cl * 16 + 8, (oldZero[i]! & ~mask) >>> 0);
+        v!.setUint32(tptr + cl * 16 + 12, mask);
+      });
+    }
+    for (const fix of t.inPlaceFixes) this.#markWritten(tptr, fix.seg, t.tableStart, fix.xs, fix.xe);
+    this.l2Cache.markDirty(t.tableOff);
+  }
+
+  /**
+   * Guest data to its host places, written behind (WriteFence): host-contiguous pieces go as one
+   * vectored write each, all in flight at once. The promise settles once every write has ended,
+   * with the first error; a failed write fails the writer (its entries must never be flushed).
+   */
+  #writeData(writes: Array<{ host: number; buf: Uint8Array }>): Promise<void> {
+    const runs = hostRuns(writes.map((w) => ({ file: 0, at: w.host, buf: w.buf })));
+    return Promise.allSettled(runs.map((r) => this.#fence.writeBehind(r.bufs, r.at))).then((done) => {
+      for (const d of done) {
+        if (d.status === 'rejected') {
+          this.#failed = true;
+          throw d.reason;
+        }
+      }
+    });
   }
 
   /** [from, to) as the guest will see it: `data` at `dataAt`, the current view around it. */
   async #assemble(from: number, to: number, dataAt: number, data: Uint8Array): Promise<Uint8Array> {
     if (from === dataAt && to === dataAt + data.length) return data;
+    // The image's reads do not go through the fence: data still being written is waited for.
+    await this.#fence.drain();
     const buf = new Uint8Array(to - from);
     await this.#readView(from, buf.subarray(0, dataAt - from));
     await this.#readView(dataAt + data.length, buf.subarray(dataAt + data.length - from));
@@ -896,38 +983,6 @@ function takeRuns(pool: ClusterRun[], count: number): ClusterRun[] {
     else pool[0] = { first: r.first + n, count: r.count - n };
     count -= n;
   }
-  return out;
-}
-
-/** Joins writes that are contiguous on the host into one (up to 16 MiB): fewer, larger writes. */
-function coalesce(writes: Array<{ host: number; buf: Uint8Array }>): Array<{ host: number; buf: Uint8Array }> {
-  const MAX = 16 * 1024 * 1024;
-  const sorted = [...writes].sort((a, b) => a.host - b.host);
-  const out: Array<{ host: number; buf: Uint8Array }> = [];
-  let group: Array<{ host: number; buf: Uint8Array }> = [];
-  let groupBytes = 0;
-  const close = () => {
-    if (!group.length) return;
-    if (group.length === 1) out.push(group[0]!);
-    else {
-      const buf = new Uint8Array(groupBytes);
-      let at = 0;
-      for (const g of group) {
-        buf.set(g.buf, at);
-        at += g.buf.length;
-      }
-      out.push({ host: group[0]!.host, buf });
-    }
-    group = [];
-    groupBytes = 0;
-  };
-  for (const w of sorted) {
-    const last = group[group.length - 1];
-    if (!last || last.host + last.buf.length !== w.host || groupBytes + w.buf.length > MAX) close();
-    group.push(w);
-    groupBytes += w.buf.length;
-  }
-  close();
   return out;
 }
 

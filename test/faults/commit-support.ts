@@ -187,17 +187,18 @@ export const SCENARIOS: Record<string, Scenario> = {
     },
   },
   tables: {
-    // Data in 24 different L2 tables' ranges of an empty base: the commit creates 24 L2 tables
-    // (each written and flushed, then its L1 entry), the path a batch takes table by table.
-    name: 'a new L2 table in the base for each of 24 scattered writes',
+    // Data in 36 different L2 tables' ranges of an empty base: the commit creates 36 L2 tables
+    // (each written and flushed, then its L1 entry), the path a batch takes table by table. (36:
+    // a batch writes its data in a few vectored writes, so the tables give the kill points.)
+    name: 'a new L2 table in the base for each of 36 scattered writes',
     baseCluster: 64 * K,
     build(dir) {
       const base = join(dir, BASE);
       const top = join(dir, TOP);
-      create(base, 'cluster_size=64k', '12G');
+      create(base, 'cluster_size=64k', '18G');
       io(base, [`write -P 0x17 0 64k`]);
-      create(top, 'cluster_size=64k', '12G', BASE);
-      io(top, Array.from({ length: 24 }, (_, i) => `write -P ${0x60 + i} ${i * 512 * M + (i % 3) * 64 * K} ${i % 2 ? 64 : 128}k`));
+      create(top, 'cluster_size=64k', '18G', BASE);
+      io(top, Array.from({ length: 36 }, (_, i) => `write -P ${0x60 + i} ${i * 512 * M + (i % 3) * 64 * K} ${i % 2 ? 64 : 128}k`));
     },
   },
   top512: top512(64),

@@ -410,6 +410,9 @@ class JournalFile implements ImageFile {
   readAt(b: Uint8Array, o: number) {
     return this.inner.readAt(b, o);
   }
+  readv(b: readonly Uint8Array[], o: number, opts?: { inPool?: boolean }) {
+    return this.inner.readv(b, o, opts);
+  }
   dataExtents(s: number, e: number) {
     return this.inner.dataExtents(s, e);
   }
@@ -422,6 +425,15 @@ class JournalFile implements ImageFile {
     const data = Buffer.from(b); // copied before the await: the caller may reuse its buffer
     await this.inner.writeAt(b, o);
     this.journal.record({ path: this.resolved, kind: 'write', offset: o, length: data.length, data, ...n });
+  }
+  /** One vectored write is one journal entry (one write), as it is one syscall. */
+  async writev(bufs: readonly Uint8Array[], o: number) {
+    let length = 0;
+    for (const b of bufs) length += b.length;
+    const n = this.journal.beforeMutation(this.resolved, 'write', o, length, `write error at offset ${o}`, 'write');
+    const data = Buffer.concat(bufs); // copied before the await, as writeAt does
+    await this.inner.writev(bufs, o);
+    this.journal.record({ path: this.resolved, kind: 'write', offset: o, length, data, ...n });
   }
   async truncate(length: number) {
     const n = this.journal.beforeMutation(this.resolved, 'truncate', length, 0, 'truncate failed', 'ftruncate');
