@@ -229,7 +229,9 @@ export async function copyPlan(chain: BackingChain, target: WritableLayer, exten
             done += split.data;
             opts.onProgress?.(done, total);
           })
-          .finally(() => k.free(mem));
+          .finally(() => {
+            if (mem) k.free(mem); // (a batch of zero ranges only has no buffer)
+          });
         p.catch(() => {}); // awaited in order below; a failure while an earlier one is awaited is not unhandled
         writing.push(p);
         handed = true;

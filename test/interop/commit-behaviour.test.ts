@@ -72,6 +72,23 @@ describeQemu('commit and make-empty: behaviour', () => {
     expect(r.stdout).not.toContain('verification failed');
   });
 
+  it('a top holding only zero clusters and discards commits them as zeroes (iotests 274, 313)', async () => {
+    const dir = tmpDir();
+    const base = join(dir, 'base.qcow2');
+    const top = join(dir, 'top.qcow2');
+    must(qemuImg(['create', '-q', '-f', 'qcow2', base, '8M']), 'base');
+    must(qemuIo(base, ['write -P 7 0 8M']), 'base data');
+    must(qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top]), 'top');
+    must(qemuIo(top, ['write -z 1M 1M', 'discard 4M 64k', 'write -z -u 6M 128k']), 'top zeroes');
+    must(qemuImg(['convert', '-O', 'raw', top, join(dir, 'before.raw')]), 'convert');
+    const r = await commit(top);
+    expect(r.dataBytes).toBe(0);
+    expect(r.zeroBytes).toBeGreaterThanOrEqual(M);
+    for (const f of [base, top]) expect(qemuImg(['check', f]).status, f).toBe(0);
+    must(qemuImg(['convert', '-O', 'raw', top, join(dir, 'after.raw')]), 'convert');
+    expect(sha256(join(dir, 'after.raw'))).toBe(sha256(join(dir, 'before.raw')));
+  });
+
   it('-b matches a stored backing name or a path relative to the referring image; -b implies -d', async () => {
     const dir = tmpDir();
     const { base, mid, top } = chain3(dir);
