@@ -218,7 +218,11 @@ class NodeImageFile implements ImageFile {
         }
       }
       if (!done) {
-        pos = total <= SYNC_READ_MAX && bufs.length === 1 ? writeAllSync(this.fd, bufs[0]!, offset) : await this.#writeAll(this.fd, bufs, offset);
+        // Synchronous only when nothing is in flight on the file: a buffered write waits for the
+        // inode lock, which direct writes that allocate hold (ext4) — the main thread would
+        // stall behind the copy's own writes instead of reading the next batch.
+        const sync = total <= SYNC_READ_MAX && bufs.length === 1 && this.#inflight === 0;
+        pos = sync ? writeAllSync(this.fd, bufs[0]!, offset) : await this.#writeAll(this.fd, bufs, offset);
         this.#noteBuffered(total);
       }
     } catch (e) {
@@ -303,7 +307,8 @@ class NodeImageFile implements ImageFile {
       // Growing is a metadata change of microseconds (the write engine grows the file ahead of
       // each batch of new clusters): done here rather than queued in the thread pool behind the
       // copy's reads and writes. Shrinking frees blocks, which can take long: in the pool.
-      if (length >= fstatSync(this.fd).size) ftruncateSync(this.fd, length);
+      // (While direct writes are in flight, ext4 makes a size change wait for them: then in the pool.)
+      if (length >= fstatSync(this.fd).size && this.#inflight === 0) ftruncateSync(this.fd, length);
       else await this.#track(truncateAsync(this.fd, length));
     } catch (e) {
       throw fromSystemError(e, this.path, 'truncate failed');

@@ -25,6 +25,8 @@ export class ClusterAllocator implements FreeClusterSource {
    * makes the file cover it first (a refcount past the end of the file is a leak no check sees).
    */
   beforeRaise: ((endCluster: number) => Promise<void>) | undefined;
+  /** Bytes of the file that hold content (the owner may have grown the file past them, sparse). */
+  contentBytes: (() => number) | undefined;
 
   constructor(
     private readonly refcounts: RefcountManager,

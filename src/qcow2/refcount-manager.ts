@@ -43,6 +43,8 @@ export interface FreeClusterSource {
   release(cluster: number): void;
   /** One past the highest cluster in use or claimed (new refcount areas go beyond it). */
   highWater(): number;
+  /** Bytes of the file that hold content, when the file may be longer (grown ahead, sparse). */
+  contentBytes?: (() => number) | undefined;
 }
 
 export class RefcountManager {
@@ -307,7 +309,8 @@ export class RefcountManager {
   async #growArea(ti: number): Promise<number> {
     const cs = this.clusterSize;
     const per = this.perBlock;
-    const fileClusters = Math.ceil((await this.file.size()) / cs);
+    // Past the file's content (not past a sparse tail grown ahead of need: it holds nothing).
+    const fileClusters = Math.ceil((this.#source().contentBytes?.() ?? (await this.file.size())) / cs);
     const start = Math.ceil(Math.max(fileClusters, this.#source().highWater(), (ti + 1) * per) / per) * per;
     const firstAreaBlock = start / per;
     // Area: [block for ti][area blocks...][table clusters...]; iterate until the sizes settle.

@@ -36,6 +36,9 @@ const COPIED_HI = 0x80000000;
 const L2_CACHE_TABLES = 256;
 const REFCOUNT_CACHE_BLOCKS = 256;
 const MAX_RUNS = 1024;
+/** How far the file grows ahead of need (see #cover). */
+const GROW_AHEAD_MIN = 64 * 1024 * 1024;
+const GROW_AHEAD_MAX = 1024 * 1024 * 1024;
 const ALL_SUBCLUSTERS = 0xffffffff;
 
 /** One L2 run as the scan kernel reports it. */
@@ -102,26 +105,62 @@ export class Qcow2Writer {
     this.refcountCache = refcounts.cache;
     this.allocator = new ClusterAllocator(refcounts, discards, Math.ceil(img.fileSize / img.clusterSize), img.path);
     this.#fileEnd = img.fileSize;
+    this.#needed = img.fileSize;
     this.allocator.beforeRaise = (end) => this.#cover(end);
+    this.allocator.contentBytes = () => this.#needed;
   }
 
   /** Bytes the file is known to cover. */
   #fileEnd: number;
+  /** Bytes the allocations made so far need (the file may cover more: see #cover). */
+  #needed: number;
 
   /**
    * Clusters handed out past the end of the file: the file is extended to cover them, and that
    * is durable before any raised refcount reaches the file. Otherwise a crash could leave a
    * refcount of 1 past the end of the file, a leak that no check reports or repairs (qemu-img
    * check looks only inside the file) and that shows up once the file grows over it.
+   *
+   * The file grows ahead of need (a quarter of its size, 64 MiB to 1 GiB, sparse): on ext4 a
+   * size change waits for every direct write in flight on the file (inode_dio_wait), so one per
+   * batch of a copy stalled the copy behind its own writes. close() cuts what was not used; a
+   * crash leaves a sparse tail of free clusters, which checks accept and allocations reuse.
    */
   async #cover(endCluster: number): Promise<void> {
     const bytes = endCluster * this.cs;
+    this.#needed = Math.max(this.#needed, bytes);
     if (bytes <= this.#fileEnd) return;
-    this.#fileEnd = Math.max(bytes, await this.file.size());
-    if (bytes > (await this.file.size())) {
-      await this.file.truncate(bytes);
-      this.refcountCache.dependsOnFlush();
+    const size = await this.file.size();
+    if (bytes <= size) {
+      this.#fileEnd = size;
+      return;
     }
+    const ahead = Math.min(GROW_AHEAD_MAX, Math.max(GROW_AHEAD_MIN, Math.floor(size / 4)));
+    const target = Math.max(bytes, Math.ceil((size + ahead) / this.cs) * this.cs);
+    await this.file.truncate(target);
+    this.#fileEnd = target;
+    this.refcountCache.dependsOnFlush();
+  }
+
+  /**
+   * Cuts the part of the file grown ahead and not used: after the last flush, up to the last
+   * cluster with a refcount (a refcount area built meanwhile may lie in that part).
+   */
+  async #trimAhead(): Promise<void> {
+    if (this.#fileEnd <= this.#needed) return;
+    const cs = this.cs;
+    const size = await this.file.size();
+    const to = Math.ceil(size / cs);
+    let used = Math.ceil(this.#needed / cs); // one past the last cluster in use
+    for (let c = used; c < to; ) {
+      const z = await this.refcounts.zeroRun(c, to - c);
+      if (z.start > c) used = Math.min(z.start, to);
+      if (z.start >= to) break;
+      c = z.start + z.length;
+    }
+    const length = Math.max(this.#needed, used * cs);
+    if (length < size) await this.file.truncate(length);
+    this.#fileEnd = this.#needed = Math.min(size, length);
   }
 
   static async open(img: Qcow2Image): Promise<Qcow2Writer> {
@@ -435,13 +474,20 @@ export class Qcow2Writer {
       }
       const length = end * cs;
       if (length < (await this.file.size())) await this.file.truncate(length);
+      this.#fileEnd = this.#needed = length;
       return length;
     });
   }
 
-  /** Makes everything written so far durable, then punches the clusters freed meanwhile. */
+  /**
+   * Makes everything written so far durable, then punches the clusters freed meanwhile and cuts
+   * what the file grew ahead of need (the file's length is then the operation's result).
+   */
   flush(): Promise<void> {
-    return this.#serial(() => this.#flushAll());
+    return this.#serial(async () => {
+      await this.#flushAll();
+      await this.#trimAhead();
+    });
   }
 
   /**
@@ -452,6 +498,7 @@ export class Qcow2Writer {
   close(): Promise<void> {
     return this.#serial(async () => {
       await this.#flushAll();
+      await this.#trimAhead();
       await this.header.markClean();
       this.l2Cache.clear();
       this.refcountCache.clear();

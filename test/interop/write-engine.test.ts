@@ -4,7 +4,7 @@
 // extended L2, compressed clusters, internal snapshots (shared L2 tables and data), with and
 // without a backing file. Afterwards qemu-img check is clean, QEMU reads exactly the model's
 // bytes, and snapshot data is untouched.
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect, it } from 'vitest';
 import { openChain } from '../../src/index.js';
@@ -160,5 +160,32 @@ describeQemu('write engine against a model of the guest disk', () => {
       must(qemuImg(['convert', '-O', 'qcow2', '-l', 'snap1', top, restored]), 'convert snapshot');
       expect(Buffer.compare(rawOf(dir, restored), snapData)).toBe(0);
     }
+  });
+
+  // The engine grows the file ahead of its allocations (fewer size changes under direct writes)
+  // and cuts what it did not use when it closes: the file ends at the image's last cluster.
+  it.each([
+    ['64k clusters', 'cluster_size=64k', 256 * M, 40 * M],
+    ['512 B clusters, refcount_bits=64 (refcount table grows into the grown part)', 'cluster_size=512,refcount_bits=64', 64 * M, 6 * M],
+  ])('the file ends at the image end after writes: %s', async (_name, opts, size, bytes) => {
+    const dir = tmpDir();
+    const top = join(dir, 'top.qcow2');
+    must(qemuImg(['create', '-q', '-f', 'qcow2', '-o', opts, top, String(size)]), 'create');
+    const chain = await openChain(top, { write: [0] });
+    try {
+      const layer = chain.top;
+      if (!isWritable(layer)) throw new Error('not writable');
+      const data = new Uint8Array(bytes).fill(0x5c);
+      // Scattered pieces, several batches.
+      const items = [0, 3, 7].map((k) => ({ offset: (k * size) / 8, data: data.subarray(0, bytes / 3) }));
+      await layer.writeMany(items);
+      await layer.write(size - 4096, data.subarray(0, 4096));
+    } finally {
+      await chain.close();
+    }
+    const check = qemuImg(['check', '--output=json', top]);
+    expect(check.status, check.stdout + check.stderr).toBe(0);
+    const end = (JSON.parse(check.stdout) as { 'image-end-offset': number })['image-end-offset'];
+    expect(statSync(top).size).toBe(end);
   });
 });
