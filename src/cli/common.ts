@@ -84,16 +84,29 @@ export function imageFilename(name: string): string {
   return name;
 }
 
-/** `-p`: a progress line on stderr like qemu-img's "(12.34/100%)". */
-export function progressPrinter(enabled: boolean): ((done: number, total: number) => void) | undefined {
+/**
+ * `-p`: qemu-img's progress line on stdout ("    (12.34/100%)" and a carriage return, from
+ * 0.00 at the start to 100.00 and a newline at the end), so scripts that read qemu-img's
+ * output read ours the same way. With `--output json` it goes to stderr (stdout stays one JSON
+ * document).
+ */
+export function progressPrinter(enabled: boolean, json = false): ((done: number, total: number) => void) | undefined {
   if (!enabled) return undefined;
-  let last = -1;
+  const out = json ? process.stderr : process.stdout;
+  let last = 0;
+  let ended = false;
+  out.write('    (0.00/100%)\r');
   return (done, total) => {
-    const pct = total ? (done / total) * 100 : 100;
-    if (Math.floor(pct * 100) === last) return;
-    last = Math.floor(pct * 100);
-    process.stderr.write(`    (${pct.toFixed(2)}/100%)\r`);
-    if (done >= total) process.stderr.write('\n');
+    if (ended) return;
+    const pct = total ? Math.min(100, (done / total) * 100) : 100;
+    const at = Math.floor(pct * 100);
+    if (at === last && pct < 100) return;
+    last = at;
+    out.write(`    (${(at / 100).toFixed(2)}/100%)\r`);
+    if (pct >= 100) {
+      out.write('\n');
+      ended = true;
+    }
   };
 }
 
@@ -110,8 +123,11 @@ export function printPlainJson(value: unknown): void {
 export const warn = (msg: string): void => void process.stderr.write(`qcowkit: warning: ${msg}\n`);
 
 /** The callbacks of a long-running command: qemu-img's progress line with -p (not with -q), warnings. */
-export function feedback(o: { progress?: boolean | undefined; quiet?: boolean | undefined }): { onProgress: ((done: number, total: number) => void) | undefined; onWarning: (msg: string) => void } {
-  return { onProgress: progressPrinter(o.progress === true && !o.quiet), onWarning: warn };
+export function feedback(o: { progress?: boolean | undefined; quiet?: boolean | undefined; output?: string | undefined }): {
+  onProgress: ((done: number, total: number) => void) | undefined;
+  onWarning: (msg: string) => void;
+} {
+  return { onProgress: progressPrinter(o.progress === true && !o.quiet, o.output === 'json'), onWarning: warn };
 }
 
 /** An operation's result as every write command prints it: JSON, human text, or nothing (-q). */

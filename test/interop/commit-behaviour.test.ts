@@ -89,6 +89,23 @@ describeQemu('commit and make-empty: behaviour', () => {
     expect(sha256(join(dir, 'after.raw'))).toBe(sha256(join(dir, 'before.raw')));
   });
 
+  it('-p prints qemu-img\'s progress line on stdout, and on stderr with --output json (stdout stays JSON)', () => {
+    const dir = tmpDir();
+    const { top, mid } = chain3(dir);
+    const q = qemuImg(['commit', '-p', '-d', join(dir, 'top.qcow2')]);
+    must(q, 'qemu-img commit -p');
+    const cli = runCli(['commit', '-p', '-d', top]);
+    expect(cli.status, cli.stderr).toBe(0);
+    for (const out of [q.stdout, cli.stdout]) {
+      expect(out.startsWith('    (0.00/100%)\r')).toBe(true);
+      expect(out.endsWith('    (100.00/100%)\r\nImage committed.\n')).toBe(true);
+    }
+    const json = runCli(['commit', '-p', '-d', '--output', 'json', top]);
+    expect(json.status, json.stderr).toBe(0);
+    expect((JSON.parse(json.stdout) as { base: string }).base).toBe(mid);
+    expect(json.stderr).toContain('(100.00/100%)');
+  });
+
   it('-b matches a stored backing name or a path relative to the referring image; -b implies -d', async () => {
     const dir = tmpDir();
     const { base, mid, top } = chain3(dir);

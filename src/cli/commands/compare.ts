@@ -1,7 +1,7 @@
 import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
 import { compare, comparePhase } from '../../ops/compare.js';
-import { fail, imageFilename, newCommand, progressPrinter, warn } from '../util.js';
+import { fail, imageFilename, newCommand, outputOption, printPlainJson, progressPrinter, warn } from '../util.js';
 
 /** -f/-F: checked when the images are opened, so an unknown format is an open error (exit 2) as in qemu-img. */
 function imageFormat(fmt: string | undefined, file: string): 'qcow2' | 'raw' | undefined {
@@ -14,6 +14,7 @@ export function command() {
     'qcowkit compare base.qcow2 copy.qcow2',
     'qcowkit compare -f qcow2 -F raw disk.qcow2 disk.raw',
     'qcowkit compare -s a.qcow2 b.qcow2   # strict: sizes and allocation must match too',
+    'qcowkit compare --output json a.qcow2 b.qcow2   # {"identical": false, "reason": "content", "offset": N, ...}',
   ])
     .addOption(new Option('-f, --format <fmt>', 'format of FILE1 (qcow2 or raw); probed when omitted'))
     .addOption(new Option('-F, --format2 <fmt>', 'format of FILE2 (qcow2 or raw); probed when omitted'))
@@ -21,19 +22,23 @@ export function command() {
     .option('-p, --progress', 'show progress')
     .option('-q, --quiet', 'print nothing; the exit code tells')
     .option('-U, --force-share', 'open the images even if another process uses them')
+    .addOption(outputOption())
     .argument('<file1>')
     .argument('<file2>')
-    .action(async (file1: string, file2: string, o: { format?: string; format2?: string; strict?: boolean; progress?: boolean; quiet?: boolean; forceShare?: boolean }) => {
-      const say = (s: string) => o.quiet || process.stdout.write(s + '\n');
+    .action(async (file1: string, file2: string, o: { format?: string; format2?: string; strict?: boolean; progress?: boolean; quiet?: boolean; forceShare?: boolean; output: string }) => {
+      const json = o.output === 'json';
+      const say = (s: string) => o.quiet || json || process.stdout.write(s + '\n');
       try {
         const r = await compare(imageFilename(file1), imageFilename(file2), {
           format1: imageFormat(o.format, file1),
           format2: imageFormat(o.format2, file2),
           strict: o.strict === true,
           forceShare: o.forceShare === true,
-          onProgress: progressPrinter(o.progress === true && !o.quiet),
+          onProgress: progressPrinter(o.progress === true && !o.quiet, o.output === 'json'),
           onWarning: warn,
         });
+        // (JSON: the result as the library returns it; the exit code is the same.)
+        if (json && !o.quiet) printPlainJson(r);
         if ('sizeMismatch' in r && r.sizeMismatch) say('Warning: Image size mismatch!');
         if (r.identical) {
           say('Images are identical.');
