@@ -24,6 +24,7 @@ import type { OperationOptions } from './options.js';
 import { validateForWrite } from './validate.js';
 import { checkFreeSpace, copyPlan } from './copy.js';
 import { emptyOpenImage, type MakeEmptyResult } from './make-empty.js';
+import { applyMergeDown, planMergeDown, type MergeDownEntry, type MergeDownPlan } from './bitmap-chain.js';
 
 export interface CommitOptions extends OperationOptions {
   /** -f: format of the top image; probed when omitted. */
@@ -36,6 +37,11 @@ export interface CommitOptions extends OperationOptions {
   dryRun?: boolean | undefined;
   /** -r: at most this many bytes per second are copied (0 or absent: no limit). */
   rateLimit?: number | undefined;
+  /**
+   * --bitmaps: every consistent bitmap of the committed layers is created in the base when
+   * missing (same granularity and flags) and merged into the base's bitmap of that name.
+   */
+  bitmaps?: boolean | undefined;
   openFile?: FileOpener | undefined;
 }
 
@@ -60,6 +66,8 @@ export interface CommitResult {
   baseSizeAfter: number;
   /** The top's emptying (absent with -d/-b). */
   emptied?: MakeEmptyResult | undefined;
+  /** --bitmaps: the base's bitmaps created and merged from the committed layers. */
+  bitmaps?: MergeDownEntry[] | undefined;
   seconds: number;
 }
 
@@ -80,6 +88,12 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
     const plan = await planCopy(chain, baseDepth, size, opts.signal);
     const cs = base instanceof Qcow2Image ? base.clusterSize : 4096;
     const growth = await estimateGrowth(base, plan, size, cs);
+    let bitmaps: MergeDownPlan | undefined;
+    if (opts.bitmaps) {
+      bitmaps = planMergeDown(base, chain.layers.slice(0, baseDepth), Math.max(base.virtualSize, size));
+      for (const s of bitmaps.skipped) opts.onWarning?.(`${s.file}: bitmap '${s.name}' is inconsistent (in use): not merged into the base`);
+      growth.bytes += bitmaps.bytes;
+    }
     const result: CommitResult = {
       top: topLayer.path,
       base: base.path,
@@ -92,6 +106,7 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
       baseGrowth: growth.bytes,
       baseSizeBefore: base.virtualSize,
       baseSizeAfter: Math.max(base.virtualSize, size),
+      bitmaps: bitmaps?.entries,
       seconds: 0,
     };
     if (dryRun) {
@@ -111,6 +126,8 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
     // The base holds the data durably, clean, before anything of the top goes.
     if (base instanceof Qcow2Image) await base.endWrites();
     else await base.flush();
+    // The layers' bitmaps follow their data into the base (each store crash-safe; a rerun merges again, harmlessly).
+    if (bitmaps && base instanceof Qcow2Image) await applyMergeDown(base, bitmaps, { signal: opts.signal });
     if (!drop && topLayer instanceof Qcow2Image) result.emptied = await emptyOpenImage(topLayer, { signal: opts.signal });
     result.seconds = (performance.now() - t0) / 1000;
     return result;

@@ -57,6 +57,11 @@ export interface CreateOptions extends OperationOptions {
    * it throws ends the create before anything is written.
    */
   onFormatting?: ((size: number) => void) | undefined;
+  /**
+   * --bitmaps: the new overlay starts with the backing image's recording bitmaps (same names and
+   * granularity, empty, enabled), so incremental backups go on across the new layer.
+   */
+  bitmaps?: boolean | undefined;
 }
 
 export interface CreateResult {
@@ -74,6 +79,8 @@ export interface CreateResult {
   compressionType?: 'zlib' | 'zstd';
   backing?: { file: string; format: LayerFormat };
   dataFile?: { file: string; raw: boolean; length: number };
+  /** --bitmaps: the bitmaps created in the new overlay. */
+  bitmaps?: Array<{ name: string; granularity: number }>;
 }
 
 /** Largest writes issued (and buffers built); several run at once. */
@@ -116,6 +123,16 @@ export async function create(path: string, opts: CreateOptions): Promise<CreateR
   opts.onFormatting?.(size);
   driverChecks();
   const s = qcow2Settings(o, preallocation, opts.backing !== undefined, path);
+  // --bitmaps: everything checked (and the backing's bitmaps read) before the image is written.
+  let bitmaps: Array<{ name: string; granularity: number }> | undefined;
+  let bitmapChain: typeof import('./bitmap-chain.js') | undefined;
+  if (opts.bitmaps) {
+    if (!backing) throw bad('--bitmaps needs a backing file (-b)');
+    if (opts.unsafe) throw bad('--bitmaps reads the backing file: it cannot be used with -u');
+    if (s.version < 3) throw bad('Cannot store dirty bitmaps in qcow2 v2 files (--bitmaps needs compat=1.1)');
+    bitmapChain = await import('./bitmap-chain.js');
+    bitmaps = backing.format === 'qcow2' ? await bitmapChain.planRecordingBitmaps(path, resolveBackingPath(path, backing.file), size) : [];
+  }
   if (s.dataFile !== undefined) await checkDataFile(path, s.dataFile, backing && resolveBackingPath(path, backing.file));
   const layout = freshLayout(
     { clusterBits: s.clusterBits, refcountOrder: s.refcountOrder, extendedL2: s.extendedL2, size, preallocate: s.preallocation !== 'off', externalData: s.dataFile !== undefined },
@@ -166,13 +183,14 @@ export async function create(path: string, opts: CreateOptions): Promise<CreateR
       throw e;
     }
   });
+  const fileLength = bitmaps?.length ? await bitmapChain!.writeRecordingBitmaps(path, bitmaps) : layout.fileLength;
 
   return {
     path,
     format: 'qcow2',
     size,
     preallocation: s.preallocation,
-    fileLength: layout.fileLength,
+    fileLength,
     clusterSize: layout.clusterSize,
     compat: s.version === 3 ? '1.1' : '0.10',
     refcountBits: 2 ** s.refcountOrder,
@@ -181,6 +199,7 @@ export async function create(path: string, opts: CreateOptions): Promise<CreateR
     compressionType: s.zstd ? 'zstd' : 'zlib',
     ...(backing ? { backing: { file: backing.file, format: backing.format } } : {}),
     ...(s.dataFile !== undefined ? { dataFile: { file: s.dataFile, raw: s.dataFileRaw, length: dataLength } } : {}),
+    ...(bitmaps ? { bitmaps } : {}),
   };
 }
 

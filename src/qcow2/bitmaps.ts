@@ -275,16 +275,7 @@ export class BitmapStore {
 
   /** Checks QEMU's rules for a new bitmap (qcow2_co_can_store_new_dirty_bitmap and the QMP add). */
   checkNew(name: string, granularity: number): void {
-    const img = this.img;
-    if (!name) throw new QcowError('INVALID_ARGUMENT', 'Bitmap name cannot be empty', img.path);
-    if (Buffer.byteLength(name) > MAX_BITMAP_NAME_BYTES) throw new QcowError('INVALID_ARGUMENT', 'Bitmap name is too long', img.path);
-    if (img.bitmaps.some((b) => b.name === name)) throw new QcowError('INVALID_ARGUMENT', `Bitmap already exists: ${name}`, img.path);
-    if (!Number.isSafeInteger(granularity) || granularity < 512 || granularity > 2 ** 31 || (granularity & (granularity - 1)) !== 0)
-      throw new QcowError('INVALID_ARGUMENT', 'Granularity must be power of 2 and at least 512', img.path);
-    if (img.bitmaps.length >= MAX_BITMAPS) throw new QcowError('INVALID_ARGUMENT', 'Maximum number of persistent bitmaps is already reached', img.path);
-    const dirSize = img.bitmaps.reduce((n, b) => n + directoryEntrySize(b.name), 0);
-    if (dirSize + directoryEntrySize(name) > MAX_BITMAP_DIRECTORY_SIZE) throw new QcowError('INVALID_ARGUMENT', 'Not enough space in the bitmap directory', img.path);
-    assertDataFits(img.virtualSize, Math.log2(granularity), img.path);
+    assertCanAddBitmap(this.img.path, this.img.bitmaps, name, granularity, this.img.virtualSize);
   }
 
   /** Adds an empty bitmap (all-zero table), enabled unless `disabled`. */
@@ -579,6 +570,19 @@ export class BitmapStore {
   async close(): Promise<void> {
     await this.img.endWrites();
   }
+}
+
+/** QEMU's rules for a new bitmap beside `existing` on a disk of `size` bytes (names, granularity, count, directory and data size). */
+export function assertCanAddBitmap(path: string, existing: readonly BitmapDirectoryEntry[], name: string, granularity: number, size: number): void {
+  if (!name) throw new QcowError('INVALID_ARGUMENT', 'Bitmap name cannot be empty', path);
+  if (Buffer.byteLength(name) > MAX_BITMAP_NAME_BYTES) throw new QcowError('INVALID_ARGUMENT', 'Bitmap name is too long', path);
+  if (existing.some((b) => b.name === name)) throw new QcowError('INVALID_ARGUMENT', `Bitmap already exists: ${name}`, path);
+  if (!Number.isSafeInteger(granularity) || granularity < 512 || granularity > 2 ** 31 || (granularity & (granularity - 1)) !== 0)
+    throw new QcowError('INVALID_ARGUMENT', 'Granularity must be power of 2 and at least 512', path);
+  if (existing.length >= MAX_BITMAPS) throw new QcowError('INVALID_ARGUMENT', 'Maximum number of persistent bitmaps is already reached', path);
+  const dirSize = existing.reduce((n, b) => n + directoryEntrySize(b.name), 0);
+  if (dirSize + directoryEntrySize(name) > MAX_BITMAP_DIRECTORY_SIZE) throw new QcowError('INVALID_ARGUMENT', 'Not enough space in the bitmap directory', path);
+  assertDataFits(size, Math.log2(granularity), path);
 }
 
 /** QEMU keeps at most 512 MiB of bitmap data per bitmap. */

@@ -13,6 +13,7 @@ export function command() {
       'qcowkit commit -d -p overlay.qcow2           # keep the overlay as it is, show progress',
       'qcowkit commit -b base.qcow2 top.qcow2       # into a deeper layer (implies -d)',
       'qcowkit commit --dry-run --output json overlay.qcow2',
+      'qcowkit commit --bitmaps overlay.qcow2       # also carry the overlay\'s bitmaps into the base',
     ],
   )
     .addOption(formatOption())
@@ -21,11 +22,12 @@ export function command() {
     .option('-p, --progress', 'show progress')
     .option('-q, --quiet', 'print nothing on success')
     .option('--dry-run', 'report what would be copied and freed; write nothing')
+    .option('--bitmaps', "create each bitmap of the committed layers in the base when missing and merge it into the base's")
     .addOption(new Option('-r, --rate-limit <rate>', 'copy at most RATE bytes per second (k/M/G suffixes)'))
     .addOption(new Option('-t, --cache <mode>', 'cache mode (accepted for qemu-img compatibility; qcowkit always flushes at the end)').hideHelp())
     .addOption(outputOption())
     .argument('<filename>')
-    .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; base?: string; drop?: boolean; progress?: boolean; quiet?: boolean; dryRun?: boolean; output: string; rateLimit?: string }) => {
+    .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; base?: string; drop?: boolean; progress?: boolean; quiet?: boolean; dryRun?: boolean; output: string; rateLimit?: string; bitmaps?: boolean }) => {
       try {
         const r = await commit(filename, {
           rateLimit: o.rateLimit !== undefined ? parseSize(o.rateLimit, 'rate limit') : undefined,
@@ -33,6 +35,7 @@ export function command() {
           base: o.base,
           drop: o.drop === true,
           dryRun: o.dryRun === true,
+          bitmaps: o.bitmaps === true,
           ...feedback(o),
         });
         printResult(o, r, human);
@@ -44,7 +47,8 @@ export function command() {
 
 function human(r: CommitResult): string {
   // As qemu-img: one line (the space given back is in --output json and make-empty's report).
-  if (!r.dryRun) return 'Image committed.\n';
+  const bitmapLines = (r.bitmaps ?? []).map((b) => `  bitmap '${b.name}': ${b.created ? 'created in the base and ' : ''}merged from ${b.from.join(', ')}`);
+  if (!r.dryRun) return ['Image committed.', ...bitmapLines].join('\n') + '\n';
   const lines = [
     `Dry run: commit ${r.top} into ${r.base} (depth ${r.baseDepth})`,
     `  guest data to copy:   ${humanSize(r.dataBytes)} (${r.dataBytes} bytes, up to ${r.dataClusters} new base clusters)`,
@@ -54,5 +58,6 @@ function human(r: CommitResult): string {
   if (r.baseSizeAfter > r.baseSizeBefore) lines.push(`  base virtual size:    ${r.baseSizeBefore} -> ${r.baseSizeAfter} bytes`);
   if (r.emptied) lines.push(`  top would shrink from ${humanSize(r.emptied.before.allocated)} on disk (it is emptied afterwards)`);
   else lines.push('  top is left as it is (-d / -b)');
+  lines.push(...bitmapLines);
   return lines.join('\n') + '\n';
 }

@@ -1,7 +1,7 @@
 import { QcowError } from '../../errors.js';
 import { create, type Preallocation, type Qcow2CreateOptions } from '../../ops/create.js';
 import type { LayerFormat } from '../../chain/layer.js';
-import { formatOption, imageFilename, newCommand, parseSizeExact, warn } from '../util.js';
+import { formatOption, imageFilename, newCommand, outputOption, parseSizeExact, printPlainJson, warn } from '../util.js';
 
 type Kind = 'size' | 'num' | 'bool' | 'str';
 
@@ -53,6 +53,8 @@ interface Flags {
   unsafe?: boolean;
   options?: string[];
   quiet?: boolean;
+  bitmaps?: boolean;
+  output: string;
 }
 
 export function command() {
@@ -61,6 +63,7 @@ export function command() {
     'qcowkit create -f qcow2 -o cluster_size=2M,preallocation=metadata big.qcow2 1T',
     'qcowkit create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2',
     'qcowkit create -f qcow2 -o help',
+    'qcowkit create -f qcow2 -b base.qcow2 -F qcow2 --bitmaps overlay.qcow2   # the base\'s recording bitmaps go on in the overlay',
   ])
     .addOption(formatOption('-f, --format <fmt>', 'image format: qcow2 or raw (default qcow2; qemu-img defaults to raw)').default('qcow2'))
     .option('-b, --backing <file>', 'backing file (relative names are relative to FILENAME)')
@@ -68,6 +71,8 @@ export function command() {
     .option('-u, --unsafe', "don't open the backing file (SIZE is then required)")
     .option('-o, --options <list>', "comma-separated options ('-o help' lists them)", (v: string, prev: string[] = []) => [...prev, v])
     .option('-q, --quiet', 'print nothing on success')
+    .option('--bitmaps', "re-create the backing file's recording bitmaps (names, granularity) in the new image, empty and enabled")
+    .addOption(outputOption())
     .argument('[filename]')
     .argument('[size]')
     .action(async (filename: string | undefined, sizeText: string | undefined, f: Flags) => {
@@ -100,18 +105,23 @@ export function command() {
       }
       if (backingFmt !== undefined && backingFile === undefined)
         optionError ??= new QcowError('INVALID_ARGUMENT', 'Backing format cannot be used without backing file', filename);
-      await create(imageFilename(filename), {
+      const json = f.output === 'json';
+      const r = await create(imageFilename(filename), {
         format: f.format,
         size: size === undefined ? undefined : Number(size),
         backing: backingFile === undefined ? undefined : { file: backingFile, format: backingFmt as LayerFormat | undefined },
         unsafe: f.unsafe === true,
+        bitmaps: f.bitmaps === true,
         options,
         onWarning: warn,
         onFormatting: (finalSize) => {
-          if (!f.quiet) process.stdout.write(formattingLine(filename, f.format, finalSize, opts));
+          if (!f.quiet && !json) process.stdout.write(formattingLine(filename, f.format, finalSize, opts));
           if (optionError !== undefined) throw optionError;
         },
       });
+      if (f.quiet) return;
+      if (json) printPlainJson(r);
+      else if (r.bitmaps) process.stdout.write(r.bitmaps.length ? `Bitmaps re-created from the backing file: ${r.bitmaps.map((b) => b.name).join(', ')}\n` : 'The backing file has no recording bitmaps.\n');
     });
 }
 
