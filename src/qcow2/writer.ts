@@ -129,8 +129,6 @@ export class Qcow2Writer {
     if (!file.writable) throw new QcowError('INTERNAL', 'image was not opened for writing', img.path);
     if (img.header.incompatibleFeatures & INCOMPAT_CORRUPT)
       throw new QcowError('CORRUPT', 'Image is marked corrupt; repair it first (qcowkit check -r all)', img.path);
-    // Metadata and data reads land in wasm memory while other reads are in flight: no growth.
-    reserveForLargeWork();
     const cs = img.clusterSize;
     const fence = new WriteFence(file);
     const header = HeaderWriter.for(fence, img.header);
@@ -169,6 +167,11 @@ export class Qcow2Writer {
   /** Before the first change: the dirty bit (v3) and the spec's rule on unknown autoclear bits. */
   async #start(): Promise<void> {
     this.#started = true;
+    // Guest-level work has metadata and data reads landing in wasm memory while others are in
+    // flight: no growth under them. Bitmap stores and other step-by-step metadata changes never
+    // get here: they allocate before their I/O starts, and skip the reservation (growing wasm
+    // memory by 1 GiB costs V8 a mark-compact GC, a few ms of a short command).
+    reserveForLargeWork();
     await this.header.clearUnknownAutoclear();
     await this.header.markDirty();
   }
