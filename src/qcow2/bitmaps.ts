@@ -5,16 +5,24 @@
  * Storing follows copy, switch, free — the bitmap is valid on disk at every instant:
  * 1. new data clusters (only for bitmap clusters that are neither all zeros — table entries of 0,
  *    as QEMU writes them — nor all ones — the all-ones entry) and a new table are allocated
- *    (refcounts raised in the refcount cache) and written; one refcount write-back and one flush
- *    make all of it durable (plus one flush before, when the file had to grow to cover them);
+ *    (refcounts raised in the refcount cache) and written. The switch depends on the refcount
+ *    cache: its write-back and one flush make all of it durable (the writer adds one flush before
+ *    the refcount blocks when the file had to grow to cover the new clusters);
  * 2. the directory entry is switched to the new table: one 8-byte in-place write of its
  *    table_offset for a content change, or a whole new directory copy plus one header write
- *    (`HeaderWriter.setBitmapsExtension`) for directory changes (add, remove, flags), then a flush;
- * 3. the old table, data clusters and directory lose their reference (durable with the final
- *    flush), and are punched after that (the engine's discard queue).
- * A crash at any point leaves either the old or the new bitmap, at worst with leaked clusters.
- * Bitmaps are never marked in_use by qcowkit: each change is a complete store of its own, so the
- * autoclear bit only changes with the extension itself (first bitmap added, last one removed).
+ *    (`HeaderWriter.setBitmapsExtension`, durable on return) for directory changes (add, remove,
+ *    flags);
+ * 3. the old table, data clusters and directory lose their reference in the refcount cache, which
+ *    was declared to depend on a flush after an in-place switch: its next write-back makes the
+ *    switch durable first (a store is durable when it returns), then writes the lowered counts.
+ *    They need no flush of their own: nothing durable points at those clusters any more, so a
+ *    crash before the counts reach the disk only leaks them. `close()` therefore ends the batch
+ *    without a final flush, and punches the freed clusters (the discard queue).
+ * Flushes per store: 2 (3 when the file grows). A crash at any point leaves either the old or the
+ * new bitmap, at worst with leaked clusters; no dirty bit is needed for that (leaks are what a
+ * qcow2 image may always have after a crash). Bitmaps are never marked in_use by qcowkit: each
+ * change is a complete store of its own, so the autoclear bit only changes with the extension
+ * itself (first bitmap added, last one removed).
  */
 import { QcowError, throwIfAborted } from '../errors.js';
 import { inParallel } from '../io/file.js';
@@ -336,6 +344,7 @@ export class BitmapStore {
     await this.#durable();
     await this.#switchTables([{ e, tableOffset }]);
     await this.#release([...old, tableRun(e, this.cs)]);
+    await this.#settle();
   }
 
   /**
@@ -348,8 +357,9 @@ export class BitmapStore {
 
   /**
    * Stores several loaded bitmaps at once: their new clusters are written together and made
-   * durable by one flush, one more flush makes the switch of every table pointer durable. Each
-   * bitmap is the old or the new one after a crash at any point.
+   * durable by one flush, one more flush makes the switch of every table pointer durable (before
+   * this returns: commit writes guest data in place after it). Each bitmap is the old or the new
+   * one after a crash at any point.
    */
   async storeMany(bms: ReadonlyArray<LoadedBitmap>, opts: { signal?: AbortSignal | undefined } = {}): Promise<void> {
     const img = this.img;
@@ -366,6 +376,7 @@ export class BitmapStore {
     await this.#durable();
     await this.#switchTables(entries.map((e, i) => ({ e, tableOffset: written[i]!.tableOffset })));
     await this.#release([...bms.flatMap((bm) => bm.dataClusters), ...entries.map((e) => tableRun(e, this.cs))]);
+    await this.#settle();
     // The loaded copies now describe what is on disk.
     bms.forEach((bm, i) => {
       const m = bm as { entry: BitmapDirectoryEntry; dataClusters: ClusterRun[] };
@@ -506,17 +517,18 @@ export class BitmapStore {
   }
 
   /**
-   * Everything written so far durable, refcounts of the new clusters included: one write-back of
-   * the refcount cache (after the flush that makes a grown file cover the new clusters) and one
-   * flush.
+   * What a switch depends on: everything written so far durable, refcounts of the new clusters
+   * included — a flush of the refcount cache (one write-back and one flush, after the flush its
+   * dependency asks for when the file grew to cover the new clusters).
    */
   async #durable(): Promise<void> {
     await this.w.refcountCache.flush();
   }
 
   /**
-   * Points each entry at its new table with one 8-byte in-place write of its table_offset, then
-   * one flush makes them durable (the caller made the tables durable before).
+   * Points each entry at its new table with one 8-byte in-place write of its table_offset (the
+   * caller made the tables durable before). Not durable yet: the refcount cache now depends on a
+   * flush, so nothing it releases after this reaches the file before the switch does.
    */
   async #switchTables(list: ReadonlyArray<{ e: BitmapDirectoryEntry; tableOffset: number }>): Promise<void> {
     const img = this.img;
@@ -531,8 +543,16 @@ export class BitmapStore {
       new DataView(buf.buffer).setBigUint64(0, BigInt(tableOffset));
       await img.file.writeAt(buf, at.get(e)!);
     }
-    await img.file.flush();
+    this.w.refcountCache.dependsOnFlush();
     for (const { e, tableOffset } of list) img.bitmaps[img.bitmaps.indexOf(e)] = { ...e, tableOffset };
+  }
+
+  /**
+   * Ends an in-place store: a write-back of the refcount cache satisfies its dependency (the flush
+   * that makes the switch durable), then writes the lowered refcounts, which need no flush.
+   */
+  async #settle(): Promise<void> {
+    await this.w.refcountCache.writeBack();
   }
 
   /** Allocates and writes a directory holding `entries` (not durable yet, nothing points at it). */
@@ -575,9 +595,12 @@ export class BitmapStore {
     for (const r of runs) if (r.count > 0) await this.w.refcounts.update(r.first, r.count, -1);
   }
 
-  /** Makes everything durable and ends the write batch (dirty bit cleared, caches freed). */
+  /**
+   * Ends the write batch (caches freed, freed clusters punched). Every change was durable when its
+   * store returned; what is left (lowered refcounts) is written without a final flush.
+   */
   async close(): Promise<void> {
-    await this.img.endWrites();
+    await this.img.endWrites({ durable: false });
   }
 }
 

@@ -450,11 +450,14 @@ export class Qcow2Writer {
   /**
    * Flushes, clears the dirty bit and frees the caches. A writer whose batch never started (only
    * metadata changes ordered step by step, as bitmap stores make them) is flushed without ever
-   * setting the dirty bit.
+   * setting the dirty bit. `durable: false` is for such a writer whose every change was made
+   * durable when it was switched to (bitmap stores): what is left to write is lowered refcounts
+   * of clusters nothing durable points at any more, written (and those clusters punched) without
+   * a final flush — a crash can only leak them.
    */
-  close(): Promise<void> {
+  close(opts: { durable?: boolean } = {}): Promise<void> {
     return this.#serial(async () => {
-      await this.#flushAll();
+      await this.#flushAll(opts.durable !== false || this.#started);
       await this.header.markClean();
       this.l2Cache.clear();
       this.refcountCache.clear();
@@ -468,10 +471,10 @@ export class Qcow2Writer {
     this.refcountCache.discardAll();
   }
 
-  async #flushAll(): Promise<void> {
+  async #flushAll(durable = true): Promise<void> {
     await this.l2Cache.writeBack();
     await this.refcountCache.writeBack();
-    await this.file.flush();
+    if (durable) await this.file.flush();
     for (const [first, end] of this.discards.take()) {
       try {
         await this.file.punchHole(first * this.cs, (end - first) * this.cs);
