@@ -628,6 +628,55 @@ export async function prepareBitmapGrowth(img: Qcow2Image, w: Qcow2Writer, size:
 }
 
 /**
+ * Clusters a commit into `img` may take for its bitmaps besides the data (its free-space check and
+ * dry-run growth): growing the disk to `size` stores every bitmap again (its data clusters and a
+ * table for the new size, plus a directory), and marking `ranges` dirty stores every recording
+ * one again (its data clusters, those the ranges touch, a table). Each store writes the new copy
+ * before the old one is released, and what a batch releases is not reused before it ends: the
+ * counts add up. In-use bitmaps take nothing: a resize refuses them, marking skips them.
+ */
+export async function commitBitmapClusters(img: Qcow2Image, ranges: ReadonlyArray<ByteExtent>, size: number): Promise<number> {
+  const cs = img.clusterSize;
+  const grows = size > img.virtualSize;
+  const marking = ranges.some((r) => r.length > 0);
+  let clusters = 0;
+  for (const e of img.bitmaps) {
+    if (isInUse(e) || !(grows || (marking && isEnabled(e)))) continue;
+    const entries = bitmapTableSize(Math.max(size, img.virtualSize), e.granularityBits, cs);
+    const table = Math.ceil((entries * 8) / cs);
+    const data = await scanTable(img, e, Math.min(e.tableSize, entries), 0);
+    const mixed = data.reduce((n, r) => n + r.count, 0);
+    if (grows) clusters += mixed + table;
+    if (marking && isEnabled(e)) clusters += Math.min(entries, mixed + touchedClusters(ranges, cs * 8 * 2 ** e.granularityBits, data)) + table;
+  }
+  if (grows && img.header.bitmaps) clusters += Math.ceil(img.header.bitmaps.directorySize / cs);
+  return clusters;
+}
+
+/** Bitmap clusters (each covering `span` guest bytes) the ranges touch, those in `data` runs (table order) not counted. */
+function touchedClusters(ranges: ReadonlyArray<ByteExtent>, span: number, data: ReadonlyArray<{ index: number; count: number }>): number {
+  const touched = ranges.filter((r) => r.length > 0).map((r) => [Math.floor(r.start / span), Math.floor((r.start + r.length - 1) / span) + 1] as [number, number]);
+  touched.sort((a, b) => a[0] - b[0]);
+  let n = 0;
+  let end = 0; // clusters below this are counted
+  let d = 0;
+  for (const [a0, b] of touched) {
+    for (let c = Math.max(a0, end); c < b; ) {
+      while (d < data.length && data[d]!.index + data[d]!.count <= c) d++;
+      const run = data[d];
+      if (run && run.index <= c) c = run.index + run.count; // already a data cluster
+      else {
+        const next = Math.min(b, run ? run.index : b);
+        n += next - c;
+        c = next;
+      }
+    }
+    end = Math.max(end, b);
+  }
+  return n;
+}
+
+/**
  * Marks every enabled, not in-use bitmap of a writable image dirty for the guest ranges (call it
  * before the data is written: a superset of dirty bits is harmless, a missing one loses data).
  * All of them are stored together (one flush for their new clusters, one for the switches).
