@@ -89,9 +89,19 @@ export function directoryEntrySize(name: string): number {
   return Math.ceil((24 + Buffer.byteLength(name)) / 8) * 8;
 }
 
-/** The error QEMU gives for using a bitmap a crashed QEMU left in use. */
-export function inconsistent(name: string, path: string): QcowError {
-  return new QcowError('INVALID_ARGUMENT', `Bitmap '${name}' is inconsistent and cannot be used`, path);
+/**
+ * The error QEMU gives for using a bitmap a crashed QEMU left in use, its advice on a second line
+ * (remove the bitmap: QEMU names its QMP command) put on the same one, naming qcowkit's. `why`:
+ * what needed the bitmap, where the operation does not say (a commit growing its base).
+ */
+export function inconsistent(name: string, path: string, why?: string): QcowError {
+  const remove = `qcowkit bitmap --remove ${shellWord(path)} ${shellWord(name)}`;
+  return new QcowError('INVALID_ARGUMENT', `Bitmap '${name}' is inconsistent and cannot be used${why ? ` (${why})` : ''}; try '${remove}' to delete this bitmap from disk`, path);
+}
+
+/** A command-line word as typed in a POSIX shell (quoted when needed). */
+function shellWord(s: string): string {
+  return /^[\w@%+=:,./-]+$/.test(s) ? s : `"${s.replace(/(["\\$`])/g, '\\$1')}"`;
 }
 
 export function findBitmap(img: Qcow2Image, name: string): BitmapDirectoryEntry {
@@ -617,7 +627,7 @@ function assertDataFits(diskSize: number, granularityBits: number, path: string)
  */
 export function assertCanGrow(img: Qcow2Image, size: number): void {
   for (const e of img.bitmaps) {
-    if (isInUse(e)) throw inconsistent(e.name, img.path);
+    if (isInUse(e)) throw inconsistent(e.name, img.path, `growing the disk to ${size} bytes resizes every bitmap`);
     assertDataFits(size, e.granularityBits, img.path);
   }
 }

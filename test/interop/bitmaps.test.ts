@@ -4,14 +4,13 @@
 // QEMU: qemu-img check clean, qemu-img info names/granularities/flags, and the contents QEMU
 // serves (qemu-nbd -B + nbdinfo --map=qemu:dirty-bitmap:NAME) equal to the model — and equal to
 // what `bitmap --dump` and `changes --bitmap` print.
-import { readFileSync } from 'node:fs';
+import { copyFileSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect, it } from 'vitest';
 import { command as bitmapCommand } from '../../src/cli/commands/bitmap.js';
 import { command as changesCommand } from '../../src/cli/commands/changes.js';
 import { command as checkCommand } from '../../src/cli/commands/check.js';
 import { command as commitCommand } from '../../src/cli/commands/commit.js';
-import { copyFileSync } from 'node:fs';
 import { patchBytes } from '../helpers/bytes.js';
 import { markBitmapsDirty, openImage } from '../../src/index.js';
 import { runCommandInProcess } from '../helpers/cli.js';
@@ -218,7 +217,15 @@ describeQemu('persistent bitmaps: qcowkit and QEMU read and write each other', (
     expect(dump.status).toBe(1);
     expect(dump.stderr).toMatch(/Bitmap 'live' is inconsistent and cannot be used/);
     const merge = await qcowkit(bitmapCommand, ['--add', '--merge', 'live', img, 'fresh'], dir);
-    expect(merge.stderr).toMatch(/Operation merge on bitmap fresh failed: Bitmap 'live' is inconsistent and cannot be used/);
+    // QEMU's second line (remove the bitmap, by its QMP command) on the same line, naming qcowkit's.
+    const copy = join(dir, 'copy.qcow2');
+    copyFileSync(img, copy);
+    expect(qemuImg(['bitmap', '--merge', 'live', copy, 'fresh']).stderr).toContain("Bitmap 'live' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk\n");
+    expect(merge.stderr).toBe(`qcowkit: ${img}: Operation merge on bitmap fresh failed: Bitmap 'live' is inconsistent and cannot be used; try 'qcowkit bitmap --remove ${img} live' to delete this bitmap from disk\n`);
+    // The advice works.
+    copyFileSync(img, copy);
+    await ok(bitmapCommand, ['--remove', copy, 'live'], dir);
+    expect(infoBitmaps(copy).map((b) => b.name)).toEqual(['other', 'fresh']);
     const chk = await qcowkit(bitmapCommand, ['--check', '--output', 'json', img], dir);
     expect(chk.status).toBe(2);
     const report = JSON.parse(chk.stdout);
