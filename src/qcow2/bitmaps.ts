@@ -503,10 +503,12 @@ export class BitmapStore {
         writes.push({ ptr: table, bytes: p.tableBytes, at: tables[i]! });
         out.push({ tableOffset: tables[i]!, dataClusters: mine });
       });
-      // Nothing allocates in wasm memory while these views are being written.
+      // Nothing allocates in wasm memory while these views are being written. Through the page
+      // cache: the next user of the image (QEMU loads every bitmap when it opens it, a backup
+      // reads it) reads it back, and the flush that follows makes it durable either way.
       await inParallel(writes, IO_IN_FLIGHT, async (wr) => {
         throwIfAborted(signal, img.path);
-        await img.file.writeAt(k.u8(wr.ptr, wr.bytes), wr.at);
+        await img.file.writeAt(k.u8(wr.ptr, wr.bytes), wr.at, { cached: true });
       });
       return out;
     } finally {
