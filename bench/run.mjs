@@ -985,7 +985,7 @@ function main() {
         ['l', 'l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r'],
       ),
     );
-    console.log('(cold: first merge in a fresh process; warm: after one merge on another copy. Medians. Phases include the fdatasyncs made in them; cpu = user+system of the process during the timed merge.)');
+    console.log('(cold: first merge in a fresh process; warm: after one merge on another copy. Medians. Phases include the fdatasyncs made in them (load: the source; merge: the target loaded and merged); cpu = user+system of the process during the timed merge.)');
   }
   const bad = rows.filter((r) => r.status === 'MISMATCH' || r.status === 'FAILED');
   const targetFails = rows.filter((r) => r.status === 'OK' && r.targetResult === 'FAIL');

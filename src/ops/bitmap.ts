@@ -20,7 +20,7 @@ import {
   isInUse,
   bitmapDataClusters,
   loadBitmap,
-  mergeInto,
+  loadMerged,
   type ByteExtent,
 } from '../qcow2/bitmaps.js';
 import type { OperationOptions } from './options.js';
@@ -161,14 +161,8 @@ async function apply(store: BitmapStore, img: Qcow2Image, name: string, act: Bit
       const se = findBitmap(src, act.source);
       if (isInUse(se)) throw inconsistent(act.source, src.path);
       if (src.virtualSize !== img.virtualSize) throw new QcowError('INVALID_ARGUMENT', "Bitmaps are incompatible and can't be merged", img.path);
-      const dst = await loadBitmap(img, target, opts);
+      const dst = await loadMerged(img, target, await loadBitmap(src, se, opts), opts);
       try {
-        const s = await loadBitmap(src, se, opts);
-        try {
-          mergeInto(dst, s);
-        } finally {
-          s.free();
-        }
         await store.store(dst, opts);
       } finally {
         dst.free();

@@ -264,6 +264,39 @@ export function mergeInto(dst: LoadedBitmap, src: { ptr: number; bits: number; g
 }
 
 /**
+ * `target` (a bitmap of `img`) merged with the loaded `src` (same disk size), ready to store; takes
+ * `src` over (freed, or its buffer reused). A target that is empty (every table entry 0: a fresh
+ * or cleared bitmap) at the source's granularity is the source's contents: the source's buffer
+ * becomes the result, with no second buffer to fill and no OR (a bitmap copied into a fresh one).
+ */
+export async function loadMerged(img: Qcow2Image, target: BitmapDirectoryEntry, src: LoadedBitmap, opts: { signal?: AbortSignal | undefined } = {}): Promise<LoadedBitmap> {
+  try {
+    if (src.granularity === 2 ** target.granularityBits && src.bits === bitmapBits(img.virtualSize, target.granularityBits) && (await tableIsEmpty(img, target)))
+      return { entry: target, ptr: src.ptr, bytes: src.bytes, bits: src.bits, granularity: src.granularity, dataClusters: [], free: src.free };
+    const dst = await loadBitmap(img, target, opts);
+    mergeInto(dst, src);
+    src.free();
+    return dst;
+  } catch (e) {
+    src.free();
+    throw e;
+  }
+}
+
+/** Whether every entry of a bitmap's table is 0 (all its clusters read as zeros, none stored). */
+async function tableIsEmpty(img: Qcow2Image, e: BitmapDirectoryEntry): Promise<boolean> {
+  const k = kernels();
+  const n = e.tableSize * 8;
+  const p = k.alloc(n);
+  try {
+    await img.file.readAt(k.u8(p, n), e.tableOffset);
+    return k.isZero(p, n);
+  } finally {
+    k.free(p);
+  }
+}
+
+/**
  * A writable image's bitmaps: directory changes and crash-safe stores of contents. The image's
  * `bitmaps` array and header are kept in step with what is on disk.
  */

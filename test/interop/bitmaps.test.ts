@@ -126,6 +126,20 @@ describeQemu('persistent bitmaps: qcowkit and QEMU read and write each other', (
     must(qemuImg(['bitmap', '--add', '-g', '256k', '--merge', 'src', '-b', b, '-F', 'qcow2', a, 'byqemu']), 'qemu-img merge');
     const m = await nbdDirtyMaps(a, ['coarse', 'byqemu']);
     expect(m['coarse']).toEqual(m['byqemu']);
+    // Into empty bitmaps of the source's granularity (the source's contents are the result: a
+    // fresh one across files, then within the file, a cleared one); then into a non-empty one.
+    await ok(bitmapCommand, ['--add', '-g', '8k', '--merge', 'src', '-b', b, a, 'copy'], dir);
+    await ok(bitmapCommand, ['--add', '-g', '8k', '--merge', 'copy', a, 'copy2'], dir);
+    await ok(bitmapCommand, ['--clear', '--merge', 'copy', a, 'coarse'], dir); // 256k: converted
+    await ok(bitmapCommand, ['--add', '-g', '8k', '--disable', a, 'dst'], dir);
+    const more = [...writes, { start: 100 * M, length: 64 * K }];
+    must(qemuIo(a, ['write 100M 64k']), 'a write'); // recorded by the enabled ones, not dst
+    await ok(bitmapCommand, ['--clear', '--merge', 'copy2', a, 'dst'], dir);
+    await ok(bitmapCommand, ['--merge', 'src', '-b', b, a, 'dst'], dir); // into a non-empty one: OR
+    expectClean(a);
+    const withWrite = atGranularity(more, 8 * K, size);
+    expect(await nbdDirtyMaps(a, ['copy', 'copy2', 'coarse', 'dst'])).toEqual({ copy: withWrite, copy2: withWrite, coarse: atGranularity(more, 256 * K, size), dst: withWrite });
+    expect(atGranularity(writes, 8 * K, size)).not.toEqual(withWrite);
   }, 120_000);
 
   it('refuses what qemu-img refuses, with its messages', async () => {
