@@ -3,7 +3,7 @@
 //   fill FILE NAME full|frag SEED   give bitmap NAME all-ones or a heavily fragmented content
 //   hash FILE NAME                  sha256 of the bitmap's contents (bits past the disk are zero)
 //   lib FILE DST SRC [SRCFILE] [--warmup DIR]
-//                                   in-process timing of open + load both + merge + store +
+//                                   in-process timing of open + load + merge + store +
 //                                   close; with --warmup the same merge runs first on the copy in
 //                                   DIR (library compiled, JIT and wasm heap warm, as inside a
 //                                   running process) and only the second one is timed. Prints
@@ -19,7 +19,7 @@ import { fileURLToPath } from 'node:url';
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const lib = await import(join(ROOT, 'dist', 'index.js'));
 const { kernels } = await import(join(ROOT, 'dist', 'kernels', 'index.js'));
-const { mergeInto, findBitmap } = await import(join(ROOT, 'dist', 'qcow2', 'bitmaps.js'));
+const { loadMerged, findBitmap } = await import(join(ROOT, 'dist', 'qcow2', 'bitmaps.js'));
 
 const [cmd, file, name, arg, arg2] = process.argv.slice(2);
 
@@ -94,17 +94,17 @@ if (cmd === 'fill') {
     };
     const store = await lib.BitmapStore.open(img);
     const tOpen = performance.now();
-    const dst = await lib.loadBitmap(img, findBitmap(img, dstName));
+    // The library's merge (what `bitmap --merge` does): the source loaded, then the target loaded
+    // and OR-ed, or taken as the source's contents when it is empty at the same granularity.
     const s = await lib.loadBitmap(src, findBitmap(src, srcName));
     const tLoad = performance.now();
-    mergeInto(dst, s);
+    const dst = await loadMerged(img, findBitmap(img, dstName), s);
     const tMerge = performance.now();
     await store.store(dst);
     const tStore = performance.now();
     closing = true;
     await store.close();
     dst.free();
-    s.free();
     if (src !== img) await src.close();
     await img.close();
     const tEnd = performance.now();

@@ -94,8 +94,16 @@ function train() {
     ['map', '--output', 'json', 'top.qcow2'],
     ['check', 'top.qcow2'],
     ['compare', 'base.qcow2', 'top.qcow2'],
+    // bitmap: the quick module (run/) by plain invocations covering every action and mode (a
+    // cache keeps what earlier runs compiled: each run adds its paths), the commander one by --help.
     ['bitmap', '--add', 'top.qcow2', 'b0'],
+    ['bitmap', '--add', '-g', '512', 'base.qcow2', 'b0'],
+    ['bitmap', '--add', '--merge', 'b0', '--clear', '--disable', '--enable', 'top.qcow2', 'b1'],
+    ['bitmap', '--merge', 'b0', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2', 'b1'],
+    ['bitmap', '--output', 'json', '--remove', 'top.qcow2', 'b1'],
     ['bitmap', '--dump', 'top.qcow2', 'b0'],
+    ['bitmap', '--check', 'top.qcow2'],
+    ['bitmap', '--help'],
     ['changes', '--bitmap', 'b0', 'top.qcow2'],
     ['rebase', '-u', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'],
     ['plan', 'top.qcow2', '--drop', 'base.qcow2'],

@@ -116,8 +116,12 @@ export function printJson(value: unknown): void {
 }
 
 /** JSON with the keys in the order given (qcowkit's own outputs, which qemu-img has no layout for). */
+export function plainJson(value: unknown): string {
+  return JSON.stringify(value, null, 4) + '\n';
+}
+
 export function printPlainJson(value: unknown): void {
-  process.stdout.write(JSON.stringify(value, null, 4) + '\n');
+  process.stdout.write(plainJson(value));
 }
 
 export const warn = (msg: string): void => void process.stderr.write(`qcowkit: warning: ${msg}\n`);

@@ -4,10 +4,10 @@
  */
 import { fail } from './fail.js';
 import { loadModule } from './load-module.js';
-import { quickParse, type QuickSpec } from './quick.js';
+import { quickParse, type OrderedOption, type QuickSpec } from './quick.js';
 
 /** Commands with a commander-free module in run/ (their plain invocations load no commander). */
-const QUICK = new Set(['info']);
+const QUICK = new Set(['info', 'bitmap']);
 
 const COMMANDS: Record<string, string> = {
   create: 'create a new image (qcow2 or raw), optionally over a backing file',
@@ -39,11 +39,31 @@ check: 2 corruptions, 3 leaks only; compare: 1 images differ, 2 error;
 130 aborted; 70 internal error (a bug: please report it).
 `;
 
-/** `qcowkit map big.qcow2 | head`: a closed pipe ends the output quietly, as for any tool. */
+/**
+ * `qcowkit map big.qcow2 | head`: a closed pipe ends the output quietly, as for any tool. The
+ * handler is attached when process.stdout is first used: creating it loads Node's stream
+ * modules (2-4 ms), which a command that prints nothing (most `bitmap` calls) never needs.
+ */
 function quietEpipe(): void {
-  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+  const onError = (e: NodeJS.ErrnoException) => {
     if (e.code === 'EPIPE') process.exit(process.exitCode ?? 0);
     throw e;
+  };
+  const lazy = Object.getOwnPropertyDescriptor(process, 'stdout');
+  const create = lazy?.get;
+  if (!lazy || !create || !lazy.configurable) {
+    process.stdout.on('error', onError);
+    return;
+  }
+  Object.defineProperty(process, 'stdout', {
+    configurable: true,
+    enumerable: lazy.enumerable,
+    get() {
+      const stream = create.call(process) as NodeJS.WriteStream;
+      Object.defineProperty(process, 'stdout', lazy);
+      stream.on('error', onError);
+      return stream;
+    },
   });
 }
 
@@ -69,10 +89,10 @@ export async function main(argv: string[]): Promise<void> {
   try {
     if (QUICK.has(name)) {
       const runSpecifier = './run/' + name + '.js'; // computed at run time, as below
-      const run = await loadModule<{ spec: QuickSpec; run: (args: string[], opts: Record<string, unknown>) => Promise<void> }>(runSpecifier, import.meta.url);
+      const run = await loadModule<{ spec: QuickSpec; run: (args: string[], opts: Record<string, unknown>, order?: OrderedOption[]) => Promise<void> }>(runSpecifier, import.meta.url);
       const parsed = quickParse(argv.slice(1), run.spec);
       if (parsed) {
-        await run.run(parsed.args, parsed.opts);
+        await run.run(parsed.args, parsed.opts, parsed.order);
         return;
       }
       quietEpipe();

@@ -1,9 +1,10 @@
 /**
- * The quick path of main.ts: a plain invocation of a short command (`info`, `create`) is parsed
- * here, without loading commander (~10 ms of a ~50 ms run). Only the unambiguous forms are
- * accepted: anything else (help, unknown or combined flags, bad choices, missing values, `--`,
- * wrong argument counts) returns undefined and commander parses it, with its messages. Each
- * spec mirrors a commander definition in commands/; test/unit/quick.test.ts checks they agree.
+ * The quick path of main.ts: a plain invocation of a short command (`info`, `bitmap`) is parsed
+ * here, without loading commander (its code, the command's definition and its parse: a few ms of
+ * a ~50 ms run). Only the unambiguous forms are accepted: anything else (help, unknown or
+ * combined flags, bad choices, missing values, `--`, wrong argument counts) returns undefined and
+ * commander parses it, with its messages. Each spec mirrors a commander definition in commands/;
+ * test/unit/quick.test.ts checks they agree.
  */
 
 export interface QuickOption {
@@ -17,6 +18,8 @@ export interface QuickOption {
   default?: string;
   /** Repeatable: values collected in an array. */
   multiple?: boolean;
+  /** Each occurrence is also listed in `order` (commands whose actions run in command-line order). */
+  ordered?: boolean;
 }
 
 export interface QuickSpec {
@@ -28,6 +31,14 @@ export interface QuickSpec {
 export interface QuickParse {
   args: string[];
   opts: Record<string, unknown>;
+  /** The occurrences of `ordered` options in command-line order (only when the spec has some). */
+  order?: OrderedOption[];
+}
+
+/** One occurrence of an ordered option: its key (camelCase) and value (true for a flag). */
+export interface OrderedOption {
+  key: string;
+  value: string | true;
 }
 
 const camel = (s: string): string => s.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
@@ -36,6 +47,7 @@ export function quickParse(argv: readonly string[], spec: QuickSpec): QuickParse
   const opts: Record<string, unknown> = {};
   for (const o of spec.options) if (o.default !== undefined) opts[camel(o.long)] = o.default;
   const args: string[] = [];
+  const order: OrderedOption[] | undefined = spec.options.some((o) => o.ordered) ? [] : undefined;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     if (!a.startsWith('-') || a === '-') {
@@ -59,13 +71,15 @@ export function quickParse(argv: readonly string[], spec: QuickSpec): QuickParse
     if (!o.value) {
       if (inline !== undefined) return undefined;
       opts[key] = true;
+      if (o.ordered) order!.push({ key, value: true });
       continue;
     }
     const v = inline ?? argv[++i];
     if (v === undefined || v.startsWith('-')) return undefined;
     if (o.choices && !o.choices.includes(v)) return undefined;
     opts[key] = o.multiple ? [...((opts[key] as string[] | undefined) ?? []), v] : v;
+    if (o.ordered) order!.push({ key, value: v });
   }
   if (args.length < spec.minArgs || args.length > spec.maxArgs) return undefined;
-  return { args, opts };
+  return order ? { args, opts, order } : { args, opts };
 }

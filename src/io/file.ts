@@ -20,7 +20,7 @@ export interface ImageFile {
   allocatedBytes(): Promise<number>;
   /** Fills `buf` from `offset`; bytes past EOF read as zeros (qcow2 files are not padded). */
   readAt(buf: Uint8Array, offset: number): Promise<void>;
-  writeAt(buf: Uint8Array, offset: number): Promise<void>;
+  writeAt(buf: Uint8Array, offset: number, opts?: WriteOptions): Promise<void>;
   /**
    * Fills `bufs` in order from `offset`, as one vectored read (preadv): host-contiguous data
    * lands in separate buffers without a copy. Bytes past EOF read as zeros. `inPool`: read in
@@ -28,7 +28,7 @@ export interface ImageFile {
    */
   readv(bufs: readonly Uint8Array[], offset: number, opts?: { inPool?: boolean }): Promise<void>;
   /** Writes `bufs` in order at `offset`, as one vectored write (pwritev): no coalescing copy. */
-  writev(bufs: readonly Uint8Array[], offset: number): Promise<void>;
+  writev(bufs: readonly Uint8Array[], offset: number, opts?: WriteOptions): Promise<void>;
   flush(): Promise<void>;
   truncate(length: number): Promise<void>;
   /** Deallocates [offset, offset+length) keeping the file size (FALLOC_FL_PUNCH_HOLE). */
@@ -44,6 +44,14 @@ export interface ImageFile {
    */
   dataExtentsMany?(ranges: Float64Array): Float64Array | null;
   close(): Promise<void>;
+}
+
+export interface WriteOptions {
+  /**
+   * Through the page cache even when large (see DIRECT_MIN_BYTES): data read back soon, such as
+   * bitmap contents, which QEMU loads whole when it opens the image.
+   */
+  cached?: boolean;
 }
 
 export interface OpenFileOptions {
@@ -198,13 +206,13 @@ class NodeImageFile implements ImageFile {
     }
   }
 
-  async writev(bufs: readonly Uint8Array[], offset: number): Promise<void> {
+  async writev(bufs: readonly Uint8Array[], offset: number, opts: WriteOptions = {}): Promise<void> {
     if (!this.writable) throw new QcowError('IO', 'internal error: write to a file opened read-only', this.path);
     let total = 0;
     for (const b of bufs) total += b.length;
     let pos = offset;
     try {
-      const direct = this.#directFor(bufs, offset, total);
+      const direct = opts.cached ? null : this.#directFor(bufs, offset, total);
       let done = false;
       if (direct !== null) {
         try {
@@ -231,8 +239,8 @@ class NodeImageFile implements ImageFile {
     if (KILL_AFTER_WRITES && ++writesDone >= KILL_AFTER_WRITES) process.kill(process.pid, 'SIGKILL');
   }
 
-  async writeAt(buf: Uint8Array, offset: number): Promise<void> {
-    return this.writev([buf], offset);
+  async writeAt(buf: Uint8Array, offset: number, opts?: WriteOptions): Promise<void> {
+    return this.writev([buf], offset, opts);
   }
 
   /** Writes all of `bufs` at `offset` through `fd` (pwritev, IOV_MAX pieces a call); returns the end. */

@@ -7,7 +7,7 @@
  * race, nor a read of half-written data). A failed write-behind fails every later flush: what it
  * should have written is not there.
  */
-import type { ImageFile } from './file.js';
+import type { ImageFile, WriteOptions } from './file.js';
 
 interface InFlight {
   start: number;
@@ -84,16 +84,16 @@ export class WriteFence implements ImageFile {
     await this.inner.readv(bufs, offset, opts);
   }
 
-  async writeAt(buf: Uint8Array, offset: number): Promise<void> {
+  async writeAt(buf: Uint8Array, offset: number, opts?: WriteOptions): Promise<void> {
     await this.#after(offset, buf.length);
-    await this.inner.writeAt(buf, offset);
+    await this.inner.writeAt(buf, offset, opts);
   }
 
-  async writev(bufs: readonly Uint8Array[], offset: number): Promise<void> {
+  async writev(bufs: readonly Uint8Array[], offset: number, opts?: WriteOptions): Promise<void> {
     let length = 0;
     for (const b of bufs) length += b.length;
     await this.#after(offset, length);
-    await this.inner.writev(bufs, offset);
+    await this.inner.writev(bufs, offset, opts);
   }
 
   async truncate(length: number): Promise<void> {

@@ -8,8 +8,7 @@
  * returned (with the first pass's fixed counts), exactly as qemu-img reports it.
  */
 import { reserveForLargeWork } from '../kernels/index.js';
-import { stat } from 'node:fs/promises';
-import type { Stats } from 'node:fs';
+import { statSync, type Stats } from 'node:fs';
 import { fromSystemError, QcowError, isQcowError } from '../errors.js';
 import { hasDataFile } from '../format/header.js';
 import { openImageFile, type FileOpener, type ImageFile } from '../io/file.js';
@@ -141,7 +140,7 @@ async function pass(path: string, file: ImageFile, fix: FixMode, opts: CheckOpti
 async function openDataFile(name: string, path: string): Promise<void> {
   let st: Stats;
   try {
-    st = await stat(name);
+    st = statSync(name); // synchronous: loading node:fs/promises costs ~1 ms of start-up
   } catch (e) {
     throw fromSystemError(e, path, `Could not open '${name}'`);
   }

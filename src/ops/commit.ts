@@ -19,7 +19,7 @@ import { isWritable, type BlockLayer, type LayerFormat, type WritableLayer } fro
 import { RawLayer } from '../chain/raw.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { BME_FLAG_AUTO } from '../format/bitmap.js';
-import { markBitmapsDirty } from '../qcow2/bitmaps.js';
+import { commitBitmapClusters, markBitmapsDirty } from '../qcow2/bitmaps.js';
 import type { OperationOptions } from './options.js';
 import { validateForWrite } from './validate.js';
 import { checkFreeSpace, copyPlan } from './copy.js';
@@ -217,9 +217,11 @@ async function estimateGrowth(base: BlockLayer, plan: CopyPlan, size: number, cs
     }
     clusters += Math.max(0, (to - from) / cs - Math.floor(mine / cs));
   }
+  // The base's bitmaps, grown with the disk and marked dirty: new copies before the old ones go.
+  const bitmaps = base instanceof Qcow2Image ? await commitBitmapClusters(base, plan.extents, size) : 0;
   // Metadata: an L2 table per 512 MiB-ish of new data at most, and refcount blocks; bounded above.
-  const metadata = base instanceof Qcow2Image ? Math.ceil(clusters / (cs / 8)) * cs * 2 + cs * 4 : 0;
-  return { bytes: clusters * cs + metadata, dataClusters: clusters };
+  const metadata = base instanceof Qcow2Image ? Math.ceil((clusters + bitmaps) / (cs / 8)) * cs * 2 + cs * 4 : 0;
+  return { bytes: (clusters + bitmaps) * cs + metadata, dataClusters: clusters };
 }
 
 async function grow(base: WritableLayer, size: number): Promise<void> {

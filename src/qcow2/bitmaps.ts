@@ -5,16 +5,24 @@
  * Storing follows copy, switch, free — the bitmap is valid on disk at every instant:
  * 1. new data clusters (only for bitmap clusters that are neither all zeros — table entries of 0,
  *    as QEMU writes them — nor all ones — the all-ones entry) and a new table are allocated
- *    (refcounts raised in the refcount cache) and written; one refcount write-back and one flush
- *    make all of it durable (plus one flush before, when the file had to grow to cover them);
+ *    (refcounts raised in the refcount cache) and written. The switch depends on the refcount
+ *    cache: its write-back and one flush make all of it durable (the writer adds one flush before
+ *    the refcount blocks when the file had to grow to cover the new clusters);
  * 2. the directory entry is switched to the new table: one 8-byte in-place write of its
  *    table_offset for a content change, or a whole new directory copy plus one header write
- *    (`HeaderWriter.setBitmapsExtension`) for directory changes (add, remove, flags), then a flush;
- * 3. the old table, data clusters and directory lose their reference (durable with the final
- *    flush), and are punched after that (the engine's discard queue).
- * A crash at any point leaves either the old or the new bitmap, at worst with leaked clusters.
- * Bitmaps are never marked in_use by qcowkit: each change is a complete store of its own, so the
- * autoclear bit only changes with the extension itself (first bitmap added, last one removed).
+ *    (`HeaderWriter.setBitmapsExtension`, durable on return) for directory changes (add, remove,
+ *    flags);
+ * 3. the old table, data clusters and directory lose their reference in the refcount cache, which
+ *    was declared to depend on a flush after an in-place switch: its next write-back makes the
+ *    switch durable first (a store is durable when it returns), then writes the lowered counts.
+ *    They need no flush of their own: nothing durable points at those clusters any more, so a
+ *    crash before the counts reach the disk only leaks them. `close()` therefore ends the batch
+ *    without a final flush, and punches the freed clusters (the discard queue).
+ * Flushes per store: 2 (3 when the file grows). A crash at any point leaves either the old or the
+ * new bitmap, at worst with leaked clusters; no dirty bit is needed for that (leaks are what a
+ * qcow2 image may always have after a crash). Bitmaps are never marked in_use by qcowkit: each
+ * change is a complete store of its own, so the autoclear bit only changes with the extension
+ * itself (first bitmap added, last one removed).
  */
 import { QcowError, throwIfAborted } from '../errors.js';
 import { inParallel } from '../io/file.js';
@@ -81,9 +89,19 @@ export function directoryEntrySize(name: string): number {
   return Math.ceil((24 + Buffer.byteLength(name)) / 8) * 8;
 }
 
-/** The error QEMU gives for using a bitmap a crashed QEMU left in use. */
-export function inconsistent(name: string, path: string): QcowError {
-  return new QcowError('INVALID_ARGUMENT', `Bitmap '${name}' is inconsistent and cannot be used`, path);
+/**
+ * The error QEMU gives for using a bitmap a crashed QEMU left in use, its advice on a second line
+ * (remove the bitmap: QEMU names its QMP command) put on the same one, naming qcowkit's. `why`:
+ * what needed the bitmap, where the operation does not say (a commit growing its base).
+ */
+export function inconsistent(name: string, path: string, why?: string): QcowError {
+  const remove = `qcowkit bitmap --remove ${shellWord(path)} ${shellWord(name)}`;
+  return new QcowError('INVALID_ARGUMENT', `Bitmap '${name}' is inconsistent and cannot be used${why ? ` (${why})` : ''}; try '${remove}' to delete this bitmap from disk`, path);
+}
+
+/** A command-line word as typed in a POSIX shell (quoted when needed). */
+function shellWord(s: string): string {
+  return /^[\w@%+=:,./-]+$/.test(s) ? s : `"${s.replace(/(["\\$`])/g, '\\$1')}"`;
 }
 
 export function findBitmap(img: Qcow2Image, name: string): BitmapDirectoryEntry {
@@ -246,6 +264,39 @@ export function mergeInto(dst: LoadedBitmap, src: { ptr: number; bits: number; g
 }
 
 /**
+ * `target` (a bitmap of `img`) merged with the loaded `src` (same disk size), ready to store; takes
+ * `src` over (freed, or its buffer reused). A target that is empty (every table entry 0: a fresh
+ * or cleared bitmap) at the source's granularity is the source's contents: the source's buffer
+ * becomes the result, with no second buffer to fill and no OR (a bitmap copied into a fresh one).
+ */
+export async function loadMerged(img: Qcow2Image, target: BitmapDirectoryEntry, src: LoadedBitmap, opts: { signal?: AbortSignal | undefined } = {}): Promise<LoadedBitmap> {
+  try {
+    if (src.granularity === 2 ** target.granularityBits && src.bits === bitmapBits(img.virtualSize, target.granularityBits) && (await tableIsEmpty(img, target)))
+      return { entry: target, ptr: src.ptr, bytes: src.bytes, bits: src.bits, granularity: src.granularity, dataClusters: [], free: src.free };
+    const dst = await loadBitmap(img, target, opts);
+    mergeInto(dst, src);
+    src.free();
+    return dst;
+  } catch (e) {
+    src.free();
+    throw e;
+  }
+}
+
+/** Whether every entry of a bitmap's table is 0 (all its clusters read as zeros, none stored). */
+async function tableIsEmpty(img: Qcow2Image, e: BitmapDirectoryEntry): Promise<boolean> {
+  const k = kernels();
+  const n = e.tableSize * 8;
+  const p = k.alloc(n);
+  try {
+    await img.file.readAt(k.u8(p, n), e.tableOffset);
+    return k.isZero(p, n);
+  } finally {
+    k.free(p);
+  }
+}
+
+/**
  * A writable image's bitmaps: directory changes and crash-safe stores of contents. The image's
  * `bitmaps` array and header are kept in step with what is on disk.
  */
@@ -327,6 +378,7 @@ export class BitmapStore {
     await this.#durable();
     await this.#switchTables([{ e, tableOffset }]);
     await this.#release([...old, tableRun(e, this.cs)]);
+    await this.#settle();
   }
 
   /**
@@ -339,8 +391,9 @@ export class BitmapStore {
 
   /**
    * Stores several loaded bitmaps at once: their new clusters are written together and made
-   * durable by one flush, one more flush makes the switch of every table pointer durable. Each
-   * bitmap is the old or the new one after a crash at any point.
+   * durable by one flush, one more flush makes the switch of every table pointer durable (before
+   * this returns: commit writes guest data in place after it). Each bitmap is the old or the new
+   * one after a crash at any point.
    */
   async storeMany(bms: ReadonlyArray<LoadedBitmap>, opts: { signal?: AbortSignal | undefined } = {}): Promise<void> {
     const img = this.img;
@@ -357,6 +410,7 @@ export class BitmapStore {
     await this.#durable();
     await this.#switchTables(entries.map((e, i) => ({ e, tableOffset: written[i]!.tableOffset })));
     await this.#release([...bms.flatMap((bm) => bm.dataClusters), ...entries.map((e) => tableRun(e, this.cs))]);
+    await this.#settle();
     // The loaded copies now describe what is on disk.
     bms.forEach((bm, i) => {
       const m = bm as { entry: BitmapDirectoryEntry; dataClusters: ClusterRun[] };
@@ -473,10 +527,12 @@ export class BitmapStore {
         writes.push({ ptr: table, bytes: p.tableBytes, at: tables[i]! });
         out.push({ tableOffset: tables[i]!, dataClusters: mine });
       });
-      // Nothing allocates in wasm memory while these views are being written.
+      // Nothing allocates in wasm memory while these views are being written. Through the page
+      // cache: the next user of the image (QEMU loads every bitmap when it opens it, a backup
+      // reads it) reads it back, and the flush that follows makes it durable either way.
       await inParallel(writes, IO_IN_FLIGHT, async (wr) => {
         throwIfAborted(signal, img.path);
-        await img.file.writeAt(k.u8(wr.ptr, wr.bytes), wr.at);
+        await img.file.writeAt(k.u8(wr.ptr, wr.bytes), wr.at, { cached: true });
       });
       return out;
     } finally {
@@ -497,17 +553,18 @@ export class BitmapStore {
   }
 
   /**
-   * Everything written so far durable, refcounts of the new clusters included: one write-back of
-   * the refcount cache (after the flush that makes a grown file cover the new clusters) and one
-   * flush.
+   * What a switch depends on: everything written so far durable, refcounts of the new clusters
+   * included — a flush of the refcount cache (one write-back and one flush, after the flush its
+   * dependency asks for when the file grew to cover the new clusters).
    */
   async #durable(): Promise<void> {
     await this.w.refcountCache.flush();
   }
 
   /**
-   * Points each entry at its new table with one 8-byte in-place write of its table_offset, then
-   * one flush makes them durable (the caller made the tables durable before).
+   * Points each entry at its new table with one 8-byte in-place write of its table_offset (the
+   * caller made the tables durable before). Not durable yet: the refcount cache now depends on a
+   * flush, so nothing it releases after this reaches the file before the switch does.
    */
   async #switchTables(list: ReadonlyArray<{ e: BitmapDirectoryEntry; tableOffset: number }>): Promise<void> {
     const img = this.img;
@@ -522,8 +579,16 @@ export class BitmapStore {
       new DataView(buf.buffer).setBigUint64(0, BigInt(tableOffset));
       await img.file.writeAt(buf, at.get(e)!);
     }
-    await img.file.flush();
+    this.w.refcountCache.dependsOnFlush();
     for (const { e, tableOffset } of list) img.bitmaps[img.bitmaps.indexOf(e)] = { ...e, tableOffset };
+  }
+
+  /**
+   * Ends an in-place store: a write-back of the refcount cache satisfies its dependency (the flush
+   * that makes the switch durable), then writes the lowered refcounts, which need no flush.
+   */
+  async #settle(): Promise<void> {
+    await this.w.refcountCache.writeBack();
   }
 
   /** Allocates and writes a directory holding `entries` (not durable yet, nothing points at it). */
@@ -566,9 +631,12 @@ export class BitmapStore {
     for (const r of runs) if (r.count > 0) await this.w.refcounts.update(r.first, r.count, -1);
   }
 
-  /** Makes everything durable and ends the write batch (dirty bit cleared, caches freed). */
+  /**
+   * Ends the write batch (caches freed, freed clusters punched). Every change was durable when its
+   * store returned; what is left (lowered refcounts) is written without a final flush.
+   */
   async close(): Promise<void> {
-    await this.img.endWrites();
+    await this.img.endWrites({ durable: false });
   }
 }
 
@@ -598,7 +666,7 @@ function assertDataFits(diskSize: number, granularityBits: number, path: string)
  */
 export function assertCanGrow(img: Qcow2Image, size: number): void {
   for (const e of img.bitmaps) {
-    if (isInUse(e)) throw inconsistent(e.name, img.path);
+    if (isInUse(e)) throw inconsistent(e.name, img.path, `growing the disk to ${size} bytes resizes every bitmap`);
     assertDataFits(size, e.granularityBits, img.path);
   }
 }
@@ -606,6 +674,55 @@ export function assertCanGrow(img: Qcow2Image, size: number): void {
 /** See BitmapStore.prepareGrowth: the writer's resize calls this when the image has bitmaps. */
 export async function prepareBitmapGrowth(img: Qcow2Image, w: Qcow2Writer, size: number): Promise<{ commit(): Promise<void> }> {
   return BitmapStore.forWriter(img, w).prepareGrowth(size);
+}
+
+/**
+ * Clusters a commit into `img` may take for its bitmaps besides the data (its free-space check and
+ * dry-run growth): growing the disk to `size` stores every bitmap again (its data clusters and a
+ * table for the new size, plus a directory), and marking `ranges` dirty stores every recording
+ * one again (its data clusters, those the ranges touch, a table). Each store writes the new copy
+ * before the old one is released, and what a batch releases is not reused before it ends: the
+ * counts add up. In-use bitmaps take nothing: a resize refuses them, marking skips them.
+ */
+export async function commitBitmapClusters(img: Qcow2Image, ranges: ReadonlyArray<ByteExtent>, size: number): Promise<number> {
+  const cs = img.clusterSize;
+  const grows = size > img.virtualSize;
+  const marking = ranges.some((r) => r.length > 0);
+  let clusters = 0;
+  for (const e of img.bitmaps) {
+    if (isInUse(e) || !(grows || (marking && isEnabled(e)))) continue;
+    const entries = bitmapTableSize(Math.max(size, img.virtualSize), e.granularityBits, cs);
+    const table = Math.ceil((entries * 8) / cs);
+    const data = await scanTable(img, e, Math.min(e.tableSize, entries), 0);
+    const mixed = data.reduce((n, r) => n + r.count, 0);
+    if (grows) clusters += mixed + table;
+    if (marking && isEnabled(e)) clusters += Math.min(entries, mixed + touchedClusters(ranges, cs * 8 * 2 ** e.granularityBits, data)) + table;
+  }
+  if (grows && img.header.bitmaps) clusters += Math.ceil(img.header.bitmaps.directorySize / cs);
+  return clusters;
+}
+
+/** Bitmap clusters (each covering `span` guest bytes) the ranges touch, those in `data` runs (table order) not counted. */
+function touchedClusters(ranges: ReadonlyArray<ByteExtent>, span: number, data: ReadonlyArray<{ index: number; count: number }>): number {
+  const touched = ranges.filter((r) => r.length > 0).map((r) => [Math.floor(r.start / span), Math.floor((r.start + r.length - 1) / span) + 1] as [number, number]);
+  touched.sort((a, b) => a[0] - b[0]);
+  let n = 0;
+  let end = 0; // clusters below this are counted
+  let d = 0;
+  for (const [a0, b] of touched) {
+    for (let c = Math.max(a0, end); c < b; ) {
+      while (d < data.length && data[d]!.index + data[d]!.count <= c) d++;
+      const run = data[d];
+      if (run && run.index <= c) c = run.index + run.count; // already a data cluster
+      else {
+        const next = Math.min(b, run ? run.index : b);
+        n += next - c;
+        c = next;
+      }
+    }
+    end = Math.max(end, b);
+  }
+  return n;
 }
 
 /**

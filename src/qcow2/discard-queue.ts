@@ -3,7 +3,9 @@
  * punched out of the host file only after the refcount change is flushed (a crash before that
  * leaves them referenced with their data intact), and the allocator must not hand them out while
  * they wait (the punch would destroy whatever was written there). QEMU: update_refcount queues,
- * qcow2_process_discards punches after the flush.
+ * qcow2_process_discards punches after the flush. (A writer closed with `durable: false` punches
+ * them after the lowered refcounts are written, unflushed: its callers release only clusters no
+ * durable pointer reaches any more, see Qcow2Writer.close.)
  */
 export class DiscardQueue {
   /** Disjoint, sorted [first, end) cluster ranges. */

@@ -139,15 +139,15 @@ export class Qcow2Image implements BlockLayer {
 
   /**
    * Finishes a batch of writes: everything durable, the dirty bit cleared, caches freed. The
-   * image stays open (a later write starts a new batch).
+   * image stays open (a later write starts a new batch). `durable: false`: see Qcow2Writer.close.
    */
-  async endWrites(): Promise<void> {
+  async endWrites(opts: { durable?: boolean } = {}): Promise<void> {
     const w = this.#writer;
     if (!w) return;
     this.#writer = undefined;
     this.#l2.source = undefined;
     try {
-      await w.close();
+      await w.close(opts);
     } catch (e) {
       w.abandon();
       throw e;

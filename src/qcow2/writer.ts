@@ -168,8 +168,6 @@ export class Qcow2Writer {
     if (!file.writable) throw new QcowError('INTERNAL', 'image was not opened for writing', img.path);
     if (img.header.incompatibleFeatures & INCOMPAT_CORRUPT)
       throw new QcowError('CORRUPT', 'Image is marked corrupt; repair it first (qcowkit check -r all)', img.path);
-    // Metadata and data reads land in wasm memory while other reads are in flight: no growth.
-    reserveForLargeWork();
     const cs = img.clusterSize;
     const fence = new WriteFence(file);
     const header = HeaderWriter.for(fence, img.header);
@@ -208,6 +206,11 @@ export class Qcow2Writer {
   /** Before the first change: the dirty bit (v3) and the spec's rule on unknown autoclear bits. */
   async #start(): Promise<void> {
     this.#started = true;
+    // Guest-level work has metadata and data reads landing in wasm memory while others are in
+    // flight: no growth under them. Bitmap stores and other step-by-step metadata changes never
+    // get here: they allocate before their I/O starts, and skip the reservation (growing wasm
+    // memory by 1 GiB costs V8 a mark-compact GC, a few ms of a short command).
+    reserveForLargeWork();
     await this.header.clearUnknownAutoclear();
     await this.header.markDirty();
   }
@@ -493,11 +496,14 @@ export class Qcow2Writer {
   /**
    * Flushes, clears the dirty bit and frees the caches. A writer whose batch never started (only
    * metadata changes ordered step by step, as bitmap stores make them) is flushed without ever
-   * setting the dirty bit.
+   * setting the dirty bit. `durable: false` is for such a writer whose every change was made
+   * durable when it was switched to (bitmap stores): what is left to write is lowered refcounts
+   * of clusters nothing durable points at any more, written (and those clusters punched) without
+   * a final flush — a crash can only leak them.
    */
-  close(): Promise<void> {
+  close(opts: { durable?: boolean } = {}): Promise<void> {
     return this.#serial(async () => {
-      await this.#flushAll();
+      await this.#flushAll(opts.durable !== false || this.#started);
       await this.#trimAhead();
       await this.header.markClean();
       this.l2Cache.clear();
@@ -512,10 +518,10 @@ export class Qcow2Writer {
     this.refcountCache.discardAll();
   }
 
-  async #flushAll(): Promise<void> {
+  async #flushAll(durable = true): Promise<void> {
     await this.l2Cache.writeBack();
     await this.refcountCache.writeBack();
-    await this.file.flush();
+    if (durable) await this.file.flush();
     for (const [first, end] of this.discards.take()) {
       try {
         await this.file.punchHole(first * this.cs, (end - first) * this.cs);

@@ -95,7 +95,7 @@ import { cpSync, closeSync, copyFileSync, ftruncateSync, fstatSync, mkdirSync, o
 import { spawn } from 'node:child_process';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fromSystemError } from '../../src/errors.js';
-import { openImageFile, type FileOpener, type ImageFile, type OpenFileOptions } from '../../src/io/file.js';
+import { openImageFile, type FileOpener, type ImageFile, type OpenFileOptions, type WriteOptions } from '../../src/io/file.js';
 import { CLI_BIN } from './cli.js';
 import { prng } from './prng.js';
 import type { RunResult } from './qemu.js';
@@ -420,19 +420,19 @@ class JournalFile implements ImageFile {
     this.journal.forget(this);
     await this.inner.close();
   }
-  async writeAt(b: Uint8Array, o: number) {
+  async writeAt(b: Uint8Array, o: number, opts?: WriteOptions) {
     const n = this.journal.beforeMutation(this.resolved, 'write', o, b.length, `write error at offset ${o}`, 'write');
     const data = Buffer.from(b); // copied before the await: the caller may reuse its buffer
-    await this.inner.writeAt(b, o);
+    await this.inner.writeAt(b, o, opts);
     this.journal.record({ path: this.resolved, kind: 'write', offset: o, length: data.length, data, ...n });
   }
   /** One vectored write is one journal entry (one write), as it is one syscall. */
-  async writev(bufs: readonly Uint8Array[], o: number) {
+  async writev(bufs: readonly Uint8Array[], o: number, opts?: WriteOptions) {
     let length = 0;
     for (const b of bufs) length += b.length;
     const n = this.journal.beforeMutation(this.resolved, 'write', o, length, `write error at offset ${o}`, 'write');
     const data = Buffer.concat(bufs); // copied before the await, as writeAt does
-    await this.inner.writev(bufs, o);
+    await this.inner.writev(bufs, o, opts);
     this.journal.record({ path: this.resolved, kind: 'write', offset: o, length, data, ...n });
   }
   async truncate(length: number) {

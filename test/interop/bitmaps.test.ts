@@ -4,14 +4,12 @@
 // QEMU: qemu-img check clean, qemu-img info names/granularities/flags, and the contents QEMU
 // serves (qemu-nbd -B + nbdinfo --map=qemu:dirty-bitmap:NAME) equal to the model — and equal to
 // what `bitmap --dump` and `changes --bitmap` print.
-import { readFileSync } from 'node:fs';
+import { copyFileSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect, it } from 'vitest';
 import { command as bitmapCommand } from '../../src/cli/commands/bitmap.js';
 import { command as changesCommand } from '../../src/cli/commands/changes.js';
 import { command as checkCommand } from '../../src/cli/commands/check.js';
-import { command as commitCommand } from '../../src/cli/commands/commit.js';
-import { copyFileSync } from 'node:fs';
 import { patchBytes } from '../helpers/bytes.js';
 import { markBitmapsDirty, openImage } from '../../src/index.js';
 import { runCommandInProcess } from '../helpers/cli.js';
@@ -19,16 +17,7 @@ import { describeQemu, qemuImg, qemuImgJson, qemuIo } from '../helpers/qemu.js';
 import { tmpDir } from '../helpers/tmp.js';
 import { prng } from '../helpers/prng.js';
 import { atGranularity, coalesce, nbdDirtyMaps, type Extent } from '../helpers/nbd.js';
-
-const K = 1024;
-const M = 1024 * K;
-const G = 1024 * M;
-const T = 1024 * G;
-
-function must(r: { status: number; stderr: string; stdout: string }, what: string): string {
-  if (r.status !== 0) throw new Error(`${what} failed (${r.status}): ${r.stdout}${r.stderr}`);
-  return r.stdout;
-}
+import { commitBothWays, expectClean, G, infoBitmaps, K, M, must, qemuBitmapImage, qemuWrites, T } from '../helpers/bitmaps.js';
 
 async function qcowkit(cmd: typeof bitmapCommand, args: string[], dir: string) {
   return runCommandInProcess(cmd, args, dir);
@@ -38,39 +27,6 @@ async function ok(cmd: typeof bitmapCommand, args: string[], dir: string): Promi
   const r = await qcowkit(cmd, args, dir);
   if (r.status !== 0) throw new Error(`qcowkit ${args.join(' ')} exited ${r.status}: ${r.stderr}`);
   return r.stdout;
-}
-
-/** qemu-img check must be clean: exit 0, no leaks, no corruptions. */
-function expectClean(file: string): void {
-  const r = qemuImg(['check', '--output=json', file]);
-  expect(r.status, r.stdout + r.stderr).toBe(0);
-  const j = JSON.parse(r.stdout);
-  expect(j['leaks'] ?? 0).toBe(0);
-  expect(j['corruptions'] ?? 0).toBe(0);
-}
-
-interface InfoBitmap {
-  name: string;
-  granularity: number;
-  flags: string[];
-}
-function infoBitmaps(file: string): InfoBitmap[] {
-  const j = qemuImgJson(['info', file]);
-  return (j['format-specific']?.data?.bitmaps ?? []) as InfoBitmap[];
-}
-
-/** Random guest writes through QEMU (recorded into the enabled persistent bitmaps). */
-function qemuWrites(file: string, size: number, n: number, rnd: () => number): Extent[] {
-  const cmds: string[] = [];
-  const writes: Extent[] = [];
-  for (let i = 0; i < n; i++) {
-    const len = 512 * (1 + Math.floor(rnd() * (rnd() < 0.8 ? 64 : 8192)));
-    const start = Math.min(size - len, 512 * Math.floor((rnd() * size) / 512));
-    cmds.push(`write -P ${1 + (i % 250)} ${start} ${len}`);
-    writes.push({ start, length: len });
-  }
-  must(qemuIo(file, cmds), 'qemu-io writes');
-  return writes;
 }
 
 interface Case {
@@ -93,10 +49,8 @@ describeQemu('persistent bitmaps: qcowkit and QEMU read and write each other', (
     const dir = tmpDir();
     const img = join(dir, 'disk.qcow2');
     const rnd = prng(c.size % 1000003);
-    must(qemuImg(['create', '-f', 'qcow2', '-o', `cluster_size=${c.cluster}`, img, String(c.size)]), 'create');
     // QEMU's bitmaps: default granularity and 1 MiB.
-    must(qemuImg(['bitmap', '--add', img, 'q0']), 'bitmap add q0');
-    must(qemuImg(['bitmap', '--add', '-g', '1M', img, 'q1']), 'bitmap add q1');
+    qemuBitmapImage(img, { size: c.size, cluster: c.cluster, bitmaps: [{ name: 'q0' }, { name: 'q1', granularity: '1M' }] });
     const cs = infoBitmaps(img)[0]!.granularity;
     expect(cs).toBe(Math.min(65536, Math.max(4096, qemuImgJson(['info', img])['cluster-size'])));
     let writes = qemuWrites(img, c.size, c.writes, rnd);
@@ -172,6 +126,20 @@ describeQemu('persistent bitmaps: qcowkit and QEMU read and write each other', (
     must(qemuImg(['bitmap', '--add', '-g', '256k', '--merge', 'src', '-b', b, '-F', 'qcow2', a, 'byqemu']), 'qemu-img merge');
     const m = await nbdDirtyMaps(a, ['coarse', 'byqemu']);
     expect(m['coarse']).toEqual(m['byqemu']);
+    // Into empty bitmaps of the source's granularity (the source's contents are the result: a
+    // fresh one across files, then within the file, a cleared one); then into a non-empty one.
+    await ok(bitmapCommand, ['--add', '-g', '8k', '--merge', 'src', '-b', b, a, 'copy'], dir);
+    await ok(bitmapCommand, ['--add', '-g', '8k', '--merge', 'copy', a, 'copy2'], dir);
+    await ok(bitmapCommand, ['--clear', '--merge', 'copy', a, 'coarse'], dir); // 256k: converted
+    await ok(bitmapCommand, ['--add', '-g', '8k', '--disable', a, 'dst'], dir);
+    const more = [...writes, { start: 100 * M, length: 64 * K }];
+    must(qemuIo(a, ['write 100M 64k']), 'a write'); // recorded by the enabled ones, not dst
+    await ok(bitmapCommand, ['--clear', '--merge', 'copy2', a, 'dst'], dir);
+    await ok(bitmapCommand, ['--merge', 'src', '-b', b, a, 'dst'], dir); // into a non-empty one: OR
+    expectClean(a);
+    const withWrite = atGranularity(more, 8 * K, size);
+    expect(await nbdDirtyMaps(a, ['copy', 'copy2', 'coarse', 'dst'])).toEqual({ copy: withWrite, copy2: withWrite, coarse: atGranularity(more, 256 * K, size), dst: withWrite });
+    expect(atGranularity(writes, 8 * K, size)).not.toEqual(withWrite);
   }, 120_000);
 
   it('refuses what qemu-img refuses, with its messages', async () => {
@@ -218,7 +186,15 @@ describeQemu('persistent bitmaps: qcowkit and QEMU read and write each other', (
     expect(dump.status).toBe(1);
     expect(dump.stderr).toMatch(/Bitmap 'live' is inconsistent and cannot be used/);
     const merge = await qcowkit(bitmapCommand, ['--add', '--merge', 'live', img, 'fresh'], dir);
-    expect(merge.stderr).toMatch(/Operation merge on bitmap fresh failed: Bitmap 'live' is inconsistent and cannot be used/);
+    // QEMU's second line (remove the bitmap, by its QMP command) on the same line, naming qcowkit's.
+    const copy = join(dir, 'copy.qcow2');
+    copyFileSync(img, copy);
+    expect(qemuImg(['bitmap', '--merge', 'live', copy, 'fresh']).stderr).toContain("Bitmap 'live' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk\n");
+    expect(merge.stderr).toBe(`qcowkit: ${img}: Operation merge on bitmap fresh failed: Bitmap 'live' is inconsistent and cannot be used; try 'qcowkit bitmap --remove ${img} live' to delete this bitmap from disk\n`);
+    // The advice works.
+    copyFileSync(img, copy);
+    await ok(bitmapCommand, ['--remove', copy, 'live'], dir);
+    expect(infoBitmaps(copy).map((b) => b.name)).toEqual(['other', 'fresh']);
     const chk = await qcowkit(bitmapCommand, ['--check', '--output', 'json', img], dir);
     expect(chk.status).toBe(2);
     const report = JSON.parse(chk.stdout);
@@ -368,25 +344,12 @@ describeQemu('persistent bitmaps: qcowkit and QEMU read and write each other', (
   });
 
   it("commit marks the base's recording bitmaps for every range it writes, as qemu-img commit does", async () => {
-    const results: Record<string, Record<string, Extent[]>> = {};
-    for (const tool of ['qemu-img', 'qcowkit']) {
-      const dir = tmpDir();
-      const base = join(dir, 'base.qcow2');
-      const top = join(dir, 'top.qcow2');
-      must(qemuImg(['create', '-f', 'qcow2', base, '1G']), 'base');
-      must(qemuImg(['bitmap', '--add', '-g', '128k', base, 'rec']), 'add');
-      must(qemuImg(['bitmap', '--add', '--disable', base, 'off']), 'add');
-      must(qemuIo(base, ['write 0 4M']), 'base write');
-      must(qemuImg(['create', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', top]), 'top');
-      qemuWrites(top, G, 25, prng(11));
-      must(qemuIo(top, ['write -z 300M 2M', 'write -z -u 600M 1M']), 'zeroes');
-      if (tool === 'qemu-img') must(qemuImg(['commit', top]), 'qemu-img commit');
-      else await ok(commitCommand, [top], dir);
-      expectClean(base);
-      results[tool] = await nbdDirtyMaps(base, ['rec', 'off']);
-    }
+    const results = await commitBothWays({
+      base: { size: G, bitmaps: [{ name: 'rec', granularity: '128k' }, { name: 'off', disabled: true }], writes: ['write 0 4M'] },
+      top: { writes: ['write -z 300M 2M', 'write -z -u 600M 1M'], random: { count: 25, seed: 11 } },
+    });
     expect(results['qcowkit']).toEqual(results['qemu-img']);
-    expect(results['qcowkit']!['rec']!.length).toBeGreaterThan(1);
+    expect(results['qcowkit'].maps['rec']!.length).toBeGreaterThan(1);
   });
 
   it('changes --since equals the union of what qemu-img map shows allocated above that layer', async () => {

@@ -1,0 +1,139 @@
+/**
+ * `bitmap`'s work, free of commander: main.ts's quick path (a plain `bitmap` invocation never
+ * loads commander) and the commander command both call `runBitmap`.
+ */
+import { QcowError } from '../../errors.js';
+import { bitmap, bitmapCheck, bitmapDump, type BitmapAction, type BitmapCheckResult, type BitmapDump } from '../../ops/bitmap.js';
+import { imageFilename, out, parseSize, plainJson, useDirectStdout, warn } from '../common.js';
+import { sizeToStr as humanSize } from '../qemu-output.js';
+import type { OrderedOption, QuickSpec } from '../quick.js';
+
+type Fmt = 'qcow2' | 'raw';
+
+export interface BitmapFlags {
+  format?: Fmt;
+  granularity?: string;
+  sourceFile?: string;
+  sourceFormat?: Fmt;
+  disabled?: boolean;
+  imageOpts?: boolean;
+  dump?: boolean;
+  check?: boolean;
+  repair?: boolean;
+  output: string;
+  forceShare?: boolean;
+}
+
+/** The actions, applied in command-line order (as qemu-img does). */
+const ACTIONS = ['add', 'remove', 'clear', 'enable', 'disable', 'merge'] as const;
+
+/** The options of commands/bitmap.ts, for main.ts's quick parser (kept in step with it). */
+export const spec: QuickSpec = {
+  options: [
+    ...ACTIONS.map((a) => ({ long: a, ordered: true, value: a === 'merge' })),
+    { short: 'g', long: 'granularity', value: true },
+    { long: 'disabled' },
+    { short: 'b', long: 'source-file', value: true },
+    { short: 'F', long: 'source-format', value: true, choices: ['qcow2', 'raw'] },
+    { short: 'f', long: 'format', value: true, choices: ['qcow2', 'raw'] },
+    { long: 'image-opts' },
+    { long: 'dump' },
+    { long: 'check' },
+    { long: 'repair' },
+    { short: 'U', long: 'force-share' },
+    { long: 'output', value: true, choices: ['human', 'json'], default: 'human' },
+  ],
+  minArgs: 1,
+  maxArgs: 2,
+};
+
+/** main.ts's quick path (not the commander command, whose output tests capture). */
+export async function run(args: string[], flags: Record<string, unknown>, order: OrderedOption[] = []): Promise<void> {
+  useDirectStdout();
+  await runBitmap(args[0], args[1], flags as unknown as BitmapFlags, order);
+}
+
+/** Runs `bitmap` with the options parsed; `order` lists the actions (--add, --merge SOURCE, ...) as given. */
+export async function runBitmap(filename: string | undefined, name: string | undefined, o: BitmapFlags, order: readonly OrderedOption[]): Promise<void> {
+  const actions = order.filter((x) => (ACTIONS as readonly string[]).includes(x.key));
+  if (o.dump || o.check) {
+    if (actions.length) throw new QcowError('INVALID_ARGUMENT', '--dump and --check do not combine with other actions');
+    if (o.check) {
+      if (filename === undefined || name !== undefined) throw new QcowError('INVALID_ARGUMENT', 'Expecting a filename (and no bitmap name) with --check');
+      const r = await bitmapCheck(imagePath(filename, o), { format: o.format, repair: o.repair === true, forceShare: o.forceShare === true, onWarning: warn });
+      out(o.output === 'json' ? plainJson(r) : checkHuman(r));
+      if (r.inconsistent > r.removed) process.exitCode = 2;
+      return;
+    }
+    if (filename === undefined || name === undefined) throw new QcowError('INVALID_ARGUMENT', 'Expecting filename and bitmap name');
+    const r = await bitmapDump(imagePath(filename, o), name, { format: o.format, forceShare: o.forceShare === true });
+    out(o.output === 'json' ? plainJson({ name: r.bitmap, granularity: r.granularity, 'dirty-bytes': r.dirtyBytes, 'bits-set': r.bitsSet, extents: r.extents }) : dumpHuman(r));
+    return;
+  }
+  if (o.repair) throw new QcowError('INVALID_ARGUMENT', '--repair only goes with --check');
+  if (!actions.length) throw new QcowError('INVALID_ARGUMENT', 'Need at least one of --add, --remove, --clear, --enable, --disable, or --merge');
+  let granularity: number | undefined;
+  if (o.granularity !== undefined) {
+    try {
+      granularity = parseSize(o.granularity, 'granularity');
+    } catch {
+      throw new QcowError('INVALID_ARGUMENT', 'Invalid granularity specified');
+    }
+  }
+  const has = (a: string) => actions.some((x) => x.key === a);
+  if (granularity !== undefined && !has('add')) throw new QcowError('INVALID_ARGUMENT', 'granularity only supported with --add');
+  if (o.sourceFormat && !o.sourceFile) throw new QcowError('INVALID_ARGUMENT', '-F only supported with -b');
+  if (o.sourceFile && !has('merge')) throw new QcowError('INVALID_ARGUMENT', 'Merge bitmap source file only supported with --merge');
+  if (filename === undefined || name === undefined) throw new QcowError('INVALID_ARGUMENT', 'Expecting filename and bitmap name');
+  const list = actions.map((a): BitmapAction => {
+    if (a.key === 'add') return { action: 'add', granularity, disabled: o.disabled === true };
+    if (a.key === 'merge') return { action: 'merge', source: String(a.value), sourceFile: o.sourceFile === undefined ? undefined : imageFilename(o.sourceFile), sourceFormat: o.sourceFormat };
+    return { action: a.key as Exclude<BitmapAction['action'], 'add' | 'merge'> };
+  });
+  const r = await bitmap(imagePath(filename, o), name, list, { format: o.format });
+  if (o.output === 'json') out(plainJson(r));
+}
+
+/** --image-opts: the file name from `driver=qcow2,file.driver=file,file.filename=PATH`. */
+function imagePath(filename: string, o: BitmapFlags): string {
+  if (!o.imageOpts) return imageFilename(filename);
+  const opts = new Map<string, string>();
+  for (const part of filename.split(/,(?!,)/)) {
+    const eq = part.indexOf('=');
+    if (eq > 0) opts.set(part.slice(0, eq), part.slice(eq + 1));
+  }
+  const driver = opts.get('driver');
+  if (driver !== undefined && driver !== 'qcow2') throw new QcowError('UNSUPPORTED', `driver '${driver}' is not supported (qcow2 only)`, filename);
+  const path = opts.get('file.filename') ?? opts.get('file');
+  if (path === undefined) throw new QcowError('INVALID_ARGUMENT', 'no file.filename in the image options', filename);
+  if (o.format === undefined) o.format = 'qcow2';
+  return imageFilename(path);
+}
+
+function dumpHuman(r: BitmapDump): string {
+  const lines = [
+    `bitmap: ${r.bitmap}`,
+    `granularity: ${r.granularity}`,
+    `recording: ${r.enabled ? 'yes' : 'no'}`,
+    `dirty: ${r.dirtyBytes} bytes (${humanSize(r.dirtyBytes)}) in ${r.extents.length} extent(s), ${r.bitsSet} bits set`,
+  ];
+  if (r.extents.length) {
+    lines.push(`${'start'.padEnd(20)}length`);
+    for (const e of r.extents) lines.push(`${String(e.start).padEnd(20)}${e.length}`);
+  }
+  return lines.join('\n') + '\n';
+}
+
+function checkHuman(r: BitmapCheckResult): string {
+  if (!r.bitmaps.length) return 'No persistent bitmaps in the backing chain.\n';
+  const lines: string[] = [];
+  for (const b of r.bitmaps) {
+    const state = b.inconsistent ? (b.removed ? 'inconsistent (in use), removed' : 'inconsistent (in use)') : b.recording ? 'recording' : 'disabled';
+    const where = b.depth === 0 ? b.file : `${b.file} (depth ${b.depth})`;
+    const chain = b.onTop ? (b.continuous ? 'on the top, continuous down to here' : 'on the top, missing in a layer in between') : 'not on the top';
+    const dirty = b.dirtyBytes === undefined ? 'unknown' : `${b.dirtyBytes} bytes (${humanSize(b.dirtyBytes)})`;
+    lines.push(`${where}: bitmap '${b.name}', granularity ${b.granularity}: ${state}; ${chain}; dirty ${dirty}; ${b.clusters} clusters (${humanSize(b.diskBytes)}) on disk`);
+  }
+  lines.push(`${r.bitmaps.length} bitmap(s), ${r.inconsistent} inconsistent${r.removed ? `, ${r.removed} removed` : ''}.`);
+  return lines.join('\n') + '\n';
+}
