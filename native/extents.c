@@ -2,14 +2,10 @@
 // allocated clusters exactly as qemu-img does, and the OFD lock test (F_OFD_GETLK) QEMU uses to
 // find conflicting image locks. Node has neither lseek nor fcntl; no maintained package exposes
 // SEEK_DATA/SEEK_HOLE or F_OFD_GETLK, so this is the one piece of native code qcowkit builds.
-// It also takes the OFD locks and punches holes, which fs-native-extensions does too: a command
-// that finds this addon loaded anyway then does not load that one (~1-2 ms of start-up).
 #define _GNU_SOURCE
 #include <node_api.h>
-#include <uv.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <stdio.h>
 #include <string.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -194,105 +190,6 @@ static napi_value ofd_locked(napi_env env, napi_callback_info info) {
   return result;
 }
 
-// An Error as Node's fs makes them: code "EIO", message "EIO: i/o error, <syscall>".
-static napi_value errno_error(napi_env env, int err, const char *syscall) {
-  const char *name = uv_err_name(uv_translate_sys_error(err));
-  char msg[256];
-  snprintf(msg, sizeof msg, "%s: %s, %s", name, uv_strerror(uv_translate_sys_error(err)), syscall);
-  napi_value code, text, error;
-  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &code);
-  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &text);
-  napi_create_error(env, code, text, &error);
-  return error;
-}
-
-// ofdLock(fd, start, length, exclusive) -> true once the OFD lock is held, false when another open
-// file description holds a conflicting one (F_OFD_SETLK); other failures throw.
-static napi_value ofd_lock(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4], result;
-  int32_t fd;
-  int64_t start, length;
-  bool exclusive;
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 4 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || napi_get_value_int64(env, argv[1], &start) != napi_ok ||
-      napi_get_value_int64(env, argv[2], &length) != napi_ok || napi_get_value_bool(env, argv[3], &exclusive) != napi_ok) {
-    napi_throw_type_error(env, NULL, "ofdLock(fd, start, length, exclusive)");
-    return NULL;
-  }
-  struct flock fl;
-  memset(&fl, 0, sizeof fl);
-  fl.l_type = exclusive ? F_WRLCK : F_RDLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = start;
-  fl.l_len = length;
-  if (fcntl(fd, F_OFD_SETLK, &fl) != 0) {
-    if (errno != EAGAIN && errno != EACCES) {
-      napi_throw(env, errno_error(env, errno, "fcntl"));
-      return NULL;
-    }
-    napi_get_boolean(env, false, &result);
-    return result;
-  }
-  napi_get_boolean(env, true, &result);
-  return result;
-}
-
-// punchHole(fd, offset, length) -> Promise: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE in the
-// thread pool (a large range can take a while).
-typedef struct {
-  napi_async_work work;
-  napi_deferred deferred;
-  int fd;
-  int64_t offset, length;
-  int err;
-} punch_t;
-
-static void punch_execute(napi_env env, void *data) {
-  (void) env;
-  punch_t *p = data;
-  p->err = fallocate(p->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, p->offset, p->length) == 0 ? 0 : errno;
-}
-
-static void punch_complete(napi_env env, napi_status status, void *data) {
-  punch_t *p = data;
-  napi_value v;
-  if (status != napi_ok) p->err = ECANCELED;
-  if (p->err) napi_reject_deferred(env, p->deferred, errno_error(env, p->err, "fallocate"));
-  else {
-    napi_get_undefined(env, &v);
-    napi_resolve_deferred(env, p->deferred, v);
-  }
-  napi_delete_async_work(env, p->work);
-  free(p);
-}
-
-static napi_value punch_hole(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3], promise, name;
-  int32_t fd;
-  int64_t offset, length;
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || napi_get_value_int64(env, argv[1], &offset) != napi_ok ||
-      napi_get_value_int64(env, argv[2], &length) != napi_ok) {
-    napi_throw_type_error(env, NULL, "punchHole(fd, offset, length)");
-    return NULL;
-  }
-  punch_t *p = calloc(1, sizeof *p);
-  if (!p) {
-    napi_throw_error(env, "ENOMEM", "punchHole: out of memory");
-    return NULL;
-  }
-  p->fd = fd;
-  p->offset = offset;
-  p->length = length;
-  napi_create_promise(env, &p->deferred, &promise);
-  napi_create_string_utf8(env, "qcowkit:punchHole", NAPI_AUTO_LENGTH, &name);
-  napi_create_async_work(env, NULL, name, punch_execute, punch_complete, p, &p->work);
-  napi_queue_async_work(env, p->work);
-  return promise;
-}
-
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn;
   napi_create_function(env, "dataExtents", NAPI_AUTO_LENGTH, data_extents, NULL, &fn);
@@ -301,10 +198,6 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_set_named_property(env, exports, "dataExtentsMany", fn);
   napi_create_function(env, "ofdLocked", NAPI_AUTO_LENGTH, ofd_locked, NULL, &fn);
   napi_set_named_property(env, exports, "ofdLocked", fn);
-  napi_create_function(env, "ofdLock", NAPI_AUTO_LENGTH, ofd_lock, NULL, &fn);
-  napi_set_named_property(env, exports, "ofdLock", fn);
-  napi_create_function(env, "punchHole", NAPI_AUTO_LENGTH, punch_hole, NULL, &fn);
-  napi_set_named_property(env, exports, "punchHole", fn);
   return exports;
 }
 

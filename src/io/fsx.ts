@@ -1,12 +1,9 @@
 /**
- * OFD locks and hole punching: by qcowkit's own addon when it was built (loaded anyway for the
- * lock test, see native.ts), else by fs-native-extensions, loaded lazily. Its index resolves the
- * addon through several helper packages (~15 ms of start-up); requiring the shipped prebuilt
- * binding directly costs ~2 ms, so that is tried first, with the package's own entry as the
- * fallback.
+ * fs-native-extensions (OFD locks, hole punching), loaded lazily. Its index resolves the addon
+ * through several helper packages (~15 ms of start-up); requiring the shipped prebuilt binding
+ * directly costs ~2 ms, so that is tried first, with the package's own entry as the fallback.
  */
 import { createRequire } from 'node:module';
-import { ofdLockNative, punchHoleNative } from './native.js';
 
 interface Binding {
   tryLock(fd: number, offset: number, length: number, exclusive: boolean): void;
@@ -35,8 +32,6 @@ function load(): Binding {
 
 /** F_OFD_SETLK on [offset, offset+length): false when another holder conflicts. */
 export function tryLock(fd: number, offset: number, length: number, shared: boolean): boolean {
-  const taken = ofdLockNative(fd, offset, length, !shared);
-  if (taken !== null) return taken;
   try {
     load().tryLock(fd, offset, length, !shared);
     return true;
@@ -48,8 +43,6 @@ export function tryLock(fd: number, offset: number, length: number, shared: bool
 
 /** FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE. */
 export function trim(fd: number, offset: number, length: number): Promise<void> {
-  const native = punchHoleNative(fd, offset, length);
-  if (native) return native;
   return new Promise((resolve, reject) => {
     const req: Req = { handle: null, resolve, reject };
     req.handle = load().trim(fd, offset, length, req, function (this: Req, err) {

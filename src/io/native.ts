@@ -1,4 +1,4 @@
-/** Loads the optional SEEK_DATA/SEEK_HOLE, OFD lock and hole punching addon (native/extents.c) on first use. */
+/** Loads the optional SEEK_DATA/SEEK_HOLE and OFD-lock-test addon (native/extents.c) on first use. */
 import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -10,9 +10,6 @@ type Addon = {
   dataExtentsMany?(fd: number, ranges: Float64Array): Float64Array | null;
   /** Older builds of the addon lack it. */
   ofdLocked?(fd: number, byte: number): boolean | null;
-  /** Older builds of the addon lack these two. */
-  ofdLock?(fd: number, start: number, length: number, exclusive: boolean): boolean;
-  punchHole?(fd: number, offset: number, length: number): Promise<void>;
 };
 let addon: Addon | null | undefined;
 
@@ -92,21 +89,4 @@ export function ofdLockedNative(fd: number, byte: number): boolean | null {
   if (addon === undefined) addon = load();
   if (!addon?.ofdLocked) return null;
   return addon.ofdLocked(fd, byte);
-}
-
-/**
- * F_OFD_SETLK on [start, start+length): true when taken, false on a conflicting lock; null when
- * the addon can't (then fs-native-extensions does it, see fsx.ts).
- */
-export function ofdLockNative(fd: number, start: number, length: number, exclusive: boolean): boolean | null {
-  if (addon === undefined) addon = load();
-  if (!addon?.ofdLock) return null;
-  return addon.ofdLock(fd, start, length, exclusive);
-}
-
-/** FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE in the thread pool; null when the addon can't. */
-export function punchHoleNative(fd: number, offset: number, length: number): Promise<void> | null {
-  if (addon === undefined) addon = load();
-  if (!addon?.punchHole) return null;
-  return addon.punchHole(fd, offset, length);
 }
