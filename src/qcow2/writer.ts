@@ -37,6 +37,8 @@ const L2_CACHE_TABLES = 256;
 const REFCOUNT_CACHE_BLOCKS = 256;
 const MAX_RUNS = 1024;
 const ALL_SUBCLUSTERS = 0xffffffff;
+/** The most the file is grown ahead of need at once (see #cover). */
+const GROW_AHEAD_MAX = 1024 * 1024 * 1024;
 
 /** One L2 run as the scan kernel reports it. */
 interface Run {
@@ -102,26 +104,48 @@ export class Qcow2Writer {
     this.refcountCache = refcounts.cache;
     this.allocator = new ClusterAllocator(refcounts, discards, Math.ceil(img.fileSize / img.clusterSize), img.path);
     this.#fileEnd = img.fileSize;
+    this.#needEnd = img.fileSize;
     this.allocator.beforeRaise = (end) => this.#cover(end);
   }
 
   /** Bytes the file is known to cover. */
   #fileEnd: number;
+  /** Bytes of the file in use: the file without the room grown ahead of need (#cover). */
+  #needEnd: number;
 
   /**
    * Clusters handed out past the end of the file: the file is extended to cover them, and that
    * is durable before any raised refcount reaches the file. Otherwise a crash could leave a
    * refcount of 1 past the end of the file, a leak that no check reports or repairs (qemu-img
    * check looks only inside the file) and that shows up once the file grows over it.
+   * The file grows ahead of need (as much again as it covers, up to GROW_AHEAD_MAX): extending a
+   * file waits for every direct write in flight to it, so a copy that extended it per batch
+   * would stall once per batch. The room ahead holds no cluster anything counts or points at
+   * (a crash leaves free space at the end, which check accepts); flushes cut it off again.
    */
   async #cover(endCluster: number): Promise<void> {
     const bytes = endCluster * this.cs;
+    if (bytes > this.#needEnd) this.#needEnd = bytes;
     if (bytes <= this.#fileEnd) return;
-    this.#fileEnd = Math.max(bytes, await this.file.size());
-    if (bytes > (await this.file.size())) {
-      await this.file.truncate(bytes);
+    const size = await this.file.size();
+    this.#fileEnd = Math.max(bytes, size);
+    if (bytes > size) {
+      const to = bytes + Math.min(GROW_AHEAD_MAX, Math.max(bytes, 16 * this.cs));
+      await this.file.truncate(to);
+      this.#fileEnd = to;
       this.refcountCache.dependsOnFlush();
     }
+  }
+
+  /**
+   * Cuts the room grown ahead of need: the file ends after the last cluster allocated (nothing
+   * past it is counted, pointed at or being written).
+   */
+  async #trimAhead(): Promise<void> {
+    const end = Math.max(this.#needEnd, this.allocator.highWater() * this.cs, this.#img.fileSize);
+    if (this.#fileEnd <= end) return;
+    if ((await this.file.size()) > end) await this.file.truncate(end);
+    this.#fileEnd = end;
   }
 
   static async open(img: Qcow2Image): Promise<Qcow2Writer> {
@@ -468,6 +492,7 @@ export class Qcow2Writer {
   async #flushAll(): Promise<void> {
     await this.l2Cache.writeBack();
     await this.refcountCache.writeBack();
+    await this.#trimAhead();
     await this.file.flush();
     for (const [first, end] of this.discards.take()) {
       try {
