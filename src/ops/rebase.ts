@@ -242,15 +242,23 @@ interface ComparePlan {
  * the layers each view reads from.
  */
 async function planCompare(chain: BackingChain, view: NewView, size: number, unit: number, signal: AbortSignal | undefined): Promise<ComparePlan> {
-  // The old view where the image has nothing of its own: what layers 1.. provide (P = prefix
-  // depth: only layers 1..P-1, the rest is common to both views).
-  const limit = view.kind === 'prefix' ? view.depth : chain.layers.length;
-  const old: Source[] = [];
-  await chain.statusBetween(0, limit, 0, size, (e: ChainExtent) => {
+  // The image's own allocations (never compared, never written), then the old backing's view
+  // (P = prefix depth: only layers 1..P-1, the rest is common to both views), each walked on
+  // its own: a walk through the image into its backing would ask the backing once per gap
+  // between the image's allocations.
+  const own: Source[] = [];
+  await chain.statusBetween(0, 1, 0, size, (e: ChainExtent) => {
     throwIfAborted(signal, chain.top.path);
-    const src = !e.allocated ? (view.kind === 'prefix' ? AS_NEW : ZEROS) : e.depth === 0 ? OWN : e.zero ? ZEROS : e.depth;
-    pushSource(old, e.start, e.start + e.length, src);
+    if (e.allocated) pushSource(own, e.start, e.start + e.length, OWN);
   });
+  const limit = view.kind === 'prefix' ? view.depth : chain.layers.length;
+  const backing: Source[] = [];
+  await chain.statusBetween(1, limit, 0, size, (e: ChainExtent) => {
+    throwIfAborted(signal, chain.top.path);
+    const src = !e.allocated ? (view.kind === 'prefix' ? AS_NEW : ZEROS) : e.zero ? ZEROS : e.depth;
+    pushSource(backing, e.start, e.start + e.length, src);
+  });
+  const old = overlay(backing, own);
   // The new view.
   const neu: Source[] = [];
   if (view.kind === 'zero') neu.push({ start: 0, end: size, src: ZEROS });
@@ -276,6 +284,28 @@ async function planCompare(chain: BackingChain, view: NewView, size: number, uni
     }
   }
   return { candidates, old, neu };
+}
+
+/** `under` (covering the disk) with the ranges of `over` (sorted, disjoint) put on top. */
+function overlay(under: readonly Source[], over: readonly Source[]): Source[] {
+  const out: Source[] = [];
+  let j = 0;
+  for (const u of under) {
+    let pos = u.start;
+    while (j < over.length && over[j]!.end <= pos) j++;
+    for (let k = j; pos < u.end; k++) {
+      const o = over[k];
+      if (!o || o.start >= u.end) {
+        pushSource(out, pos, u.end, u.src);
+        break;
+      }
+      if (o.start > pos) pushSource(out, pos, o.start, u.src);
+      const to = Math.min(u.end, o.end);
+      pushSource(out, Math.max(pos, o.start), to, o.src);
+      pos = to;
+    }
+  }
+  return out;
 }
 
 function pushSource(list: Source[], start: number, end: number, src: number): void {
