@@ -28,7 +28,6 @@ export async function checkFreeSpace(path: string, need: number, what = 'the bas
     throw new QcowError('NO_SPACE', `${what} needs up to ${need} more bytes but its filesystem has ${avail} free; nothing was written (free space or write elsewhere)`, path);
 }
 
-
 /** Where a planned range goes in its batch's buffer. */
 export type Area =
   /** Nothing is read: the range is only counted (a zero range of a copy plan). */
@@ -281,16 +280,17 @@ async function writeData(target: WritableLayer, ptr: number, items: BatchWrites[
  */
 export class UnitBits {
   readonly #units: number;
-  readonly #bytes: number;
   readonly #a: number;
   readonly #b: number;
+  readonly #c: number;
   readonly #pairs: number;
   constructor(readonly unit: number) {
     const k = kernels();
     this.#units = Math.ceil(windowBytes(unit) / unit) + 8;
-    this.#bytes = Math.ceil(this.#units / 8) + 16;
-    this.#a = k.alloc(this.#bytes);
-    this.#b = k.alloc(this.#bytes);
+    const bytes = Math.ceil(this.#units / 8) + 16;
+    this.#a = k.alloc(bytes);
+    this.#b = k.alloc(bytes);
+    this.#c = k.alloc(bytes);
     this.#pairs = k.alloc(16 * RUN_PAIRS);
   }
 
@@ -314,28 +314,15 @@ export class UnitBits {
     const n = Math.ceil(units / 8);
     k.diffBlocks(a, b, units * this.unit, bits, this.#a);
     k.zeroBlocks(a, units * this.unit, bits, this.#b);
-    const zero = this.#bitsCopy(n);
-    try {
-      k.bitmapAnd(zero, this.#b, n); // differ & zero
-      k.bitmapAndNot(this.#a, this.#b, n); // differ & data
-      return { data: this.#runs(this.#a, units), zero: this.#runs(zero, units) };
-    } finally {
-      k.free(zero);
-    }
+    k.u8(this.#c, n).set(k.u8(this.#a, n));
+    k.bitmapAnd(this.#c, this.#b, n); // differ & zero
+    k.bitmapAndNot(this.#a, this.#b, n); // differ & data
+    return { data: this.#runs(this.#a, units), zero: this.#runs(this.#c, units) };
   }
 
   free(): void {
     const k = kernels();
-    k.free(this.#a);
-    k.free(this.#b);
-    k.free(this.#pairs);
-  }
-
-  #bitsCopy(n: number): number {
-    const k = kernels();
-    const p = k.alloc(n + 16);
-    k.u8(p, n).set(k.u8(this.#a, n));
-    return p;
+    for (const p of [this.#a, this.#b, this.#c, this.#pairs]) k.free(p);
   }
 
   #fits(units: number): void {

@@ -458,7 +458,12 @@ export class Qcow2Writer {
         }
       }
       const length = end * cs;
-      if (length < (await this.file.size())) await this.file.truncate(length);
+      if (length < (await this.file.size())) {
+        await this.file.truncate(length);
+        // Allocations past the new end extend the file again (#cover).
+        this.#fileEnd = Math.min(this.#fileEnd, length);
+        this.#needEnd = Math.min(this.#needEnd, length);
+      }
       return length;
     });
   }
