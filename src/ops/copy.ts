@@ -14,6 +14,7 @@ import { kernels } from '../kernels/index.js';
 import type { WritableLayer } from '../chain/layer.js';
 import type { BackingChain } from '../chain/chain.js';
 import { readGuestPieces } from '../chain/copy-read.js';
+import { adviseHugePagesNative } from '../io/native.js';
 
 /** Refuses (nothing written) when `need` bytes more than the filesystem of `path` has free. */
 export async function checkFreeSpace(path: string, need: number, what = 'the base'): Promise<void> {
@@ -93,6 +94,8 @@ const WINDOWS_WRITING = 2;
 /** Run pairs collected per kernel call. */
 const RUN_PAIRS = 1024;
 const PAGE = 4096;
+/** Transparent huge pages (x86-64, arm64 with 4 KiB pages). */
+const HUGE_PAGE = 2 * 1024 * 1024;
 
 const windowBytes = (unit: number): number => Math.max(WINDOW_BYTES, 4 * unit);
 const roundUp = (n: number, to: number): number => Math.ceil(n / to) * to;
@@ -186,10 +189,19 @@ export interface RunBatchesOptions<T extends Span> {
  */
 export async function runBatches<T extends Span>(target: WritableLayer | null, batches: Iterable<Batch<T>>, opts: RunBatchesOptions<T>): Promise<{ data: number; zero: number }> {
   const k = kernels();
-  // No memory growth while reads and writes hold views of wasm memory (a batch's buffer is at
-  // most a window plus the alignment of its areas).
-  const align = Math.max(opts.unit, PAGE);
-  k.reserve((WINDOWS_WRITING + 1) * (windowBytes(opts.unit) + 3 * align + PAGE) + 16 * 1024 * 1024);
+  // The batches' buffers: slots of one region, reused (a batch's buffer is at most a window
+  // plus the alignment of its areas), aligned to huge pages and backed by them where the
+  // kernel allows: a direct write from huge pages goes out as a few large requests instead of
+  // ~1 MiB ones (measured: 400 MiB in ~210 ms instead of ~300 on a virtual disk), and touching
+  // the buffers the first time costs a fault per 2 MiB instead of per 4 KiB.
+  const slotBytes = roundUp(windowBytes(opts.unit) + 3 * Math.max(opts.unit, PAGE), HUGE_PAGE);
+  const slots = WINDOWS_WRITING + 1;
+  // No memory growth while reads and writes hold views of wasm memory.
+  k.reserve(slots * slotBytes + HUGE_PAGE + 16 * 1024 * 1024);
+  const region = k.alloc(slots * slotBytes + HUGE_PAGE);
+  const base = roundUp(region, HUGE_PAGE);
+  adviseHugePagesNative(k.memory.buffer, base, slots * slotBytes);
+  const free = Array.from({ length: slots }, (_, i) => base + i * slotBytes);
   const started = performance.now();
   const report = () => opts.onProgress?.(done, opts.total);
   let read = 0;
@@ -214,8 +226,9 @@ export async function runBatches<T extends Span>(target: WritableLayer | null, b
         if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
       }
       read += b.guest;
-      const mem = b.bytes ? k.alloc(b.bytes + PAGE) : 0;
-      const ptr = mem && roundUp(mem, PAGE);
+      // (At most WINDOWS_WRITING batches are being written: a slot is free.)
+      const ptr = b.bytes ? free.pop() : 0;
+      if (ptr === undefined) throw new QcowError('INTERNAL', 'copy: no free batch buffer', opts.path);
       let handed = false;
       try {
         const w = await opts.load(b, ptr);
@@ -246,12 +259,12 @@ export async function runBatches<T extends Span>(target: WritableLayer | null, b
             report();
           });
         }
-        p = p.finally(() => k.free(mem));
+        p = p.finally(() => ptr && free.push(ptr));
         p.catch(() => {}); // awaited in order below; a failure while an earlier one is awaited is not unhandled
         writing.push(p);
         handed = true;
       } finally {
-        if (!handed && mem) k.free(mem);
+        if (!handed && ptr) free.push(ptr);
       }
     }
     // The zero ranges go in while the last batches are still being written.
@@ -269,6 +282,7 @@ export async function runBatches<T extends Span>(target: WritableLayer | null, b
     while (writing.length) await writing.shift();
   } finally {
     await Promise.allSettled(writing); // never leave writes running behind an error
+    k.free(region);
   }
   if (!opts.total) opts.onProgress?.(0, 0);
   return { data, zero };
