@@ -80,13 +80,14 @@ export interface BatchWrites {
 }
 
 /**
- * Buffer bytes of one batch at most (one writeMany: one allocation, few large writes). 4 MiB
- * batches keep the disk as busy as larger ones, and the pipeline's buffers are wasm memory
- * touched for the first time, which costs a fault per page (on virtual machines several times
- * more): measured, rebase dropping a middle layer (400 MiB) copies in 290 ms with 4 MiB, 310
- * with 8, 330 with 16; commit -d of 1.1 GiB 1.0-1.15 s with 4 MiB, 1.4 s with 16.
+ * Buffer bytes of one batch at most (one writeMany: one allocation, few large writes). Larger
+ * batches gain nothing once the disk is kept busy, and cost more wasm memory touched for the
+ * first time (a fault per page, several times dearer on virtual machines). Measured with the
+ * huge-page buffers (runBatches; alternating runs on a loaded machine): rebase dropping a middle
+ * layer (400 MiB) copies in ~290 ms with 8 MiB, ~300 with 16, ~330 with 4; commit -d of 1.1 GiB
+ * 0.64x qemu-img's time with 8 MiB, 0.76x with 4.
  */
-const WINDOW_BYTES = 4 * 1024 * 1024;
+const WINDOW_BYTES = 8 * 1024 * 1024;
 /** Slices in one batch at most (bounds the per-batch bookkeeping). */
 const WINDOW_RANGES = 1024;
 /** Batches being written while the next one is read. */
