@@ -20,7 +20,7 @@
  * `-u` rewrites only the name and the backing-format extension; `-b ""` flattens (compares with
  * an all-zero view, then drops the name); `-c` writes whole copied clusters compressed.
  */
-import { realpath } from 'node:fs/promises';
+import { realpathSync } from 'node:fs';
 import { QcowError, throwIfAborted } from '../errors.js';
 import type { FileOpener } from '../io/file.js';
 import { BackingChain, resolveBackingPath, type ChainExtent } from '../chain/chain.js';
@@ -126,11 +126,11 @@ export async function rebase(filename: string, opts: RebaseOptions = {}): Promis
       growth: 0,
       seconds: 0,
     };
-    const selfReal = await realpath(img.path);
+    const selfReal = realpath(img.path);
     // -u writes what it is told, as qemu-img 7.2 does (a self-reference then fails on every open).
     if (newName !== undefined && !unsafe) {
-      const newReal = await realpath(resolveBackingPath(img.path, newName)).catch(() => undefined);
-      if (newReal === selfReal) throw new QcowError('BACKING_LOOP', `the image cannot be its own backing file ('${newName}')`, img.path);
+      const newReal = realpath(resolveBackingPath(img.path, newName));
+      if (newReal !== undefined && newReal === selfReal) throw new QcowError('BACKING_LOOP', `the image cannot be its own backing file ('${newName}')`, img.path);
     }
     if (compress) assertCanCompress(img.header.compressionType, img.path);
     // -u changes only the header: a full check is needed only to repair an image left dirty.
@@ -156,16 +156,16 @@ interface Candidate {
 /** The new backing's view: a depth of the old chain, another chain, or all zeros (flatten). */
 type NewView = { kind: 'zero' } | { kind: 'prefix'; depth: number } | { kind: 'chain'; chain: BackingChain };
 
-async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | undefined, opts: RebaseOptions, result: RebaseResult, selfReal: string): Promise<void> {
+async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | undefined, opts: RebaseOptions, result: RebaseResult, selfReal: string | undefined): Promise<void> {
   const dryRun = result.dryRun;
   let view: NewView = { kind: 'zero' };
   let newChain: BackingChain | undefined;
   try {
     if (newName !== undefined) {
       const path = resolveBackingPath(img.path, newName);
-      const real = await realpath(path).catch(() => undefined);
+      const real = realpath(path);
       for (let d = 1; d < chain.layers.length && real !== undefined; d++) {
-        if ((await realpath(chain.layers[d]!.path).catch(() => '')) === real) {
+        if (realpath(chain.layers[d]!.path) === real) {
           view = { kind: 'prefix', depth: d };
           result.prefixDepth = d;
           break;
@@ -181,7 +181,7 @@ async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | 
           throw new QcowError(e instanceof QcowError && e.code !== 'NOT_FOUND' ? e.code : 'BACKING', `Could not open new backing file '${path}': ${msg}`, img.path, { cause: e });
         }
         for (const l of newChain.layers)
-          if ((await realpath(l.path).catch(() => '')) === selfReal)
+          if (selfReal !== undefined && realpath(l.path) === selfReal)
             throw new QcowError('BACKING_LOOP', `the new backing chain contains the image itself ('${l.path}')`, img.path);
         view = { kind: 'chain', chain: newChain };
       }
@@ -517,6 +517,18 @@ async function compareAndWrite(chain: BackingChain, img: Qcow2Image, view: NewVi
     bits.free();
   }
   return ranges;
+}
+
+/**
+ * realpath(3), or undefined when the path does not resolve. Synchronous: a path walk of
+ * microseconds, where a thread-pool round trip costs more (a few of them per rebase).
+ */
+function realpath(path: string): string | undefined {
+  try {
+    return realpathSync.native(path);
+  } catch {
+    return undefined;
+  }
 }
 
 function pushDirty(ranges: DirtyRange[], r: { start: number; length: number }): void {
