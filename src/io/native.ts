@@ -1,4 +1,4 @@
-/** Loads the optional SEEK_DATA/SEEK_HOLE and OFD-lock-test addon (native/extents.c) on first use. */
+/** Loads the optional SEEK_DATA/SEEK_HOLE, OFD-lock-test and huge-page addon (native/extents.c) on first use. */
 import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -10,6 +10,8 @@ type Addon = {
   dataExtentsMany?(fd: number, ranges: Float64Array): Float64Array | null;
   /** Older builds of the addon lack it. */
   ofdLocked?(fd: number, byte: number): boolean | null;
+  /** Older builds of the addon lack it. */
+  adviseHugePages?(buffer: ArrayBuffer, offset: number, length: number): boolean;
 };
 let addon: Addon | null | undefined;
 
@@ -89,4 +91,14 @@ export function ofdLockedNative(fd: number, byte: number): boolean | null {
   if (addon === undefined) addon = load();
   if (!addon?.ofdLocked) return null;
   return addon.ofdLocked(fd, byte);
+}
+
+/**
+ * Asks the kernel for transparent huge pages behind [offset, offset+length) of `buffer` (its
+ * 2 MiB-aligned part, before it is first touched): direct writes from it then go out as fewer,
+ * larger requests. false when the addon or the kernel can't.
+ */
+export function adviseHugePagesNative(buffer: ArrayBuffer, offset: number, length: number): boolean {
+  if (addon === undefined) addon = load();
+  return addon?.adviseHugePages?.(buffer, offset, length) ?? false;
 }

@@ -6,10 +6,12 @@
  * change; then the header names the new backing file. Only ranges where the views can differ are
  * read: block status of both chains first (ranges both leave unallocated or zero are skipped;
  * with the new backing inside the old chain, only what the layers in between provide is
- * looked at), then the two views are read chunk by chunk (reads in flight into wasm memory) and
- * compared per allocation unit of the image (cluster, or subcluster with extended L2) by a
- * kernel. Differing units are written whole, so no copy-on-write read is ever needed; units
- * where the old view reads zeros become zero writes (zero clusters on v3), never zero data.
+ * looked at), then the two views are read batch by batch, each from the layers that provide it
+ * (the copy pipeline of copy.ts, shared with commit), and compared per allocation unit of the
+ * image (cluster, or subcluster with extended L2) by the kernels; a batch's differing units are
+ * written as one writeMany while the next batch is read. Differing units are written whole, so
+ * no copy-on-write read is ever needed; units where the old view reads zeros become zero writes
+ * (zero clusters on v3), never zero data, after all the data.
  *
  * The header is rewritten (one write of the header cluster, HeaderWriter.rewriteBacking) only
  * after the copied data is durable and the dirty bit cleared: a crash leaves the old name with a
@@ -18,7 +20,7 @@
  * `-u` rewrites only the name and the backing-format extension; `-b ""` flattens (compares with
  * an all-zero view, then drops the name); `-c` writes whole copied clusters compressed.
  */
-import { realpath } from 'node:fs/promises';
+import { realpathSync } from 'node:fs';
 import { QcowError, throwIfAborted } from '../errors.js';
 import type { FileOpener } from '../io/file.js';
 import { BackingChain, resolveBackingPath, type ChainExtent } from '../chain/chain.js';
@@ -30,7 +32,8 @@ import { kernels } from '../kernels/index.js';
 import { assertCanCompress } from '../qcow2/compressed.js';
 import type { OperationOptions } from './options.js';
 import { validateForWrite } from './validate.js';
-import { checkFreeSpace, chunkRuns, writeRuns, type ChunkRun } from './copy.js';
+import { batchesOf, checkFreeSpace, RunCursor, runBatches, UnitBits, type Batch, type BatchWrites, type Span } from './copy.js';
+import { readGuestPieces, type GuestPiece } from '../chain/copy-read.js';
 
 export interface RebaseOptions extends OperationOptions {
   /** -f: format of the image (only qcow2 has a backing file); probed when omitted. */
@@ -73,10 +76,6 @@ export interface RebaseResult {
   growth: number;
   seconds: number;
 }
-
-const CHUNK = 8 * 1024 * 1024;
-const READS_AHEAD = 3;
-const WRITES_BEHIND = 3;
 
 /** Formats qemu-img 7.2 knows by name (recorded by -u as given; only qcow2 and raw can be read). */
 const QEMU_FORMATS = new Set(['blkdebug', 'blklogwrites', 'blkverify', 'bochs', 'cloop', 'compress', 'copy-before-write', 'copy-on-read', 'dmg', 'file', 'ftp', 'ftps', 'host_cdrom', 'host_device', 'http', 'https', 'luks', 'nbd', 'null-aio', 'null-co', 'nvme', 'parallels', 'preallocate', 'qcow', 'qcow2', 'qed', 'quorum', 'raw', 'replication', 'snapshot-access', 'ssh', 'throttle', 'vdi', 'vhdx', 'vmdk', 'vpc', 'vvfat']);
@@ -127,11 +126,11 @@ export async function rebase(filename: string, opts: RebaseOptions = {}): Promis
       growth: 0,
       seconds: 0,
     };
-    const selfReal = await realpath(img.path);
+    const selfReal = realpath(img.path);
     // -u writes what it is told, as qemu-img 7.2 does (a self-reference then fails on every open).
     if (newName !== undefined && !unsafe) {
-      const newReal = await realpath(resolveBackingPath(img.path, newName)).catch(() => undefined);
-      if (newReal === selfReal) throw new QcowError('BACKING_LOOP', `the image cannot be its own backing file ('${newName}')`, img.path);
+      const newReal = realpath(resolveBackingPath(img.path, newName));
+      if (newReal !== undefined && newReal === selfReal) throw new QcowError('BACKING_LOOP', `the image cannot be its own backing file ('${newName}')`, img.path);
     }
     if (compress) assertCanCompress(img.header.compressionType, img.path);
     // -u changes only the header: a full check is needed only to repair an image left dirty.
@@ -157,16 +156,16 @@ interface Candidate {
 /** The new backing's view: a depth of the old chain, another chain, or all zeros (flatten). */
 type NewView = { kind: 'zero' } | { kind: 'prefix'; depth: number } | { kind: 'chain'; chain: BackingChain };
 
-async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | undefined, opts: RebaseOptions, result: RebaseResult, selfReal: string): Promise<void> {
+async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | undefined, opts: RebaseOptions, result: RebaseResult, selfReal: string | undefined): Promise<void> {
   const dryRun = result.dryRun;
   let view: NewView = { kind: 'zero' };
   let newChain: BackingChain | undefined;
   try {
     if (newName !== undefined) {
       const path = resolveBackingPath(img.path, newName);
-      const real = await realpath(path).catch(() => undefined);
+      const real = realpath(path);
       for (let d = 1; d < chain.layers.length && real !== undefined; d++) {
-        if ((await realpath(chain.layers[d]!.path).catch(() => '')) === real) {
+        if (realpath(chain.layers[d]!.path) === real) {
           view = { kind: 'prefix', depth: d };
           result.prefixDepth = d;
           break;
@@ -182,14 +181,15 @@ async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | 
           throw new QcowError(e instanceof QcowError && e.code !== 'NOT_FOUND' ? e.code : 'BACKING', `Could not open new backing file '${path}': ${msg}`, img.path, { cause: e });
         }
         for (const l of newChain.layers)
-          if ((await realpath(l.path).catch(() => '')) === selfReal)
+          if (selfReal !== undefined && realpath(l.path) === selfReal)
             throw new QcowError('BACKING_LOOP', `the new backing chain contains the image itself ('${l.path}')`, img.path);
         view = { kind: 'chain', chain: newChain };
       }
     }
     if (!dryRun) assertBitmapsCanBeMarked(img);
     const unit = img.extendedL2 ? img.clusterSize / 32 : img.clusterSize;
-    const candidates = await findCandidates(chain, view, img.virtualSize, unit, opts.signal);
+    const plan = await planCompare(chain, view, img.virtualSize, unit, opts.signal);
+    const candidates = plan.candidates;
     for (const c of candidates) result.comparedBytes += c.length;
     if (!dryRun) {
       // Upper bound: every cluster a candidate touches becomes a new one, plus L2 tables and refcount blocks.
@@ -202,7 +202,7 @@ async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | 
     // Recording bitmaps learn of every range that may be written before any data is (a crash
     // in between leaves extra dirty bits, never a missing one).
     if (!dryRun) await markBitmapsDirty(img, opts.compress ? toClusters(candidates, img.clusterSize, img.virtualSize) : candidates);
-    const ranges = await compareAndWrite(chain, img, view, candidates, unit, opts, result);
+    const ranges = await compareAndWrite(chain, img, view, plan, unit, opts, result);
     result.writtenRanges = ranges.length;
     if (dryRun) {
       const l2 = Math.ceil((result.dataClusters + 1) / img.l2Entries) + 1;
@@ -216,45 +216,102 @@ async function safeCopy(chain: BackingChain, img: Qcow2Image, newName: string | 
   }
 }
 
+/** Where a view reads a guest range from: a layer (its depth in the view's chain) or one of these. */
+const ZEROS = -1;
+/** (Old view, new backing inside the old chain.) Read through to the new backing: as the new view. */
+const AS_NEW = -2;
+/** (Old view.) The image's own: never compared, never written. */
+const OWN = -3;
+
+interface Source {
+  start: number;
+  end: number;
+  src: number;
+}
+
+/** The candidates, and where each view reads them from (lists covering the disk, guest order). */
+interface ComparePlan {
+  candidates: Candidate[];
+  old: Source[];
+  neu: Source[];
+}
+
 /**
  * Guest ranges where the old and new views may differ, by block status only, widened to whole
- * units of the image (its own allocations are unit-aligned, so widening never reaches them).
+ * units of the image (its own allocations are unit-aligned, so widening never reaches them), and
+ * the layers each view reads from.
  */
-async function findCandidates(chain: BackingChain, view: NewView, size: number, unit: number, signal: AbortSignal | undefined): Promise<Candidate[]> {
-  // The old view where the image has nothing of its own: what layers 1.. provide (P = prefix
-  // depth: only layers 1..P-1, the rest is common to both views).
-  const limit = view.kind === 'prefix' ? view.depth : chain.layers.length;
-  const old: Array<{ start: number; end: number; zero: boolean }> = [];
-  await chain.statusBetween(0, limit, 0, size, (e: ChainExtent) => {
+async function planCompare(chain: BackingChain, view: NewView, size: number, unit: number, signal: AbortSignal | undefined): Promise<ComparePlan> {
+  // The image's own allocations (never compared, never written), then the old backing's view
+  // (P = prefix depth: only layers 1..P-1, the rest is common to both views), each walked on
+  // its own: a walk through the image into its backing would ask the backing once per gap
+  // between the image's allocations.
+  const own: Source[] = [];
+  await chain.statusBetween(0, 1, 0, size, (e: ChainExtent) => {
     throwIfAborted(signal, chain.top.path);
-    if (e.allocated && e.depth === 0) return; // the image's own data
-    if (!e.allocated && view.kind === 'prefix') return; // falls through to the new backing itself
-    pushRange(old, e.start, e.start + e.length, e.allocated ? e.zero : true);
+    if (e.allocated) pushSource(own, e.start, e.start + e.length, OWN);
   });
-  // The new view where it matters.
-  const neu: Array<{ start: number; end: number; zero: boolean }> = [];
-  if (view.kind === 'zero') neu.push({ start: 0, end: size, zero: true });
+  const limit = view.kind === 'prefix' ? view.depth : chain.layers.length;
+  const backing: Source[] = [];
+  await chain.statusBetween(1, limit, 0, size, (e: ChainExtent) => {
+    throwIfAborted(signal, chain.top.path);
+    const src = !e.allocated ? (view.kind === 'prefix' ? AS_NEW : ZEROS) : e.zero ? ZEROS : e.depth;
+    pushSource(backing, e.start, e.start + e.length, src);
+  });
+  const old = overlay(backing, own);
+  // The new view.
+  const neu: Source[] = [];
+  if (view.kind === 'zero') neu.push({ start: 0, end: size, src: ZEROS });
   else {
     const src = view.kind === 'prefix' ? chain : view.chain;
     const from = view.kind === 'prefix' ? view.depth : 0;
-    await src.statusBetween(from, src.layers.length, 0, size, (e) => pushRange(neu, e.start, e.start + e.length, e.allocated ? e.zero : true));
-    // statusBetween covers [0, size) entirely; guard against gaps anyway.
+    // (statusBetween covers [0, size) entirely: past a shorter chain's end, zeros.)
+    await src.statusBetween(from, src.layers.length, 0, size, (e) => pushSource(neu, e.start, e.start + e.length, e.allocated && !e.zero ? e.depth : ZEROS));
   }
-  const out: Candidate[] = [];
+  const candidates: Candidate[] = [];
   let j = 0;
   for (const o of old) {
+    if (o.src === OWN || o.src === AS_NEW) continue; // the image's own, or the same in both views
     while (j < neu.length && neu[j]!.end <= o.start) j++;
     for (let k = j; k < neu.length && neu[k]!.start < o.end; k++) {
       const n = neu[k]!;
-      if (o.zero && n.zero) continue;
+      if (o.src === ZEROS && n.src === ZEROS) continue;
       const s = Math.floor(Math.max(o.start, n.start) / unit) * unit;
       const e = Math.min(size, Math.ceil(Math.min(o.end, n.end) / unit) * unit);
-      const last = out[out.length - 1];
+      const last = candidates[candidates.length - 1];
       if (last && last.start + last.length >= s) last.length = Math.max(last.length, e - last.start);
-      else out.push({ start: s, length: e - s });
+      else candidates.push({ start: s, length: e - s });
+    }
+  }
+  return { candidates, old, neu };
+}
+
+/** `under` (covering the disk) with the ranges of `over` (sorted, disjoint) put on top. */
+function overlay(under: readonly Source[], over: readonly Source[]): Source[] {
+  const out: Source[] = [];
+  let j = 0;
+  for (const u of under) {
+    let pos = u.start;
+    while (j < over.length && over[j]!.end <= pos) j++;
+    for (let k = j; pos < u.end; k++) {
+      const o = over[k];
+      if (!o || o.start >= u.end) {
+        pushSource(out, pos, u.end, u.src);
+        break;
+      }
+      if (o.start > pos) pushSource(out, pos, o.start, u.src);
+      const to = Math.min(u.end, o.end);
+      pushSource(out, Math.max(pos, o.start), to, o.src);
+      pos = to;
     }
   }
   return out;
+}
+
+function pushSource(list: Source[], start: number, end: number, src: number): void {
+  const last = list[list.length - 1];
+  if (last && last.end === start && last.src === src) last.end = end;
+  else list.push({ start, end, src });
 }
 
 /** Candidates widened to whole clusters (-c writes whole clusters). */
@@ -270,141 +327,211 @@ function toClusters(candidates: Candidate[], cs: number, size: number): Candidat
   return out;
 }
 
-function pushRange(list: Array<{ start: number; end: number; zero: boolean }>, start: number, end: number, zero: boolean): void {
-  const last = list[list.length - 1];
-  if (last && last.end === start && last.zero === zero) last.end = end;
-  else list.push({ start, end, zero });
-}
-
-/** Chunks of candidates, ending on unit boundaries. */
-function chunksOf(candidates: Candidate[], unit: number): Candidate[] {
-  const chunks: Candidate[] = [];
-  const step = Math.max(unit, Math.floor(CHUNK / unit) * unit);
-  for (const c of candidates) for (let s = c.start; s < c.start + c.length; s += step) chunks.push({ start: s, length: Math.min(step, c.start + c.length - s) });
-  return chunks;
+/** A range each view reads from one place (a depth, or ZEROS). */
+interface Piece {
+  start: number;
+  end: number;
+  old: number;
+  neu: number;
 }
 
 /**
- * Reads both views of every candidate chunk (several in flight), marks the differing units with
- * the diffBlocks kernel and writes them (or counts them for a dry run). Returns the written
- * ranges, merged.
+ * Unit-aligned stretches of the candidates, each compared as a whole: 'old' where only the old
+ * view has data (the new one reads zeros: the units that are not all zero differ), 'new' where
+ * only the new view has data (likewise, and the old view reads zeros there), 'both' where both
+ * views have data (both read, side by side). A stretch is one piece, or several when a view's
+ * source changes inside a unit (layers of smaller clusters).
  */
-async function compareAndWrite(chain: BackingChain, img: Qcow2Image, view: NewView, candidates: Candidate[], unit: number, opts: RebaseOptions, result: RebaseResult): Promise<DirtyRange[]> {
+interface Stretch extends Span {
+  kind: 'old' | 'new' | 'both';
+  pieces: Piece[];
+}
+
+function* stretchesOf(plan: ComparePlan, unit: number, path: string): Generator<Stretch> {
+  const { old, neu } = plan;
+  let i = 0;
+  let j = 0;
+  const done = (st: Stretch): Stretch => {
+    const oldData = st.pieces.some((p) => p.old >= 0);
+    const newData = st.pieces.some((p) => p.neu >= 0);
+    st.kind = oldData && newData ? 'both' : newData ? 'new' : 'old';
+    st.area = st.kind === 'both' ? 'two' : 'one';
+    return st;
+  };
+  for (const c of plan.candidates) {
+    const end = c.start + c.length;
+    let st: Stretch | undefined;
+    for (let pos = c.start; pos < end; ) {
+      while (old[i] && old[i]!.end <= pos) i++;
+      while (neu[j] && neu[j]!.end <= pos) j++;
+      const o = old[i];
+      const n = neu[j];
+      if (!o || !n || o.src === OWN) throw new QcowError('INTERNAL', `rebase: no comparable source at guest offset ${pos}`, path);
+      const to = Math.min(end, o.end, n.end);
+      const piece: Piece = { start: pos, end: to, old: o.src === AS_NEW ? n.src : o.src, neu: n.src };
+      if (st && pos % unit !== 0) {
+        st.pieces.push(piece);
+        st.length = to - st.start;
+      } else {
+        if (st) yield done(st);
+        st = { start: pos, length: to - pos, area: 'one', kind: 'old', pieces: [piece] };
+      }
+      pos = to;
+    }
+    if (st) yield done(st);
+  }
+}
+
+/** A written range of a batch: data at buffer offset `at`, or zeros (at -1). */
+interface Written {
+  start: number;
+  length: number;
+  at: number;
+}
+
+/**
+ * Reads both views of the candidates batch by batch (copy.ts: each view from the layers that
+ * provide it, vectored, into page-aligned wasm memory), finds the differing units with the
+ * kernels (one pass per batch and area) and writes them (or counts them for a dry run): the
+ * data as one writeMany per batch while the next batch is read, the units whose old view reads
+ * zeros as zero writes after all the data (-c: compressed, batch after batch in guest order).
+ * Returns the written ranges, merged.
+ */
+async function compareAndWrite(chain: BackingChain, img: Qcow2Image, view: NewView, plan: ComparePlan, unit: number, opts: RebaseOptions, result: RebaseResult): Promise<DirtyRange[]> {
   const k = kernels();
-  const chunks = chunksOf(candidates, unit);
-  const total = result.comparedBytes;
-  const size = img.virtualSize;
   const cs = img.clusterSize;
-  const target = result.dryRun ? null : img;
   const ranges: DirtyRange[] = [];
   let lastCluster = -1;
-  k.reserve((READS_AHEAD + WRITES_BEHIND + 2) * 2 * (CHUNK + unit) + 64 * 1024 * 1024);
-  const readNew = async (offset: number, dst: Uint8Array): Promise<void> => {
-    if (view.kind === 'zero') dst.fill(0);
-    else if (view.kind === 'prefix') await chain.read(offset, dst, view.depth);
-    else await view.chain.read(offset, dst);
-  };
-  // The old view: the old backing chain, or zeros when the image has no backing file.
-  const readOld = async (offset: number, dst: Uint8Array): Promise<void> => {
-    if (chain.layers.length > 1) await chain.read(offset, dst, 1);
-    else dst.fill(0);
-  };
-  type Bufs = { old: number; neu: number; padded: number };
-  const reads = new Map<number, Promise<Bufs>>();
-  const startRead = (i: number) => {
-    const c = chunks[i];
-    if (!c || reads.has(i)) return;
-    const padded = Math.ceil(c.length / unit) * unit;
-    const old = k.alloc(padded);
-    const neu = k.alloc(padded);
-    const p = (async () => {
-      try {
-        await Promise.all([readOld(c.start, k.u8(old, c.length)), readNew(c.start, k.u8(neu, c.length))]);
-      } catch (e) {
-        k.free(old);
-        k.free(neu);
-        throw e;
+  const newSource = view.kind === 'prefix' ? chain : view.kind === 'chain' ? view.chain : undefined;
+  const bits = new UnitBits(unit);
+
+  /** Reads a batch's views: each stretch's old and/or new view at its buffer place(s). */
+  const read = async (b: Batch<Stretch>, ptr: number): Promise<void> => {
+    const oldReads: GuestPiece[] = [];
+    const newReads: GuestPiece[] = [];
+    const place = (list: GuestPiece[], src: number, start: number, dst: Uint8Array) => {
+      if (src >= 0) list.push({ start, depth: src, dst });
+      else dst.fill(0);
+    };
+    for (const s of b.slices) {
+      const st = s.span;
+      const oldAt = st.kind === 'new' ? -1 : s.at;
+      const newAt = st.kind === 'old' ? -1 : st.kind === 'new' ? s.at : s.at + b.pair;
+      const end = s.start + s.length;
+      for (const p of st.pieces) {
+        const from = Math.max(p.start, s.start);
+        const to = Math.min(p.end, end);
+        if (to <= from) continue;
+        if (oldAt >= 0) place(oldReads, p.old, from, k.u8(ptr + oldAt + (from - s.start), to - from));
+        if (newAt >= 0) place(newReads, p.neu, from, k.u8(ptr + newAt + (from - s.start), to - from));
       }
-      if (padded > c.length) {
-        k.u8(old + c.length, padded - c.length).fill(0);
-        k.u8(neu + c.length, padded - c.length).fill(0);
-      }
-      return { old, neu, padded };
-    })();
-    p.catch(() => {});
-    reads.set(i, p);
-  };
-  const compressed = opts.compress ? compressedWriter(img, chain) : undefined;
-  let done = 0;
-  const writes: Array<Promise<unknown>> = [];
-  try {
-    for (let i = 0; i < chunks.length; i++) {
-      throwIfAborted(opts.signal, img.path);
-      for (let j = i; j <= i + READS_AHEAD; j++) startRead(j);
-      const c = chunks[i]!;
-      const bufs = await reads.get(i)!;
-      reads.delete(i);
-      const units = bufs.padded / unit;
-      const bits = k.allocZeroed(Math.ceil(units / 8) + 16);
-      let handedOff = false;
-      try {
-        k.diffBlocks(bufs.old, bufs.neu, bufs.padded, Math.log2(unit), bits);
-        k.free(bufs.neu);
-        bufs.neu = 0;
-        const runs = chunkRuns(c.start, bufs.padded, bufs.old, unit, bits)
-          .map((r) => ({ ...r, length: Math.min(r.start + r.length, size) - r.start }))
-          .filter((r) => r.length > 0);
-        // The writes of a chunk run while the next chunks are compared (at most WRITES_BEHIND
-        // chunks wait, their buffers freed once written). A chunk's writes start once the
-        // previous chunk's are done: runs reach the engine in ascending order (compressedWriter
-        // relies on it), and after a failed write no later chunk's write is issued, so the
-        // failure itself (not the engine's "an earlier write failed") reaches the caller.
-        const old = bufs.old;
-        const prev = writes[writes.length - 1] ?? Promise.resolve();
-        const p = prev.then(() => writeRuns(target, runs, c.start, old, { compressed: compressed && ((o, d) => compressed(o, d, target)) })).finally(() => k.free(old));
-        p.catch(() => {});
-        handedOff = true;
-        writes.push(p);
-        while (writes.length > WRITES_BEHIND) await writes.shift();
-        for (const r of runs) {
-          if (r.zero) result.zeroBytes += r.length;
-          else result.dataBytes += r.length;
-        }
-        for (const r of runs) {
-          pushDirty(ranges, r);
-          if (r.zero) continue;
-          const first = Math.max(Math.floor(r.start / cs), lastCluster + 1);
-          const end = Math.ceil((r.start + r.length) / cs);
-          if (end > first) {
-            result.dataClusters += end - first;
-            lastCluster = end - 1;
-          }
-        }
-      } finally {
-        k.free(bits);
-        if (!handedOff) k.free(bufs.old);
-        if (bufs.neu) k.free(bufs.neu);
-      }
-      done += c.length;
-      opts.onProgress?.(done, total);
+      // The disk's last partial unit is compared whole: zeros past the end in both views.
+      const pad = Math.ceil(s.length / unit) * unit - s.length;
+      if (pad && oldAt >= 0) k.u8(ptr + oldAt + s.length, pad).fill(0);
+      if (pad && newAt >= 0) k.u8(ptr + newAt + s.length, pad).fill(0);
     }
-    while (writes.length) await writes.shift();
+    await Promise.all([readGuestPieces(chain, oldReads), newReads.length ? readGuestPieces(newSource!, newReads) : undefined]);
+  };
+
+  /** The differing units of a batch read at `ptr`, as written ranges in guest order. */
+  const differing = (b: Batch<Stretch>, ptr: number): Written[] => {
+    const zeroOne = new RunCursor(bits.zeroRuns(ptr, b.one / unit));
+    const two = bits.diffRuns(ptr + b.two, ptr + b.two + b.pair, b.twoBytes / unit);
+    const dataTwo = new RunCursor(two.data);
+    const zeroTwo = new RunCursor(two.zero);
+    const out: Written[] = [];
+    for (const s of b.slices) {
+      const st = s.span;
+      const base = st.kind === 'both' ? b.two : 0;
+      const ua = (s.at - base) / unit;
+      const ub = ua + Math.ceil(s.length / unit);
+      const end = s.start + s.length;
+      const emit = (a: number, e: number, zero: boolean) => {
+        const start = s.start + (a - ua) * unit;
+        const length = Math.min(end, s.start + (e - ua) * unit) - start;
+        const at = zero ? -1 : base + a * unit;
+        const last = out[out.length - 1];
+        if (last && last.start + last.length === start && (last.at < 0 ? at < 0 : at === last.at + last.length)) last.length += length;
+        else out.push({ start, length, at });
+      };
+      // 'old': the units that are not all zero differ (the new view reads zeros), written as
+      // data; 'new': likewise, written as zeros (the old view reads zeros).
+      if (st.kind !== 'both') zeroOne.walk(ua, ub, (a, e, allZero) => allZero || emit(a, e, st.kind === 'new'));
+      else {
+        const parts: Array<[number, number, boolean]> = [];
+        dataTwo.walk(ua, ub, (a, e, inRun) => inRun && parts.push([a, e, false]));
+        zeroTwo.walk(ua, ub, (a, e, inRun) => inRun && parts.push([a, e, true]));
+        parts.sort((x, y) => x[0] - y[0]);
+        for (const [a, e, zero] of parts) emit(a, e, zero);
+      }
+    }
+    return out;
+  };
+
+  const load = async (b: Batch<Stretch>, ptr: number): Promise<BatchWrites> => {
+    await read(b, ptr);
+    const w: BatchWrites = { items: [], zeroes: [], data: 0, zero: 0 };
+    for (const r of differing(b, ptr)) {
+      pushDirty(ranges, r);
+      if (r.at < 0) {
+        w.zeroes.push({ start: r.start, length: r.length });
+        w.zero += r.length;
+        continue;
+      }
+      w.items.push({ offset: r.start, at: r.at, length: r.length });
+      w.data += r.length;
+      const first = Math.max(Math.floor(r.start / cs), lastCluster + 1);
+      const end = Math.ceil((r.start + r.length) / cs);
+      if (end > first) {
+        result.dataClusters += end - first;
+        lastCluster = end - 1;
+      }
+    }
+    result.dataBytes += w.data;
+    result.zeroBytes += w.zero;
+    return w;
+  };
+
+  // -c: every write of a batch in guest order (compressedWriter relies on it), batch after batch.
+  const compressed = opts.compress ? compressedWriter(img, chain) : undefined;
+  const writeCompressed = async (ptr: number, w: BatchWrites): Promise<void> => {
+    const all: Written[] = [...w.items.map((it) => ({ start: it.offset, length: it.length, at: it.at })), ...w.zeroes.map((z) => ({ ...z, at: -1 }))];
+    all.sort((x, y) => x.start - y.start);
+    for (const r of all) {
+      if (r.at < 0) await img.writeZeroes(r.start, r.length, { unmap: true });
+      else await compressed!(r.start, k.u8(ptr + r.at, r.length));
+    }
+  };
+
+  try {
+    await runBatches(result.dryRun ? null : img, batchesOf(stretchesOf(plan, unit, img.path), unit, { wholeUnits: true }), {
+      unit,
+      total: result.comparedBytes,
+      path: img.path,
+      signal: opts.signal,
+      onProgress: opts.onProgress,
+      load,
+      write: compressed && writeCompressed,
+    });
   } finally {
-    await Promise.allSettled(writes);
-    for (const p of reads.values())
-      await p.then(
-        (b) => {
-          k.free(b.old);
-          k.free(b.neu);
-        },
-        () => {},
-      );
+    bits.free();
   }
-  if (!total) opts.onProgress?.(0, 0);
   return ranges;
 }
 
-function pushDirty(ranges: DirtyRange[], r: ChunkRun): void {
+/**
+ * realpath(3), or undefined when the path does not resolve. Synchronous: a path walk of
+ * microseconds, where a thread-pool round trip costs more (a few of them per rebase).
+ */
+function realpath(path: string): string | undefined {
+  try {
+    return realpathSync.native(path);
+  } catch {
+    return undefined;
+  }
+}
+
+function pushDirty(ranges: DirtyRange[], r: { start: number; length: number }): void {
   const last = ranges[ranges.length - 1];
   if (last && last.start + last.length === r.start) last.length += r.length;
   else ranges.push({ start: r.start, length: r.length });
@@ -421,8 +548,7 @@ function pushDirty(ranges: DirtyRange[], r: ChunkRun): void {
 function compressedWriter(img: Qcow2Image, chain: BackingChain) {
   const cs = img.clusterSize;
   let lastWritten = -1;
-  return async (offset: number, data: Uint8Array, target: Qcow2Image | null): Promise<void> => {
-    if (!target) return;
+  return async (offset: number, data: Uint8Array): Promise<void> => {
     const end = offset + data.length;
     for (let c = Math.max(Math.floor(offset / cs), lastWritten + 1); c * cs < end; c++) {
       const at = c * cs;
@@ -434,7 +560,7 @@ function compressedWriter(img: Qcow2Image, chain: BackingChain) {
         await chain.read(at, cluster, 0);
       }
       // The disk's partial last cluster is compressed whole, padded with zeros (as QEMU does).
-      await target.writeCompressed(at, inside === cs ? cluster : padTo(cluster, cs));
+      await img.writeCompressed(at, inside === cs ? cluster : padTo(cluster, cs));
       lastWritten = c;
     }
   };

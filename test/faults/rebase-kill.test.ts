@@ -21,7 +21,7 @@ describeQemu('rebase (CLI) killed with SIGKILL after each write', () => {
       killed += r.killed;
       console.log(`rebase kill ${key}: ${r.killed} kill points, completed at ${r.completedAt}`);
     }
-    // Measured: 115 (12 + 14 + 14 + 12 + 18 + 23 + 22).
-    expect(killed).toBeGreaterThanOrEqual(110);
+    // Measured: 91 (7 + 7 + 7 + 12 + 17 + 27 + 14): a batch writes its data in a few vectored writes.
+    expect(killed).toBeGreaterThanOrEqual(85);
   });
 });

@@ -218,6 +218,27 @@ export const SCENARIOS: Record<string, RebaseScenario> = {
       io(join(dir, TOP), [`write -P 0x41 80k 4k`, `write -P 0x42 ${4 * M} 4k`]);
     },
   },
+  /**
+   * Differences in 60 different L2 tables' ranges of the top (4 KiB clusters: a table covers
+   * 2 MiB), one already there: the rebase creates 59 tables (each written and flushed, then its
+   * L1 entry), the path a batch takes table by table. (The kill tests' bulk: a batch writes its
+   * data in a few vectored writes, so the tables give the kill points.)
+   */
+  tables: {
+    name: 'tables: a new L2 table in the top for each of 59 differing ranges',
+    backing: 'base.qcow2',
+    build(dir) {
+      create(join(dir, 'base.qcow2'), 'cluster_size=64k', '128M');
+      io(join(dir, 'base.qcow2'), [`write -P 0x11 0 64k`, `write -P 0x12 ${64 * M} 64k`]);
+      create(join(dir, 'mid.qcow2'), 'cluster_size=4k', '128M', 'base.qcow2');
+      io(
+        join(dir, 'mid.qcow2'),
+        Array.from({ length: 60 }, (_, i) => (i === 32 ? `write -z ${64 * M} 8k` : `write -P ${0x20 + i} ${i * 2 * M + (i % 4) * 4 * K} ${i % 3 ? 4 : 12}k`)),
+      );
+      create(join(dir, TOP), 'cluster_size=4k', '128M', 'mid.qcow2');
+      io(join(dir, TOP), [`write -P 0x41 ${2 * M} 4k`]);
+    },
+  },
 };
 
 // ---------------------------------------------------------------------------------------------
