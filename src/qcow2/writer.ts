@@ -781,7 +781,11 @@ export class Qcow2Writer {
         }
       }
       const written = this.#writeData(writes);
-      if (behind) behind.push(written);
+      if (behind) {
+        // Awaited by writeMany once the operation ends; a failure before then is not unhandled.
+        written.catch(() => {});
+        behind.push(written);
+      }
       const newMaps = tables.some((t) => t.newMaps.length);
       try {
         if (newMaps || tables.some((t) => t.inPlaceFixes.length)) await this.#switchRound(tables, newMaps);
