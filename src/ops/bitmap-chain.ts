@@ -6,9 +6,9 @@
  * written, and written through the bitmap store (each change crash-safe).
  */
 import { QcowError } from '../errors.js';
-import type { BitmapDirectoryEntry } from '../format/bitmap.js';
+import { bitmapTableSize, type BitmapDirectoryEntry } from '../format/bitmap.js';
 import { Qcow2Image } from '../qcow2/image.js';
-import { BitmapStore, assertCanAddBitmap, bitmapBits, isEnabled, isInUse, loadBitmap, mergeInto, type LoadedBitmap } from '../qcow2/bitmaps.js';
+import { BitmapStore, assertCanAddBitmap, isEnabled, isInUse, loadBitmap, mergeInto, type LoadedBitmap } from '../qcow2/bitmaps.js';
 
 /** One bitmap of the base after `commit --bitmaps`: created (when missing) and merged from the layers that have it. */
 export interface MergeDownEntry {
@@ -70,8 +70,7 @@ export function planMergeDown(base: unknown, layers: readonly unknown[], size: n
       added++;
     }
     // New table and data clusters for the merged copy (copy, switch, free).
-    const dataBytes = Math.ceil(bitmapBits(size, Math.log2(entry.granularity)) / 8);
-    const dataClusters = Math.ceil(dataBytes / base.clusterSize);
+    const dataClusters = bitmapTableSize(size, Math.log2(entry.granularity), base.clusterSize);
     plan.bytes += (dataClusters + Math.ceil((dataClusters * 8) / base.clusterSize)) * base.clusterSize;
   }
   // QEMU's rules for the bitmaps to create, all at once (count and directory size included).
