@@ -503,7 +503,7 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
       for (const f of ['commitBig', 'commitMarked', 'commitTera']) if (ctx.built(f)) print(`  ${f}: ${FIXTURES[f].desc()}`);
       const rssBad = [];
       for (const r of my) {
-        print(`  ${r.name} — ${r.desc}: ${r.status === 'OK' ? `qemu-img ${fmt(r.qemuMs)}, qcowkit ${fmt(r.qcowkitMs)}, ${r.ratio === null ? '-' : r.ratio.toFixed(2) + 'x'}${r.target !== null ? ` (target <= ${r.target}x: ${r.targetResult})` : ''}` : `${r.status}: ${r.message}`}`);
+        print(`  ${r.name} — ${r.desc}: ${r.status === 'OK' ? `qemu-img ${fmt(r.qemuMs)}, qcowkit ${fmt(r.qcowkitMs)}, ${r.ratio === null ? '-' : r.ratio.toFixed(2) + 'x'}${r.target !== null ? ` (target <= ${r.target?.ratio ?? r.target}x: ${r.targetResult})` : ''}` : `${r.status}: ${r.message}`}`);
         for (const n of r.notes ?? []) print(`      ${n}`);
         for (const s of r.qcowkit ?? []) if (s.rssKb !== null && s.rssKb / 1024 >= RSS_TARGET_MIB) rssBad.push(`${r.name} ${(s.rssKb / 1024).toFixed(0)} MiB`);
       }
