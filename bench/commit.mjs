@@ -205,6 +205,7 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
     'k-drop': { tool: 'qcowkit', args: ['commit', '-d', '--output', 'json', 'top.qcow2'] },
     'k-empty': { tool: 'qcowkit', args: ['make-empty', '--output', 'json', 'top.qcow2'] },
     loop: { tool: 'loop', args: [] },
+    floor: { tool: 'floor', args: [] },
   };
 
   const groups = {
@@ -218,7 +219,7 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
     mk('commit-1g', 'big', ['q-commit', 'k-commit'], (g) => pairRow(g, 'q-commit', 'k-commit', 0.7), 'commit top (~1 GiB scattered over 8 GiB)'),
     mk('commit-d-1g', 'big', ['q-drop', 'k-drop'], (g) => pairRow(g, 'q-drop', 'k-drop', 0.7), 'commit -d top'),
     mk('emptying-1g', 'big', ['q-commit', 'k-commit', 'q-drop', 'k-drop'], (g) => diffRow(g), '(commit) - (commit -d), per tool'),
-    mk('durable-1g', 'big', ['loop', 'k-drop', 'k-commit'], (g) => loopRow(g), 'plain Node read+write+fdatasync of the top data (qemu-img column) vs qcowkit commit -d'),
+    mk('durable-1g', 'big', ['loop', 'floor', 'k-drop', 'k-commit'], (g) => loopRow(g), 'plain Node read+write+fdatasync of the top data (qemu-img column) vs qcowkit commit -d'),
     mk('commit-marked', 'marked', ['q-commit', 'k-commit'], (g) => pairRow(g, 'q-commit', 'k-commit', 0.7), 'commit of a top with bitmaps + snapshots'),
     mk('commit-d-marked', 'marked', ['q-drop', 'k-drop'], (g) => pairRow(g, 'q-drop', 'k-drop', 0.7), 'commit -d of it'),
     mk('emptying-marked', 'marked', ['q-commit', 'k-commit', 'q-drop', 'k-drop'], (g) => diffRow(g), '(commit) - (commit -d), per tool'),
@@ -264,6 +265,10 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
       const [cmd, cmdArgs] =
         spec.tool === 'loop'
           ? [process.execPath, [loopF, 'top.qcow2', 'copy.bin', join(fx.dir, 'ranges.json')]]
+          : spec.tool === 'floor'
+            ? // The disk's direct-write floor: as many bytes as the top holds, from the page cache (the
+              // fresh copy of the top), written by one stream of 8 MiB O_DIRECT writes, then fdatasync.
+              ['dd', ['if=top.qcow2', 'of=copy.bin', 'bs=8M', `count=${fx.topData}`, 'iflag=count_bytes', 'oflag=direct', 'conv=fdatasync', 'status=none']]
           : spec.tool === 'qcowkit'
             ? [process.execPath, [h.bin(), ...spec.args]]
             : ['qemu-img', spec.args];
@@ -284,10 +289,10 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
       }
       r.cwd = cwd;
       if (r.error || r.code !== 0) {
-        const who = spec.tool === 'loop' ? 'durable-copy loop' : spec.tool;
+        const who = spec.tool === 'loop' ? 'durable-copy loop' : spec.tool === 'floor' ? 'dd' : spec.tool;
         throw new Error(`${v} (${who} ${spec.args.join(' ')}) failed (${r.error ?? `exit ${r.code}`}): ${(r.stderr || r.stdout).trim().split('\n').slice(0, 6).join(' | ')}`);
       }
-      if (spec.tool !== 'qemu-img') {
+      if (spec.tool === 'qcowkit' || spec.tool === 'loop') {
         try {
           r.json = JSON.parse(r.stdout);
         } catch {
@@ -348,7 +353,7 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
     const orig = (f) => join(fx.dir, f);
     const checks = [];
     for (const v of g.order) {
-      if (v === 'loop') continue;
+      if (v === 'loop' || v === 'floor') continue;
       for (const f of fx.files) checks.push(p(v, f));
     }
     for (const f of checks) {
@@ -379,13 +384,14 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
       const m = marks(h.qemuInfo(p('k-empty', 'top.qcow2'), fx.dir));
       if (JSON.stringify(m) !== JSON.stringify(fx.marks)) return `make-empty changed bitmaps/snapshots: before ${JSON.stringify(fx.marks)}, after ${JSON.stringify(m)}`;
     }
-    if (first.loop) {
-      const len = statSync(p('loop', 'copy.bin')).size;
-      if (len !== fx.topData) return `durable-copy loop wrote ${len} bytes, expected ${fx.topData}`;
+    for (const v of ['loop', 'floor']) {
+      if (!first[v]) continue;
+      const len = statSync(p(v, 'copy.bin')).size;
+      if (len !== fx.topData) return `${v === 'loop' ? 'durable-copy loop' : 'dd'} wrote ${len} bytes, expected ${fx.topData}`;
     }
     // What each tool leaves: file lengths and du, and the marks of the top.
     for (const v of g.order) {
-      if (v === 'loop') continue;
+      if (v === 'loop' || v === 'floor') continue;
       g.after[v] = { top: space(p(v, 'top.qcow2')), base: space(p(v, 'base.qcow2')), marks: marks(h.qemuInfo(p(v, 'top.qcow2'), fx.dir)) };
       const k = first[v].json;
       if (k?.emptied) g.after[v].emptiedS = k.emptied.seconds;
@@ -486,6 +492,14 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
       `qcowkit commit -d ${kd.toFixed(0)} ms = ${(kd / loop).toFixed(2)}x the limit${kc !== null ? `; commit ${kc.toFixed(0)} ms = ${(kc / loop).toFixed(2)}x` : ''}`,
       'columns: qemu-img = the Node loop, qcowkit = commit -d',
     ];
+    const floor = med((g.samples.floor ?? []).map((s) => s.ms));
+    if (floor !== null) {
+      const qd = med((g.samples['q-drop'] ?? []).map((s) => s.ms));
+      notes.push(
+        `direct-write floor of this disk: dd, one stream of 8 MiB O_DIRECT writes of ${mb.toFixed(0)} MiB + fdatasync, ${floor.toFixed(0)} ms = ${(mb / (floor / 1000)).toFixed(0)} MiB/s; ` +
+          `qcowkit commit -d = ${(kd / floor).toFixed(2)}x the floor${qd !== null ? `, qemu-img commit -d = ${(qd / floor).toFixed(2)}x (0.7x of it = ${((0.7 * qd) / floor).toFixed(2)}x the floor)` : ''}`,
+      );
+    }
     const cpu = (v) => med((g.samples[v] ?? []).map((s) => s.cpuS));
     if (cpu('loop') !== null) notes.push(`CPU time: loop ${cpu('loop').toFixed(2)} s, qcowkit commit -d ${cpu('k-drop').toFixed(2)} s${cpu('q-drop') !== null ? `, qemu-img commit -d ${cpu('q-drop').toFixed(2)} s` : ''}`);
     const split = g.samples.loop.map((s) => s.json).filter(Boolean);
