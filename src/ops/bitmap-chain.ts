@@ -8,6 +8,7 @@
 import { QcowError } from '../errors.js';
 import { bitmapTableSize, type BitmapDirectoryEntry } from '../format/bitmap.js';
 import { Qcow2Image } from '../qcow2/image.js';
+import type { BlockLayer } from '../chain/layer.js';
 import { BitmapStore, assertCanAddBitmap, isEnabled, isInUse, loadBitmap, mergeInto, type LoadedBitmap } from '../qcow2/bitmaps.js';
 
 /** One bitmap of the base after `commit --bitmaps`: created (when missing) and merged from the layers that have it. */
@@ -35,7 +36,7 @@ export interface MergeDownPlan {
  * top first), checked against QEMU's rules (v3 base, names, counts, sizes, no in-use target)
  * before anything is written.
  */
-export function planMergeDown(base: unknown, layers: readonly unknown[], size: number): MergeDownPlan {
+export function planMergeDown(base: BlockLayer, layers: readonly BlockLayer[], size: number): MergeDownPlan {
   const plan: MergeDownPlan = { entries: [], skipped: [], bytes: 0, sources: [] };
   const byName = new Map<string, MergeDownEntry>();
   for (const layer of layers) {
@@ -56,7 +57,7 @@ export function planMergeDown(base: unknown, layers: readonly unknown[], size: n
     }
   }
   if (!plan.entries.length) return plan;
-  if (!(base instanceof Qcow2Image)) throw new QcowError('UNSUPPORTED', '--bitmaps needs a qcow2 base (a raw file has no bitmaps)', (base as { path?: string }).path);
+  if (!(base instanceof Qcow2Image)) throw new QcowError('UNSUPPORTED', '--bitmaps needs a qcow2 base (a raw file has no bitmaps)', base.path);
   if (base.header.version < 3) throw new QcowError('UNSUPPORTED', 'Cannot store dirty bitmaps in qcow2 v2 files (--bitmaps)', base.path);
   let added = 0;
   for (const entry of plan.entries) {
@@ -116,7 +117,7 @@ export async function applyMergeDown(base: Qcow2Image, plan: MergeDownPlan, opts
 }
 
 /** The recording (enabled, consistent) bitmaps of a backing image: what `create --bitmaps` re-creates. */
-export function recordingBitmaps(backing: unknown): Array<{ name: string; granularity: number }> {
+export function recordingBitmaps(backing: BlockLayer): Array<{ name: string; granularity: number }> {
   if (!(backing instanceof Qcow2Image)) return [];
   return backing.bitmaps.filter((e) => isEnabled(e) && !isInUse(e)).map((e) => ({ name: e.name, granularity: 2 ** e.granularityBits }));
 }
