@@ -14,6 +14,7 @@
 import { QcowError } from '../errors.js';
 import type { ImageFile } from '../io/file.js';
 import { kernels } from '../kernels/index.js';
+import { hostRuns } from '../io/host-runs.js';
 
 interface Entry {
   offset: number;
@@ -213,21 +214,28 @@ export class MetadataCache {
     try {
       await previous;
       await this.#satisfyDependencies();
-      entries.sort((a, b) => a.offset - b.offset);
       const k = kernels();
-      for (const e of entries) {
-        if (!e.dirty || this.#entries.get(e.offset) !== e) continue;
-        // Clear first: a change made while the write is in flight marks it dirty again. The copy
-        // keeps the bytes stable while the write is in flight.
-        e.dirty = false;
-        try {
-          await this.file.writeAt(k.u8(e.ptr, this.entrySize).slice(), e.offset);
-          this.#written++;
-        } catch (err) {
-          e.dirty = true;
-          throw err;
+      const todo = entries.filter((e) => e.dirty && this.#entries.get(e.offset) === e);
+      // Clear first: a change made while the write is in flight marks it dirty again. The copies
+      // keep the bytes stable while the writes are in flight. Tables adjacent in the file go out
+      // as one vectored write, all runs at once (a flush of a large image's tables is hundreds).
+      for (const e of todo) e.dirty = false;
+      const byRun = hostRuns(todo.map((e) => ({ file: 0, at: e.offset, buf: k.u8(e.ptr, this.entrySize).slice() })));
+      const runOf = new Map<number, number>(); // entry offset -> its run
+      byRun.forEach((r, ri) => {
+        for (let at = r.at; at < r.at + r.bytes; at += this.entrySize) runOf.set(at, ri);
+      });
+      const results = await Promise.allSettled(byRun.map((r) => this.file.writev(r.bufs, r.at)));
+      let failure: unknown;
+      for (const e of todo) {
+        const res = results[runOf.get(e.offset)!]!;
+        if (res.status === 'fulfilled') this.#written++;
+        else {
+          e.dirty = true; // (unless it changed again meanwhile, it still needs writing)
+          failure ??= res.reason;
         }
       }
+      if (failure !== undefined) throw failure;
     } finally {
       done();
     }
