@@ -413,11 +413,7 @@ export class Qcow2Writer {
         const off = img.l2Offset(i);
         if (!off) continue;
         const ptr = await this.l2Cache.get(off);
-        const refs: ClusterRun[] = [];
-        for (const seg of this.#segments(ptr, 0, img.l2Entries)) {
-          if (seg.inPlace) mergeRuns(refs, [{ first: seg.host / this.cs, count: seg.count }]);
-          else mergeRuns(refs, seg.oldClusters);
-        }
+        const refs = this.#tableRefs(ptr);
         for (const r of refs) clusters += r.count;
         tables.push({ offset: off, refs });
       }
@@ -624,6 +620,59 @@ export class Qcow2Writer {
       k.free(out);
     }
     return runs;
+  }
+
+  /**
+   * The host clusters a table's entries reference, one reference per entry, as runs (adjacent
+   * ones joined; the clusters of compressed entries sharing a host cluster stay separate runs).
+   * Straight from the scan kernel's output: an emptied image has one run per scattered cluster.
+   */
+  #tableRefs(ptr: number): ClusterRun[] {
+    const img = this.#img;
+    const k = kernels();
+    const cs = this.cs;
+    const per = img.extendedL2 ? 32 : 1;
+    const sub = cs / per;
+    const refs: ClusterRun[] = [];
+    const out = k.alloc(MAX_RUNS * L2_RUN_BYTES);
+    let doneTo = 0; // guest clusters below this are counted (extended L2: several runs per cluster)
+    try {
+      for (let first = 0, count = img.l2Entries; count > 0; ) {
+        const n = k.l2Scan(ptr, first, count, img.extendedL2, img.clusterBits, out, MAX_RUNS);
+        const consumed = k.scanConsumed();
+        const u32 = new Uint32Array(k.memory.buffer, out, n * 8);
+        const f64 = new Float64Array(k.memory.buffer, out, n * 4);
+        for (let r = 0; r < n; r++) {
+          const unit = u32[r * 8]!;
+          const kind = u32[r * 8 + 2]! as RunKind;
+          const host = f64[r * 4 + 2]!;
+          if (kind === RunKind.Invalid) throw new QcowError('CORRUPT', `Invalid L2 entry (index ${Math.floor(unit / per)})`, img.path);
+          if (kind === RunKind.Compressed) {
+            const a = Math.floor(host / cs);
+            const b = Math.floor((host + f64[r * 4 + 3]! - 1) / cs);
+            mergeRun(refs, a, b - a + 1);
+            doneTo = Math.max(doneTo, Math.floor(unit / per) + 1);
+            continue;
+          }
+          if (!host) continue;
+          let c0 = Math.floor(unit / per);
+          const c1 = Math.ceil((unit + u32[r * 8 + 1]!) / per);
+          let clusterHost = (host - (unit % per) * sub) / cs;
+          if (c0 < doneTo) {
+            clusterHost += doneTo - c0;
+            c0 = doneTo;
+          }
+          if (c1 > c0) mergeRun(refs, clusterHost, c1 - c0);
+          doneTo = Math.max(doneTo, c1);
+        }
+        if (consumed === 0) throw new QcowError('INTERNAL', 'L2 scan made no progress', img.path);
+        first += consumed;
+        count -= consumed;
+      }
+    } finally {
+      k.free(out);
+    }
+    return refs;
   }
 
   /** Clusters [first, first+count) of a table grouped by how a write treats them. */
@@ -1052,6 +1101,12 @@ function lastUsed(holes: ClusterRun[], fileClusters: number): number {
     else break;
   }
   return Math.max(1, end);
+}
+
+function mergeRun(into: ClusterRun[], first: number, count: number): void {
+  const last = into[into.length - 1];
+  if (last && last.first + last.count === first) last.count += count;
+  else into.push({ first, count });
 }
 
 function mergeRuns(into: ClusterRun[], more: ClusterRun[]): void {
