@@ -128,7 +128,8 @@ export async function commit(top: string, opts: CommitOptions = {}): Promise<Com
     else await base.flush();
     // The layers' bitmaps follow their data into the base (each store crash-safe; a rerun merges again, harmlessly).
     if (bitmaps && base instanceof Qcow2Image) await applyMergeDown(base, bitmaps, { signal: opts.signal });
-    if (!drop && topLayer instanceof Qcow2Image) result.emptied = await emptyOpenImage(topLayer, { signal: opts.signal });
+    // (The top's allocated bytes are the plan's: the top is the only layer above the base here.)
+    if (!drop && topLayer instanceof Qcow2Image) result.emptied = await emptyOpenImage(topLayer, { signal: opts.signal, allocatedBytes: baseDepth === 1 ? plan.data + plan.zero : undefined });
     result.seconds = (performance.now() - t0) / 1000;
     return result;
   } finally {

@@ -134,6 +134,9 @@ describeQemu('commit and make-empty: behaviour', () => {
     expect(dry.baseGrowth).toBeGreaterThanOrEqual(statSync(mid).size - midBefore);
     expect(real.allocatedBytes).toBe(dry.allocatedBytes);
     expect(real.dataBytes + real.zeroBytes).toBe(dry.dataBytes + dry.zeroBytes);
+    // What the emptying dropped: counted from the plan in the real run, by a status walk in the dry run.
+    expect(real.emptied!.droppedBytes).toBeGreaterThan(0);
+    expect(real.emptied!.droppedBytes).toBe(dry.emptied!.droppedBytes);
     // The dry run counts zero data as data (it reads nothing): it never underestimates.
     expect(dry.dataBytes).toBeGreaterThanOrEqual(real.dataBytes);
     const cli = runCli(['commit', '--dry-run', '--output', 'json', top]);
