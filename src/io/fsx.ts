@@ -9,6 +9,7 @@ interface Binding {
   tryLock(fd: number, offset: number, length: number, exclusive: boolean): void;
   unlock(fd: number, offset: number, length: number): void;
   trim(fd: number, offset: number, length: number, req: unknown, cb: (this: Req, err: Error | null) => void): unknown;
+  trimSync(fd: number, offset: number, length: number): void;
 }
 interface Req {
   handle: unknown;
@@ -50,4 +51,9 @@ export function trim(fd: number, offset: number, length: number): Promise<void> 
       else this.resolve();
     });
   });
+}
+
+/** `trim` on the calling thread (ImageFile's synchronous mode). */
+export function trimSync(fd: number, offset: number, length: number): void {
+  load().trimSync(fd, offset, length);
 }

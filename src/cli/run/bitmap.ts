@@ -3,6 +3,7 @@
  * loads commander) and the commander command both call `runBitmap`.
  */
 import { QcowError } from '../../errors.js';
+import { openImageFile, type FileOpener } from '../../io/file.js';
 import { bitmap, bitmapCheck, bitmapDump, type BitmapAction, type BitmapCheckResult, type BitmapDump } from '../../ops/bitmap.js';
 import { imageFilename, out, parseSize, plainJson, useDirectStdout, warn } from '../common.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
@@ -47,6 +48,13 @@ export const spec: QuickSpec = {
   maxArgs: 2,
 };
 
+/**
+ * The image files of an action or a dump, with all their I/O on the main thread: a command that
+ * only waits for its I/O gains nothing from the thread pool, whose start-up and round trips are
+ * a millisecond or more of a short command (see OpenFileOptions.synchronous).
+ */
+const openFile: FileOpener = (path, opts) => openImageFile(path, { ...opts, synchronous: true });
+
 /** main.ts's quick path (not the commander command, whose output tests capture). */
 export async function run(args: string[], flags: Record<string, unknown>, order: OrderedOption[] = []): Promise<void> {
   useDirectStdout();
@@ -66,7 +74,7 @@ export async function runBitmap(filename: string | undefined, name: string | und
       return;
     }
     if (filename === undefined || name === undefined) throw new QcowError('INVALID_ARGUMENT', 'Expecting filename and bitmap name');
-    const r = await bitmapDump(imagePath(filename, o), name, { format: o.format, forceShare: o.forceShare === true });
+    const r = await bitmapDump(imagePath(filename, o), name, { format: o.format, forceShare: o.forceShare === true, openFile });
     out(o.output === 'json' ? plainJson({ name: r.bitmap, granularity: r.granularity, 'dirty-bytes': r.dirtyBytes, 'bits-set': r.bitsSet, extents: r.extents }) : dumpHuman(r));
     return;
   }
@@ -90,7 +98,7 @@ export async function runBitmap(filename: string | undefined, name: string | und
     if (a.key === 'merge') return { action: 'merge', source: String(a.value), sourceFile: o.sourceFile === undefined ? undefined : imageFilename(o.sourceFile), sourceFormat: o.sourceFormat };
     return { action: a.key as Exclude<BitmapAction['action'], 'add' | 'merge'> };
   });
-  const r = await bitmap(imagePath(filename, o), name, list, { format: o.format });
+  const r = await bitmap(imagePath(filename, o), name, list, { format: o.format, openFile });
   if (o.output === 'json') out(plainJson(r));
 }
 
