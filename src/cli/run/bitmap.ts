@@ -5,7 +5,7 @@
 import { QcowError } from '../../errors.js';
 import { openImageFile, type FileOpener } from '../../io/file.js';
 import { bitmap, bitmapCheck, bitmapDump, type BitmapAction, type BitmapCheckResult, type BitmapDump } from '../../ops/bitmap.js';
-import { imageFilename, out, parseSize, plainJson, useDirectStdout, warn } from '../common.js';
+import { imageFilename, out, outputSettled, parseSize, plainJson, useDirectStdout, warn } from '../common.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 import type { OrderedOption, QuickSpec } from '../quick.js';
 
@@ -55,10 +55,14 @@ export const spec: QuickSpec = {
  */
 const openFile: FileOpener = (path, opts) => openImageFile(path, { ...opts, synchronous: true });
 
-/** main.ts's quick path (not the commander command, whose output tests capture). */
-export async function run(args: string[], flags: Record<string, unknown>, order: OrderedOption[] = []): Promise<void> {
+/**
+ * main.ts's quick path (not the commander command, whose output tests capture). True when the
+ * process may end at once: the work is done (files closed) and its output written.
+ */
+export async function run(args: string[], flags: Record<string, unknown>, order: OrderedOption[] = []): Promise<boolean> {
   useDirectStdout();
   await runBitmap(args[0], args[1], flags as unknown as BitmapFlags, order);
+  return outputSettled();
 }
 
 /** Runs `bitmap` with the options parsed; `order` lists the actions (--add, --merge SOURCE, ...) as given. */
