@@ -30,7 +30,7 @@ function load(): Binding {
   // The package's folder as require() finds it: node_modules of this file's folder or of the
   // nearest ancestor that has it (by plain existence checks: require.resolve reads package.json
   // files and realpaths on the way, several times the cost).
-  for (let dir = dirname(fileURLToPath(import.meta.url)); ; dir = dirname(dir)) {
+  for (let dir = import.meta.dirname ?? dirname(fileURLToPath(import.meta.url)); ; dir = dirname(dir)) {
     const p = join(basename(dir) === 'node_modules' ? dir : join(dir, 'node_modules'), prebuilt);
     if (existsSync(p)) {
       try {

@@ -15,7 +15,8 @@ type Addon = {
 let addon: Addon | null | undefined;
 
 function load(): Addon | null {
-  let dir = dirname(fileURLToPath(import.meta.url));
+  // import.meta.dirname: no URL to build and parse (~0.4 ms the first time); Node < 20.11 lacks it.
+  let dir = import.meta.dirname ?? dirname(fileURLToPath(import.meta.url));
   for (let i = 0; i < 4; i++) {
     const p = join(dir, 'build', 'Release', 'qcowkit_extents.node');
     if (existsSync(p)) {
