@@ -225,7 +225,7 @@ class NodeImageFile implements ImageFile {
       let done = false;
       if (direct !== null) {
         try {
-          pos = this.synchronous ? writeAllSync(direct, bufs, offset) : await this.#writeAll(direct, bufs, offset);
+          pos = await this.#writeAll(direct, bufs, offset, this.synchronous);
           done = true;
         } catch (e) {
           // Memory the kernel finds misaligned (JavaScript cannot see where a buffer starts):
@@ -238,8 +238,8 @@ class NodeImageFile implements ImageFile {
         // Synchronous only when nothing is in flight on the file: a buffered write waits for the
         // inode lock, which direct writes that allocate hold (ext4) — the main thread would
         // stall behind the copy's own writes instead of reading the next batch.
-        const sync = this.synchronous || (total <= SYNC_READ_MAX && bufs.length === 1 && this.#inflight === 0);
-        pos = sync ? writeAllSync(this.fd, bufs, offset) : await this.#writeAll(this.fd, bufs, offset);
+        const small = total <= SYNC_READ_MAX && bufs.length === 1 && this.#inflight === 0;
+        pos = small ? writeAllSync(this.fd, bufs[0]!, offset) : await this.#writeAll(this.fd, bufs, offset, this.synchronous);
         this.#noteBuffered(total);
       }
     } catch (e) {
@@ -252,16 +252,22 @@ class NodeImageFile implements ImageFile {
     return this.writev([buf], offset, opts);
   }
 
-  /** Writes all of `bufs` at `offset` through `fd` (pwritev, IOV_MAX pieces a call); returns the end. */
-  async #writeAll(fd: number, bufs: readonly Uint8Array[], offset: number): Promise<number> {
+  /**
+   * Writes all of `bufs` at `offset` through `fd` (pwritev, IOV_MAX pieces a call; on the calling
+   * thread when `sync`); returns the end.
+   */
+  async #writeAll(fd: number, bufs: readonly Uint8Array[], offset: number, sync = false): Promise<number> {
     let i = 0;
     let skip = 0;
     let pos = offset;
     while (i < bufs.length) {
       const list = bufs.slice(i, i + IOV_MAX) as Uint8Array[];
       if (skip) list[0] = list[0]!.subarray(skip);
-      const n =
-        list.length === 1
+      const n = sync
+        ? list.length === 1
+          ? writeSync(fd, list[0]!, 0, list[0]!.length, pos)
+          : writevSync(fd, list, pos)
+        : list.length === 1
           ? (await this.#track(writeAsync(fd, list[0]!, 0, list[0]!.length, pos))).bytesWritten
           : (await this.#track(writevAsync(fd, list, pos))).bytesWritten;
       pos += n;
@@ -373,26 +379,10 @@ class NodeImageFile implements ImageFile {
   }
 }
 
-/** `bufs` written synchronously at `offset` through `fd` (see SYNC_READ_MAX, `synchronous`); returns the end. */
-function writeAllSync(fd: number, bufs: readonly Uint8Array[], offset: number): number {
-  if (bufs.length === 1) {
-    const buf = bufs[0]!;
-    for (let done = 0; done < buf.length; ) done += writeSync(fd, buf, done, buf.length - done, offset + done);
-    return offset + buf.length;
-  }
-  let i = 0;
-  let skip = 0;
-  let pos = offset;
-  while (i < bufs.length) {
-    const list = bufs.slice(i, i + IOV_MAX) as Uint8Array[];
-    if (skip) list[0] = list[0]!.subarray(skip);
-    const n = writevSync(fd, list, pos);
-    pos += n;
-    let left = n + skip;
-    while (i < bufs.length && left >= bufs[i]!.length) left -= bufs[i++]!.length;
-    skip = left;
-  }
-  return pos;
+/** One small buffer written synchronously (see SYNC_READ_MAX); returns the end. */
+function writeAllSync(fd: number, buf: Uint8Array, offset: number): number {
+  for (let done = 0; done < buf.length; ) done += writeSync(fd, buf, done, buf.length - done, offset + done);
+  return offset + buf.length;
 }
 
 /** How files get opened; tests pass a fault-injecting opener through every operation's options. */
