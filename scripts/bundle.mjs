@@ -16,20 +16,35 @@ const entries = (dir) => readdirSync(dir).filter((f) => f.endsWith('.ts')).map((
 // main.ts, the commands (commander) and the quick-path modules of run/ (no commander).
 const commands = [...entries('src/cli/commands'), ...entries('src/cli/run')];
 /**
- * commander requires node:child_process at load (~4 ms of start-up) but uses it only to run
- * external subcommands, which qcowkit has none of: give it a proxy that loads the real module
- * on first use.
+ * Builtins that a command rarely needs but whose loading costs start-up time, given to the bundle
+ * as stand-ins that load the real module on first use:
+ * - commander requires node:child_process at load (~4 ms) but uses it only to run external
+ *   subcommands, which qcowkit has none of: a proxy;
+ * - node:module (~0.3 ms: it loads Node's ESM loader) serves only fsx.ts's fallback, when the
+ *   prebuilt lock binding cannot be loaded: a wrapper of createRequire (the one name our
+ *   sources import from it; esbuild copies an ES import's names at load, which a proxy would
+ *   defeat).
  */
-const lazyChildProcess = {
-  name: 'lazy-child-process',
+const LAZY = {
+  child_process: {
+    wanted: (importer) => importer.includes('node_modules/commander/'),
+    contents: "let m; const real = () => (m ??= require('node:child_process'));\nmodule.exports = new Proxy({}, { get: (_, k) => real()[k], has: (_, k) => k in real() });\n",
+  },
+  module: {
+    wanted: () => true,
+    contents: "exports.createRequire = (path) => require('node:module').createRequire(path);\n",
+  },
+};
+const lazyBuiltins = {
+  name: 'lazy-builtins',
   setup(b) {
-    b.onResolve({ filter: /^(node:)?child_process$/ }, (args) =>
-      args.importer.includes('node_modules/commander/') ? { path: 'lazy-child-process', namespace: 'qcowkit' } : undefined,
-    );
-    b.onLoad({ filter: /.*/, namespace: 'qcowkit' }, () => ({
-      contents: "let m; const real = () => (m ??= require('node:child_process'));\nmodule.exports = new Proxy({}, { get: (_, k) => real()[k], has: (_, k) => k in real() });\n",
-      loader: 'js',
-    }));
+    b.onResolve({ filter: /^(node:)?(child_process|module)$/ }, (args) => {
+      const name = args.path.replace(/^node:/, '');
+      // The stand-ins' own require of the real module stays a plain builtin.
+      if (args.namespace === 'qcowkit-lazy' || !LAZY[name].wanted(args.importer)) return undefined;
+      return { path: name, namespace: 'qcowkit-lazy' };
+    });
+    b.onLoad({ filter: /.*/, namespace: 'qcowkit-lazy' }, (args) => ({ contents: LAZY[args.path].contents, loader: 'js' }));
   },
 };
 
@@ -46,14 +61,15 @@ const common = {
   // fzstd is loaded (dynamic import) only for zstd-compressed clusters: not parsed by every command.
   external: ['fs-native-extensions', 'fzstd'],
   // The sources are ES modules that find their files (wasm, addon, package.json) from
-  // import.meta.url: give them the bundle's own URL.
-  define: { 'import.meta.url': '__qcowkitUrl' },
-  banner: { js: "const __qcowkitUrl = require('node:url').pathToFileURL(__filename).href;" },
+  // import.meta.dirname/filename (or import.meta.url): give them the bundle's own path and URL
+  // (the URL built on first use: building and parsing one costs ~0.4 ms the first time).
+  define: { 'import.meta.url': '__qcowkit.url', 'import.meta.dirname': '__dirname', 'import.meta.filename': '__filename' },
+  banner: { js: "const __qcowkit = { get url() { return (this.href ??= require('node:url').pathToFileURL(__filename).href); } };" },
   // import() becomes require(): the command files are compiled through node:vm (code cache,
   // src/cli/load-module.ts), where a dynamic import has no loader.
   supported: { 'dynamic-import': false },
   logLevel: 'warning',
-  plugins: [lazyChildProcess],
+  plugins: [lazyBuiltins],
   minifyWhitespace: true,
   minifySyntax: true,
 };

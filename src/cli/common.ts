@@ -124,7 +124,12 @@ export function printPlainJson(value: unknown): void {
   process.stdout.write(plainJson(value));
 }
 
-export const warn = (msg: string): void => void process.stderr.write(`qcowkit: warning: ${msg}\n`);
+let warned = false;
+
+export const warn = (msg: string): void => {
+  warned = true;
+  process.stderr.write(`qcowkit: warning: ${msg}\n`);
+};
 
 /** The callbacks of a long-running command: qemu-img's progress line with -p (not with -q), warnings. */
 export function feedback(o: { progress?: boolean | undefined; quiet?: boolean | undefined; output?: string | undefined }): {
@@ -148,6 +153,15 @@ let direct = false;
  */
 export function useDirectStdout(): void {
   direct = true;
+}
+
+/**
+ * Whether all output so far went out synchronously (direct writes of `out`, no warning through
+ * process.stderr, whose writes to a pipe are asynchronous on some systems): then nothing is
+ * pending and the process may end at once.
+ */
+export function outputSettled(): boolean {
+  return direct && !warned;
 }
 
 /** Writes to stdout (see useDirectStdout); a closed pipe ends the process quietly. */

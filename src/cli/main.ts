@@ -89,17 +89,19 @@ export async function main(argv: string[]): Promise<void> {
   try {
     if (QUICK.has(name)) {
       const runSpecifier = './run/' + name + '.js'; // computed at run time, as below
-      const run = await loadModule<{ spec: QuickSpec; run: (args: string[], opts: Record<string, unknown>, order?: OrderedOption[]) => Promise<void> }>(runSpecifier, import.meta.url);
+      const run = await loadModule<{ spec: QuickSpec; run: (args: string[], opts: Record<string, unknown>, order?: OrderedOption[]) => Promise<boolean | void> }>(runSpecifier);
       const parsed = quickParse(argv.slice(1), run.spec);
       if (parsed) {
-        await run.run(parsed.args, parsed.opts, parsed.order);
+        // Done, with nothing pending: end now rather than after Node's teardown of the
+        // environment and the heap (~0.5 ms more for a process that loaded the library).
+        if ((await run.run(parsed.args, parsed.opts, parsed.order)) === true) process.exit();
         return;
       }
       quietEpipe();
     }
     // A computed specifier: resolved at run time next to this file (bundled or not).
     const specifier = './commands/' + name + '.js';
-    const mod = await loadModule<{ command: () => import('commander').Command }>(specifier, import.meta.url);
+    const mod = await loadModule<{ command: () => import('commander').Command }>(specifier);
     await mod.command().parseAsync(argv.slice(1), { from: 'user' });
   } catch (e) {
     fail(e);

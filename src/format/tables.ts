@@ -2,7 +2,7 @@
  * Pure decode/encode of table entries: L1 entries, refcount table entries, single L2 entries
  * (bulk L2 scans run in the wasm kernel) and refcount block entries of any width.
  */
-import { dataView } from './bytes.js';
+import { dataView, isZeroBlock, ZERO_BLOCK_BYTES } from './bytes.js';
 import { ENTRY_LOW_BITS, ENTRY_OFFSET_HI, ENTRY_OFFSET_LO } from './constants.js';
 
 const TWO32 = 0x1_0000_0000;
@@ -25,7 +25,13 @@ function decodeOffsetTable(buf: Uint8Array, count: number, clusterSize: number, 
   const offsets = new Float64Array(count);
   const copied = new Uint8Array(l1 ? count : 0);
   const invalid: number[] = [];
+  const block = ZERO_BLOCK_BYTES / 8;
   for (let i = 0; i < count; i++) {
+    // Empty stretches (the common case) skipped a block of entries at a time.
+    if (i % block === 0 && i + block <= count && isZeroBlock(buf, i * 8)) {
+      i += block - 1;
+      continue;
+    }
     const hi = v.getUint32(i * 8);
     const lo = v.getUint32(i * 8 + 4);
     if (hi === 0 && lo === 0) continue;

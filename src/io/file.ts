@@ -3,12 +3,12 @@
  * truncate, and host-file allocation probing. Nothing here knows about qcow2. Tests substitute
  * implementations (fault injection) through the same interface.
  */
-import { close, closeSync, constants, fdatasync, fstatSync, ftruncate, ftruncateSync, openSync, read, readSync, readv, readvSync, write, writeSync, writev } from 'node:fs';
+import { close, closeSync, constants, fdatasync, fdatasyncSync, fstatSync, ftruncate, ftruncateSync, openSync, read, readSync, readv, readvSync, write, writeSync, writev, writevSync } from 'node:fs';
 import { promisify } from 'node:util';
 import { fromSystemError, QcowError } from '../errors.js';
 import { dataExtentsManyNative, dataExtentsNative } from './native.js';
 import { forgetLockSnapshot, lockImage, type LockMode } from './lock.js';
-import { trim } from './fsx.js';
+import { trim, trimSync } from './fsx.js';
 
 export interface ImageFile {
   readonly path: string;
@@ -60,6 +60,13 @@ export interface OpenFileOptions {
   lock?: LockMode;
   /** The file is opened by an operation that writes (its lock errors don't suggest -U). */
   forWrite?: boolean;
+  /**
+   * Every operation on the calling thread, none in the thread pool: for a short command with
+   * nothing to overlap its I/O with (the CLI's bitmap actions). The pool's threads are created
+   * on first use (~1 ms) and each round trip costs a wake-up or two (50-100 us, far more when
+   * the other cores are busy); a bitmap action makes about ten of them.
+   */
+  synchronous?: boolean;
 }
 
 /**
@@ -126,6 +133,8 @@ class NodeImageFile implements ImageFile {
     readonly writable: boolean,
     readonly fd: number,
     private readonly openSize?: number,
+    /** OpenFileOptions.synchronous. */
+    private readonly synchronous = false,
   ) {}
 
   async size(): Promise<number> {
@@ -154,7 +163,7 @@ class NodeImageFile implements ImageFile {
       return;
     }
     let done = 0;
-    const sync = buf.length <= SYNC_READ_MAX;
+    const sync = this.synchronous || buf.length <= SYNC_READ_MAX;
     try {
       while (done < buf.length) {
         const bytesRead = sync
@@ -180,7 +189,7 @@ class NodeImageFile implements ImageFile {
       }
       return;
     }
-    const sync = total <= SYNC_READV_MAX && opts.inPool !== true;
+    const sync = this.synchronous || (total <= SYNC_READV_MAX && opts.inPool !== true);
     let i = 0; // first buffer not yet full
     let skip = 0; // bytes of bufs[i] already filled
     let pos = offset;
@@ -216,7 +225,7 @@ class NodeImageFile implements ImageFile {
       let done = false;
       if (direct !== null) {
         try {
-          pos = await this.#writeAll(direct, bufs, offset);
+          pos = await this.#writeAll(direct, bufs, offset, this.synchronous);
           done = true;
         } catch (e) {
           // Memory the kernel finds misaligned (JavaScript cannot see where a buffer starts):
@@ -229,8 +238,8 @@ class NodeImageFile implements ImageFile {
         // Synchronous only when nothing is in flight on the file: a buffered write waits for the
         // inode lock, which direct writes that allocate hold (ext4) — the main thread would
         // stall behind the copy's own writes instead of reading the next batch.
-        const sync = total <= SYNC_READ_MAX && bufs.length === 1 && this.#inflight === 0;
-        pos = sync ? writeAllSync(this.fd, bufs[0]!, offset) : await this.#writeAll(this.fd, bufs, offset);
+        const small = total <= SYNC_READ_MAX && bufs.length === 1 && this.#inflight === 0;
+        pos = small ? writeAllSync(this.fd, bufs[0]!, offset) : await this.#writeAll(this.fd, bufs, offset, this.synchronous);
         this.#noteBuffered(total);
       }
     } catch (e) {
@@ -243,16 +252,22 @@ class NodeImageFile implements ImageFile {
     return this.writev([buf], offset, opts);
   }
 
-  /** Writes all of `bufs` at `offset` through `fd` (pwritev, IOV_MAX pieces a call); returns the end. */
-  async #writeAll(fd: number, bufs: readonly Uint8Array[], offset: number): Promise<number> {
+  /**
+   * Writes all of `bufs` at `offset` through `fd` (pwritev, IOV_MAX pieces a call; on the calling
+   * thread when `sync`); returns the end.
+   */
+  async #writeAll(fd: number, bufs: readonly Uint8Array[], offset: number, sync = false): Promise<number> {
     let i = 0;
     let skip = 0;
     let pos = offset;
     while (i < bufs.length) {
       const list = bufs.slice(i, i + IOV_MAX) as Uint8Array[];
       if (skip) list[0] = list[0]!.subarray(skip);
-      const n =
-        list.length === 1
+      const n = sync
+        ? list.length === 1
+          ? writeSync(fd, list[0]!, 0, list[0]!.length, pos)
+          : writevSync(fd, list, pos)
+        : list.length === 1
           ? (await this.#track(writeAsync(fd, list[0]!, 0, list[0]!.length, pos))).bytesWritten
           : (await this.#track(writevAsync(fd, list, pos))).bytesWritten;
       pos += n;
@@ -286,7 +301,7 @@ class NodeImageFile implements ImageFile {
   /** Buffered data written: past WRITEBACK_BYTES since the last flush, a flush is started and left running. */
   #noteBuffered(bytes: number): void {
     this.#buffered += bytes;
-    if (this.#buffered < WRITEBACK_BYTES || this.#writeback) return;
+    if (this.#buffered < WRITEBACK_BYTES || this.#writeback || this.synchronous) return;
     this.#buffered = 0;
     const p: Promise<void> = this.#track(datasyncAsync(this.fd)).then(() => {
       if (this.#writeback === p) this.#writeback = undefined;
@@ -304,7 +319,8 @@ class NodeImageFile implements ImageFile {
       this.#writeback = undefined;
       await bg;
       this.#buffered = 0;
-      await this.#track(datasyncAsync(this.fd));
+      if (this.synchronous) fdatasyncSync(this.fd);
+      else await this.#track(datasyncAsync(this.fd));
     } catch (e) {
       throw fromSystemError(e, this.path, 'flush failed');
     }
@@ -316,7 +332,7 @@ class NodeImageFile implements ImageFile {
       // each batch of new clusters): done here rather than queued in the thread pool behind the
       // copy's reads and writes. Shrinking frees blocks, which can take long: in the pool.
       // (While direct writes are in flight, ext4 makes a size change wait for them: then in the pool.)
-      if (length >= fstatSync(this.fd).size && this.#inflight === 0) ftruncateSync(this.fd, length);
+      if (this.synchronous || (length >= fstatSync(this.fd).size && this.#inflight === 0)) ftruncateSync(this.fd, length);
       else await this.#track(truncateAsync(this.fd, length));
     } catch (e) {
       throw fromSystemError(e, this.path, 'truncate failed');
@@ -325,7 +341,8 @@ class NodeImageFile implements ImageFile {
 
   async punchHole(offset: number, length: number): Promise<void> {
     try {
-      await this.#track(trim(this.fd, offset, length));
+      if (this.synchronous) trimSync(this.fd, offset, length);
+      else await this.#track(trim(this.fd, offset, length));
     } catch (e) {
       throw fromSystemError(e, this.path, `punching a hole at ${offset} failed`);
     }
@@ -354,8 +371,9 @@ class NodeImageFile implements ImageFile {
     await this.#writeback?.catch(() => {}); // (a failed operation's last writeback: its error is moot)
     if (this.#inflight) await new Promise<void>((resolve) => (this.#drained = resolve));
     if (this.#directFd) closeSync(this.#directFd);
-    // close(2) of a file only read never waits on the disk: no thread-pool round trip for it.
-    if (this.writable) await closeAsync(this.fd);
+    // close(2) of a file only read never waits on the disk: no thread-pool round trip for it
+    // (nor in synchronous mode).
+    if (this.writable && !this.synchronous) await closeAsync(this.fd);
     else closeSync(this.fd);
     forgetLockSnapshot(); // our locks on this file are gone
   }
@@ -393,7 +411,7 @@ export async function openImageFile(path: string, opts: OpenFileOptions = {}): P
     closeSync(fd);
     throw fromSystemError(e, path, 'Could not open');
   }
-  return new NodeImageFile(path, writable, fd, size);
+  return new NodeImageFile(path, writable, fd, size, opts.synchronous === true);
 }
 
 /** Runs `worker` over `items` with at most `concurrency` promises in flight, in order of start. */

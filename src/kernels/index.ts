@@ -29,11 +29,15 @@ let shared: Kernels | undefined;
  */
 const LARGE_WORK_HEAP_BYTES = 1024 * 1024 * 1024;
 /**
- * What the heap starts with: enough for info, create and map (whose table reads are small and
- * synchronous, or awaited one batch at a time after `reserve`). Growing by 1 GiB at start-up
- * costs a mark-compact GC (V8 counts wasm memory as external memory) and ~2 ms.
+ * What the heap starts with (asconfig.json's initialMemory, 257 pages, is this plus the static
+ * data): enough for info, create and the bitmap commands (two 1 TiB bitmaps at 64 KiB
+ * granularity are 4 MiB), and for map (whose table reads are small and synchronous, or awaited
+ * one batch at a time after `reserve`). V8 counts wasm memory as external memory: once a
+ * process's array buffers and wasm memory pass 32 MiB, it collects garbage (a scavenge, ~1 ms,
+ * again with every few MiB more; growing by 1 GiB costs a mark-compact and ~2 ms). 16 MiB keeps
+ * a short command below that.
  */
-const INITIAL_HEAP_BYTES = 32 * 1024 * 1024;
+const INITIAL_HEAP_BYTES = 16 * 1024 * 1024;
 
 /** The process-wide kernels instance (lazy singleton). */
 export function kernels(): Kernels {

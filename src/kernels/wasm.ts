@@ -198,7 +198,8 @@ interface RawExports {
 
 /** wasm/kernels.wasm of the package this file belongs to (works from src/, dist/ and dist/cli-bundle/). */
 export function wasmPath(): string {
-  const here = fileURLToPath(import.meta.url);
+  // import.meta.filename: no URL to build and parse; Node < 20.11 lacks it.
+  const here = import.meta.filename ?? fileURLToPath(import.meta.url);
   let dir = dirname(here);
   while (!existsSync(join(dir, 'package.json'))) {
     const parent = dirname(dir);

@@ -252,9 +252,12 @@ export class RefcountManager {
         continue;
       }
       const ptr = await this.cache.get(off);
-      const nz = k.refcountFind(ptr, end % this.perBlock, this.perBlock, this.refcountOrder, false);
+      // Up to the limit, not the end of the block: a 64 KiB block of 16-bit counts is 32768
+      // entries, and allocations ask for a few clusters.
+      const stop = Math.min(this.perBlock, (end % this.perBlock) + limit - (end - c));
+      const nz = k.refcountFind(ptr, end % this.perBlock, stop, this.refcountOrder, false);
       end = ti * this.perBlock + nz;
-      if (nz < this.perBlock) break;
+      if (nz < stop) break;
     }
     return { start: c, length: Math.min(limit, end - c) };
   }

@@ -143,6 +143,34 @@ describe('tables', () => {
     expect(r.invalid).toEqual([0]); // bit 63 is part of a refcount table offset: far past 2^53
   });
 
+  it('decodes long, mostly empty tables the same as entry by entry (empty blocks skipped, entries at block edges, an odd tail)', () => {
+    const n = 64 * 5 + 37;
+    const b = new Uint8Array(n * 8);
+    const v = new DataView(b.buffer);
+    // Entries on the first and last index of blocks, in the tail, and invalid ones among empties.
+    const set: Array<[number, bigint]> = [
+      [0, 0x10000n], [63, (1n << 63n) | 0x20000n], [64, 0x30001n], [191, 0x40000n], [192, 0x50000n],
+      [255, 1n << 55n], [320, 0x60000n], [n - 1, (1n << 63n) | 0x70000n],
+    ];
+    for (const [i, x] of set) v.setBigUint64(i * 8, x);
+    for (const l1 of [true, false]) {
+      const t = l1 ? decodeL1Table(b, n, 65536) : decodeRefcountTable(b, n, 65536);
+      const offsets = new Array<number>(n).fill(0);
+      const copied = new Array<number>(n).fill(0);
+      const invalid: number[] = [];
+      for (const [i, x] of set) {
+        // L1: COPIED apart, the offset bits 9..55 (others ignored, as QEMU masks them).
+        const raw = l1 ? x & 0x00ff_ffff_ffff_fe00n : x;
+        if (l1) copied[i] = Number(x >> 63n);
+        if ((!l1 && raw & 0x1ffn) || raw % 65536n !== 0n || raw >= 1n << 53n) invalid.push(i);
+        else offsets[i] = Number(raw);
+      }
+      expect([...t.offsets], `l1 ${l1}`).toEqual(offsets);
+      if (l1) expect([...t.copied]).toEqual(copied);
+      expect(t.invalid, `l1 ${l1}`).toEqual(invalid);
+    }
+  });
+
   it('packs refcounts of every width as QEMU does', () => {
     for (let order = 0; order <= 6; order++) {
       const block = new Uint8Array(512);

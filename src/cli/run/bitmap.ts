@@ -3,8 +3,9 @@
  * loads commander) and the commander command both call `runBitmap`.
  */
 import { QcowError } from '../../errors.js';
+import { openImageFile, type FileOpener } from '../../io/file.js';
 import { bitmap, bitmapCheck, bitmapDump, type BitmapAction, type BitmapCheckResult, type BitmapDump } from '../../ops/bitmap.js';
-import { imageFilename, out, parseSize, plainJson, useDirectStdout, warn } from '../common.js';
+import { imageFilename, out, outputSettled, parseSize, plainJson, useDirectStdout, warn } from '../common.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 import type { OrderedOption, QuickSpec } from '../quick.js';
 
@@ -47,10 +48,21 @@ export const spec: QuickSpec = {
   maxArgs: 2,
 };
 
-/** main.ts's quick path (not the commander command, whose output tests capture). */
-export async function run(args: string[], flags: Record<string, unknown>, order: OrderedOption[] = []): Promise<void> {
+/**
+ * The image files of an action or a dump, with all their I/O on the main thread: a command that
+ * only waits for its I/O gains nothing from the thread pool, whose start-up and round trips are
+ * a millisecond or more of a short command (see OpenFileOptions.synchronous).
+ */
+const openFile: FileOpener = (path, opts) => openImageFile(path, { ...opts, synchronous: true });
+
+/**
+ * main.ts's quick path (not the commander command, whose output tests capture). True when the
+ * process may end at once: the work is done (files closed) and its output written.
+ */
+export async function run(args: string[], flags: Record<string, unknown>, order: OrderedOption[] = []): Promise<boolean> {
   useDirectStdout();
   await runBitmap(args[0], args[1], flags as unknown as BitmapFlags, order);
+  return outputSettled();
 }
 
 /** Runs `bitmap` with the options parsed; `order` lists the actions (--add, --merge SOURCE, ...) as given. */
@@ -66,7 +78,7 @@ export async function runBitmap(filename: string | undefined, name: string | und
       return;
     }
     if (filename === undefined || name === undefined) throw new QcowError('INVALID_ARGUMENT', 'Expecting filename and bitmap name');
-    const r = await bitmapDump(imagePath(filename, o), name, { format: o.format, forceShare: o.forceShare === true });
+    const r = await bitmapDump(imagePath(filename, o), name, { format: o.format, forceShare: o.forceShare === true, openFile });
     out(o.output === 'json' ? plainJson({ name: r.bitmap, granularity: r.granularity, 'dirty-bytes': r.dirtyBytes, 'bits-set': r.bitsSet, extents: r.extents }) : dumpHuman(r));
     return;
   }
@@ -90,7 +102,7 @@ export async function runBitmap(filename: string | undefined, name: string | und
     if (a.key === 'merge') return { action: 'merge', source: String(a.value), sourceFile: o.sourceFile === undefined ? undefined : imageFilename(o.sourceFile), sourceFormat: o.sourceFormat };
     return { action: a.key as Exclude<BitmapAction['action'], 'add' | 'merge'> };
   });
-  const r = await bitmap(imagePath(filename, o), name, list, { format: o.format });
+  const r = await bitmap(imagePath(filename, o), name, list, { format: o.format, openFile });
   if (o.output === 'json') out(plainJson(r));
 }
 
