@@ -14,7 +14,6 @@
 import { QcowError } from '../errors.js';
 import type { ImageFile } from '../io/file.js';
 import { kernels } from '../kernels/index.js';
-import { hostRuns } from '../io/host-runs.js';
 
 interface Entry {
   offset: number;
@@ -215,26 +214,21 @@ export class MetadataCache {
       await previous;
       await this.#satisfyDependencies();
       const k = kernels();
-      const todo = entries.filter((e) => e.dirty && this.#entries.get(e.offset) === e);
+      const todo = entries.filter((e) => e.dirty && this.#entries.get(e.offset) === e).sort((a, b) => a.offset - b.offset);
       // Clear first: a change made while the write is in flight marks it dirty again. The copies
-      // keep the bytes stable while the writes are in flight. Tables adjacent in the file go out
-      // as one vectored write, all runs at once (a flush of a large image's tables is hundreds).
+      // keep the bytes stable while the writes are in flight. All issued at once, not one awaited
+      // after the other (a flush of a large image's tables is hundreds of them).
       for (const e of todo) e.dirty = false;
-      const byRun = hostRuns(todo.map((e) => ({ file: 0, at: e.offset, buf: k.u8(e.ptr, this.entrySize).slice() })));
-      const runOf = new Map<number, number>(); // entry offset -> its run
-      byRun.forEach((r, ri) => {
-        for (let at = r.at; at < r.at + r.bytes; at += this.entrySize) runOf.set(at, ri);
-      });
-      const results = await Promise.allSettled(byRun.map((r) => this.file.writev(r.bufs, r.at)));
+      const results = await Promise.allSettled(todo.map((e) => this.file.writeAt(k.u8(e.ptr, this.entrySize).slice(), e.offset)));
       let failure: unknown;
-      for (const e of todo) {
-        const res = results[runOf.get(e.offset)!]!;
+      todo.forEach((e, i) => {
+        const res = results[i]!;
         if (res.status === 'fulfilled') this.#written++;
         else {
           e.dirty = true; // (unless it changed again meanwhile, it still needs writing)
           failure ??= res.reason;
         }
-      }
+      });
       if (failure !== undefined) throw failure;
     } finally {
       done();
