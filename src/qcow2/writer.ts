@@ -595,12 +595,15 @@ export class Qcow2Writer {
     return at;
   }
 
-  /** The kernel's runs for entries [first, first+count) of the table at ptr. */
-  #runs(ptr: number, first: number, count: number): Run[] {
+  /**
+   * Runs the scan kernel over entries [first, first+count) of the table at ptr and hands each run
+   * to `visit` as the kernel wrote it (run r: u32[r*8 ..] unit, units, kind, copied; f64[r*4 + 2]
+   * host, f64[r*4 + 3] extra); invalid entries throw.
+   */
+  #scanRuns(ptr: number, first: number, count: number, visit: (u32: Uint32Array, f64: Float64Array, r: number) => void): void {
     const img = this.#img;
     const k = kernels();
     const out = k.alloc(MAX_RUNS * L2_RUN_BYTES);
-    const runs: Run[] = [];
     try {
       while (count > 0) {
         const n = k.l2Scan(ptr, first, count, img.extendedL2, img.clusterBits, out, MAX_RUNS);
@@ -608,9 +611,8 @@ export class Qcow2Writer {
         const u32 = new Uint32Array(k.memory.buffer, out, n * 8);
         const f64 = new Float64Array(k.memory.buffer, out, n * 4);
         for (let r = 0; r < n; r++) {
-          const kind = u32[r * 8 + 2]! as RunKind;
-          if (kind === RunKind.Invalid) throw new QcowError('CORRUPT', `Invalid L2 entry (index ${Math.floor(u32[r * 8]! / (img.extendedL2 ? 32 : 1))})`, img.path);
-          runs.push({ unit: u32[r * 8]!, units: u32[r * 8 + 1]!, kind, copied: u32[r * 8 + 3] === 1, host: f64[r * 4 + 2]!, extra: f64[r * 4 + 3]! });
+          if ((u32[r * 8 + 2]! as RunKind) === RunKind.Invalid) throw new QcowError('CORRUPT', `Invalid L2 entry (index ${Math.floor(u32[r * 8]! / (img.extendedL2 ? 32 : 1))})`, img.path);
+          visit(u32, f64, r);
         }
         if (consumed === 0) throw new QcowError('INTERNAL', 'L2 scan made no progress', img.path);
         first += consumed;
@@ -619,59 +621,49 @@ export class Qcow2Writer {
     } finally {
       k.free(out);
     }
+  }
+
+  /** The kernel's runs for entries [first, first+count) of the table at ptr. */
+  #runs(ptr: number, first: number, count: number): Run[] {
+    const runs: Run[] = [];
+    this.#scanRuns(ptr, first, count, (u32, f64, r) => {
+      runs.push({ unit: u32[r * 8]!, units: u32[r * 8 + 1]!, kind: u32[r * 8 + 2]! as RunKind, copied: u32[r * 8 + 3] === 1, host: f64[r * 4 + 2]!, extra: f64[r * 4 + 3]! });
+    });
     return runs;
   }
 
   /**
    * The host clusters a table's entries reference, one reference per entry, as runs (adjacent
    * ones joined; the clusters of compressed entries sharing a host cluster stay separate runs).
-   * Straight from the scan kernel's output: an emptied image has one run per scattered cluster.
+   * Straight from the scan kernel's output (no Run objects): an emptied image has one run per
+   * scattered cluster.
    */
   #tableRefs(ptr: number): ClusterRun[] {
-    const img = this.#img;
-    const k = kernels();
     const cs = this.cs;
-    const per = img.extendedL2 ? 32 : 1;
+    const per = this.#img.extendedL2 ? 32 : 1;
     const sub = cs / per;
     const refs: ClusterRun[] = [];
-    const out = k.alloc(MAX_RUNS * L2_RUN_BYTES);
     let doneTo = 0; // guest clusters below this are counted (extended L2: several runs per cluster)
-    try {
-      for (let first = 0, count = img.l2Entries; count > 0; ) {
-        const n = k.l2Scan(ptr, first, count, img.extendedL2, img.clusterBits, out, MAX_RUNS);
-        const consumed = k.scanConsumed();
-        const u32 = new Uint32Array(k.memory.buffer, out, n * 8);
-        const f64 = new Float64Array(k.memory.buffer, out, n * 4);
-        for (let r = 0; r < n; r++) {
-          const unit = u32[r * 8]!;
-          const kind = u32[r * 8 + 2]! as RunKind;
-          const host = f64[r * 4 + 2]!;
-          if (kind === RunKind.Invalid) throw new QcowError('CORRUPT', `Invalid L2 entry (index ${Math.floor(unit / per)})`, img.path);
-          if (kind === RunKind.Compressed) {
-            const a = Math.floor(host / cs);
-            const b = Math.floor((host + f64[r * 4 + 3]! - 1) / cs);
-            mergeRun(refs, a, b - a + 1);
-            doneTo = Math.max(doneTo, Math.floor(unit / per) + 1);
-            continue;
-          }
-          if (!host) continue;
-          let c0 = Math.floor(unit / per);
-          const c1 = Math.ceil((unit + u32[r * 8 + 1]!) / per);
-          let clusterHost = (host - (unit % per) * sub) / cs;
-          if (c0 < doneTo) {
-            clusterHost += doneTo - c0;
-            c0 = doneTo;
-          }
-          if (c1 > c0) mergeRun(refs, clusterHost, c1 - c0);
-          doneTo = Math.max(doneTo, c1);
-        }
-        if (consumed === 0) throw new QcowError('INTERNAL', 'L2 scan made no progress', img.path);
-        first += consumed;
-        count -= consumed;
+    this.#scanRuns(ptr, 0, this.#img.l2Entries, (u32, f64, r) => {
+      const unit = u32[r * 8]!;
+      const host = f64[r * 4 + 2]!;
+      if ((u32[r * 8 + 2]! as RunKind) === RunKind.Compressed) {
+        const a = Math.floor(host / cs);
+        mergeRun(refs, a, Math.floor((host + f64[r * 4 + 3]! - 1) / cs) - a + 1);
+        doneTo = Math.max(doneTo, Math.floor(unit / per) + 1);
+        return;
       }
-    } finally {
-      k.free(out);
-    }
+      if (!host) return;
+      let c0 = Math.floor(unit / per);
+      const c1 = Math.ceil((unit + u32[r * 8 + 1]!) / per);
+      let clusterHost = (host - (unit % per) * sub) / cs;
+      if (c0 < doneTo) {
+        clusterHost += doneTo - c0;
+        c0 = doneTo;
+      }
+      if (c1 > c0) mergeRun(refs, clusterHost, c1 - c0);
+      doneTo = Math.max(doneTo, c1);
+    });
     return refs;
   }
 
