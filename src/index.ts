@@ -8,6 +8,8 @@ export type { BlockLayer, LayerExtent, LayerFormat } from './chain/layer.js';
 export { RawLayer } from './chain/raw.js';
 export { info, type ImageInfo, type InfoOptions } from './ops/info.js';
 export { mapImage, type MapOptions } from './ops/map.js';
+export { mapNbd, nbdUri, type NbdTarget, type MapNbdOptions } from './ops/map-nbd.js';
+export { NbdClient, type NbdServer, type NbdConnectOptions } from './nbd/client.js';
 export { compare, type CompareOptions, type CompareResult } from './ops/compare.js';
 export { check, type CheckResult, type CheckOptions } from './ops/check.js';
 export { create, type CreateOptions } from './ops/create.js';

@@ -5,7 +5,7 @@ export { fail } from './fail.js';
 export { parseSize, parseSizeExact, progressPrinter, printJson, printPlainJson, warn, imageFilename, feedback, printResult } from './common.js';
 
 /** A subcommand with qcowkit's conventions: errors via `fail`, examples in --help. */
-export function newCommand(name: string, description: string, examples: string[], opts: { imageOpts?: boolean } = {}): Command {
+export function newCommand(name: string, description: string, examples: string[], opts: { imageOpts?: boolean | 'nbd' } = {}): Command {
   const cmd = new Command(`qcowkit ${name}`)
     .description(description)
     .exitOverride()
@@ -14,11 +14,13 @@ export function newCommand(name: string, description: string, examples: string[]
     .allowExcessArguments(false);
   // qemu-img's --image-opts (a QemuOpts string instead of a file name): refused in one line,
   // except by commands that take the plain-file form themselves (`opts.imageOpts`).
-  if (opts.imageOpts) cmd.addOption(new Option('--image-opts', 'FILENAME is an option string: driver=qcow2,file.filename=PATH (plain files only)'));
+  const nbdForm = opts.imageOpts === 'nbd' ? ', or an NBD export: driver=nbd,server.type=unix,server.path=SOCKET[,export=NAME][,x-dirty-bitmap=qemu:dirty-bitmap:BITMAP]' : '';
+  if (opts.imageOpts) cmd.addOption(new Option('--image-opts', `FILENAME is an option string: driver=qcow2,file.filename=PATH${nbdForm}`));
   else cmd.addOption(new Option('--image-opts', 'not supported (qemu-img: treat file names as option strings)').hideHelp());
   cmd.hook('preAction', (_cmd, action) => {
     const o = action.opts();
     if (o.imageOpts && !opts.imageOpts) throw new QcowError('UNSUPPORTED', '--image-opts is not supported; pass the image file name (and -f) instead');
+    if (o.imageOpts && o.format !== undefined) throw new QcowError('INVALID_ARGUMENT', '--image-opts and --format are mutually exclusive');
     // compare checks its own -f/-F when it opens the images (an open error, exit 2).
     if (name !== 'compare' && o.format !== undefined && o.format !== 'qcow2' && o.format !== 'raw')
       throw new QcowError('UNSUPPORTED', `Unknown file format '${String(o.format)}' (qcow2 and raw are supported)`);

@@ -53,12 +53,15 @@ export async function mapImageJson(path: string, write: (chunk: Uint8Array) => v
       // Nothing to map (empty image, start at or past the end): qemu-img still prints its
       // initial, empty entry.
       if (used) flush();
-      else write(Buffer.from(`[{ "start": ${start}, "length": 0, "depth": 0, "present": false, "zero": false, "data": false}]\n`));
+      else write(Buffer.from(emptyMapJson(start)));
     } finally {
       k.free(outPtr);
     }
   });
 }
+
+/** What qemu-img map --output=json prints for an empty range: one entry of length 0. */
+export const emptyMapJson = (start: number): string => `[{ "start": ${start}, "length": 0, "depth": 0, "present": false, "zero": false, "data": false}]\n`;
 
 async function withChain(path: string, opts: MapOptions, walk: (chain: BackingChain, start: number, length: number) => Promise<void>): Promise<{ virtualSize: number }> {
   const chain = await BackingChain.open(path, { format: opts.format, forceShare: opts.forceShare, onWarning: opts.onWarning, signal: opts.signal });

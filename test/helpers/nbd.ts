@@ -3,6 +3,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 
 export interface Extent {
@@ -14,23 +15,65 @@ export function hasNbdinfo(): boolean {
   return spawnSync('nbdinfo', ['--version']).status === 0 && spawnSync('qemu-nbd', ['--version']).status === 0;
 }
 
-/** Dirty extents of each named bitmap as QEMU serves them (ascending, coalesced). */
-export async function nbdDirtyMaps(file: string, names: string[]): Promise<Record<string, Extent[]>> {
+/** A qemu-nbd serving on a unix socket in a temp dir (or on a TCP port); `stop` ends it and removes the dir. */
+export interface QemuNbd {
+  sock: string;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts `qemu-nbd ARGS -k SOCK` (add -t, -r, -f, -B, -x yourself: -t is needed, the readiness
+ * probe is a client of its own) and waits until it accepts connections.
+ */
+export async function startQemuNbd(args: string[], opts: { tcpPort?: number } = {}): Promise<QemuNbd> {
   const dir = mkdtempSync(join(tmpdir(), 'qcowkit-nbd-'));
   const sock = join(dir, 's');
-  const args = ['-r', '-t', '-k', sock, '-f', 'qcow2', ...names.flatMap((n) => ['-B', n]), file];
-  const child = spawn('qemu-nbd', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const where = opts.tcpPort === undefined ? ['-k', sock] : ['-b', '127.0.0.1', '-p', String(opts.tcpPort)];
+  const child = spawn('qemu-nbd', [...args, ...where], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  const stop = async () => {
+    child.kill('SIGTERM');
+    await exited;
+    rmSync(dir, { recursive: true, force: true });
+  };
   try {
-    for (let i = 0; !existsSync(sock); i++) {
+    for (let i = 0; opts.tcpPort === undefined && !existsSync(sock); i++) {
       if (child.exitCode !== null || i > 200) throw new Error(`qemu-nbd ${args.join(' ')} did not start: ${stderr}`);
       await new Promise((r) => setTimeout(r, 25));
     }
+    // The socket file appears at bind(), a moment before qemu-nbd listens.
+    for (let i = 0; !(await accepts(opts.tcpPort === undefined ? { path: sock } : { host: '127.0.0.1', port: opts.tcpPort })); i++) {
+      if (child.exitCode !== null) throw new Error(`qemu-nbd ${args.join(' ')} exited: ${stderr}`);
+      if (i > 200) throw new Error(`qemu-nbd ${args.join(' ')} does not accept connections: ${stderr}`);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+  return { sock, stop };
+}
+
+function accepts(where: { path: string } | { host: string; port: number }): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(where);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+/** Dirty extents of each named bitmap as QEMU serves them (ascending, coalesced). */
+export async function nbdDirtyMaps(file: string, names: string[]): Promise<Record<string, Extent[]>> {
+  const nbd = await startQemuNbd(['-r', '-t', '-f', 'qcow2', ...names.flatMap((n) => ['-B', n]), file]);
+  try {
     const out: Record<string, Extent[]> = {};
     for (const n of names) {
-      const query = () => spawnSync('nbdinfo', ['--json', `--map=qemu:dirty-bitmap:${n}`, `nbd+unix:///?socket=${sock}`], { encoding: 'utf8' });
+      const query = () => spawnSync('nbdinfo', ['--json', `--map=qemu:dirty-bitmap:${n}`, `nbd+unix:///?socket=${nbd.sock}`], { encoding: 'utf8' });
       let r = query();
       // The socket file appears at bind(), a moment before qemu-nbd listens (seen on a loaded machine).
       for (let i = 0; r.status !== 0 && /Connection refused/.test(r.stderr) && i < 40; i++) {
@@ -43,9 +86,7 @@ export async function nbdDirtyMaps(file: string, names: string[]): Promise<Recor
     }
     return out;
   } finally {
-    child.kill('SIGTERM');
-    await exited;
-    rmSync(dir, { recursive: true, force: true });
+    await nbd.stop();
   }
 }
 

@@ -1,6 +1,8 @@
 import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
-import { mapImage, mapImageJson, type MapEntry } from '../../ops/map.js';
+import { emptyMapJson, mapImage, mapImageJson, type MapEntry } from '../../ops/map.js';
+import { mapNbd } from '../../ops/map-nbd.js';
+import { imageOptsTarget } from '../image-opts.js';
 import { formatOption, imageFilename, newCommand, outputOption, parseSize, warn } from '../util.js';
 
 // printf("%#x"): 0 prints as "0".
@@ -11,19 +13,29 @@ export function command() {
     'qcowkit map disk.qcow2',
     'qcowkit map --output json overlay.qcow2',
     'qcowkit map --start-offset 1G --max-length 64M disk.qcow2',
-  ])
+    "qcowkit map --output json --image-opts 'driver=nbd,server.type=unix,server.path=/run/nbd.sock,x-dirty-bitmap=qemu:dirty-bitmap:backup'",
+  ], { imageOpts: 'nbd' })
     .addOption(formatOption())
     .addOption(outputOption())
     .addOption(new Option('--start-offset <offset>', 'first guest byte to map').default('0'))
     .addOption(new Option('--max-length <len>', 'map at most this many bytes'))
     .option('-U, --force-share', 'open the image even if another process uses it')
     .argument('<filename>')
-    .action(async (name: string, o: { format?: 'qcow2' | 'raw'; output: string; startOffset: string; maxLength?: string; forceShare?: boolean }) => {
-      const filename = imageFilename(name);
+    .action(async (name: string, o: { format?: 'qcow2' | 'raw'; output: string; startOffset: string; maxLength?: string; forceShare?: boolean; imageOpts?: boolean }) => {
+      const target = o.imageOpts ? imageOptsTarget(name, { nbd: true }) : undefined;
+      const filename = target?.kind === 'file' ? target.path : imageFilename(name);
       const json = o.output === 'json';
       const start = parseSize(o.startOffset, 'start offset');
       const length = o.maxLength !== undefined ? parseSize(o.maxLength, 'max length') : undefined;
-      const common = { format: o.format, forceShare: o.forceShare === true, start, ...(length !== undefined ? { length } : {}), onWarning: warn };
+      const common = { format: target?.kind === 'file' ? target.format : o.format, forceShare: o.forceShare === true, start, ...(length !== undefined ? { length } : {}), onWarning: warn };
+      if (target?.kind === 'nbd') {
+        // An export's map is short (the server's extents): entries as objects, text as qemu-img's.
+        const entries: MapEntry[] = [];
+        await mapNbd(target.target, (e) => entries.push(e), { start, length, label: name });
+        if (json) process.stdout.write(entries.length ? `[${entries.map(mapJsonEntry).join(',\n')}]\n` : emptyMapJson(start));
+        else process.stdout.write(MAP_HUMAN_HEADER + entries.map(mapHumanLine).join(''));
+        return;
+      }
       if (json) {
         // Text made by the wasm writer in ~0.5 MB chunks (stdout to files and pipes is synchronous).
         await mapImageJson(filename, (chunk) => void process.stdout.write(chunk), common);

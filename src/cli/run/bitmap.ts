@@ -8,6 +8,7 @@ import { bitmap, bitmapCheck, bitmapDump, type BitmapAction, type BitmapCheckRes
 import { imageFilename, out, outputSettled, parseSize, plainJson, useDirectStdout, warn } from '../common.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 import type { OrderedOption, QuickSpec } from '../quick.js';
+import { imageOptsTarget } from '../image-opts.js';
 
 type Fmt = 'qcow2' | 'raw';
 
@@ -106,20 +107,13 @@ export async function runBitmap(filename: string | undefined, name: string | und
   if (o.output === 'json') out(plainJson(r));
 }
 
-/** --image-opts: the file name from `driver=qcow2,file.driver=file,file.filename=PATH`. */
+/** --image-opts: the file named by `driver=qcow2,file.driver=file,file.filename=PATH`. */
 function imagePath(filename: string, o: BitmapFlags): string {
   if (!o.imageOpts) return imageFilename(filename);
-  const opts = new Map<string, string>();
-  for (const part of filename.split(/,(?!,)/)) {
-    const eq = part.indexOf('=');
-    if (eq > 0) opts.set(part.slice(0, eq), part.slice(eq + 1));
-  }
-  const driver = opts.get('driver');
-  if (driver !== undefined && driver !== 'qcow2') throw new QcowError('UNSUPPORTED', `driver '${driver}' is not supported (qcow2 only)`, filename);
-  const path = opts.get('file.filename') ?? opts.get('file');
-  if (path === undefined) throw new QcowError('INVALID_ARGUMENT', 'no file.filename in the image options', filename);
-  if (o.format === undefined) o.format = 'qcow2';
-  return imageFilename(path);
+  const t = imageOptsTarget(filename);
+  if (t.kind !== 'file') throw new QcowError('UNSUPPORTED', 'bitmap takes an image file', filename);
+  o.format ??= t.format;
+  return t.path;
 }
 
 function dumpHuman(r: BitmapDump): string {
