@@ -10,6 +10,8 @@
 //   k-empty    qcowkit make-empty --output json top.qcow2  (fixture "marked" only)
 //   loop       the durable-copy limit: a plain Node loop reads the top's allocated data
 //              (host ranges from `qemu-img map`), writes it to a fresh file, fdatasyncs it
+//   floor      the disk's direct-write floor: dd of the same bytes with O_DIRECT, then fdatasync
+//   punch      the free-space floor of any emptying: fallocate --punch-hole over the whole top
 //
 // Every run of every variant gets fresh `cp --sparse=always` copies of the prepared images (untimed),
 // in a warm page cache; by default the fresh copies are made durable (`sync -d FILES`, untimed)
@@ -25,7 +27,7 @@
 // < 200 MiB for every qcowkit run.
 
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -206,7 +208,10 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
     'k-empty': { tool: 'qcowkit', args: ['make-empty', '--output', 'json', 'top.qcow2'] },
     loop: { tool: 'loop', args: [] },
     floor: { tool: 'floor', args: [] },
+    punch: { tool: 'punch', args: [] },
   };
+  /** Variants that are not a tool's run on the images (no checks of the files they leave). */
+  const baseline = (v) => v === 'loop' || v === 'floor' || v === 'punch';
 
   const groups = {
     big: { fixture: 'commitBig', label: '1g' },
@@ -218,7 +223,7 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
   const mine = [
     mk('commit-1g', 'big', ['q-commit', 'k-commit'], (g) => pairRow(g, 'q-commit', 'k-commit', 0.7), 'commit top (~1 GiB scattered over 8 GiB)'),
     mk('commit-d-1g', 'big', ['q-drop', 'k-drop'], (g) => pairRow(g, 'q-drop', 'k-drop', 0.7), 'commit -d top'),
-    mk('emptying-1g', 'big', ['q-commit', 'k-commit', 'q-drop', 'k-drop'], (g) => diffRow(g), '(commit) - (commit -d), per tool'),
+    mk('emptying-1g', 'big', ['q-commit', 'k-commit', 'q-drop', 'k-drop', 'punch'], (g) => diffRow(g), '(commit) - (commit -d), per tool'),
     mk('durable-1g', 'big', ['loop', 'floor', 'k-drop', 'k-commit'], (g) => loopRow(g), 'plain Node read+write+fdatasync of the top data (qemu-img column) vs qcowkit commit -d'),
     mk('commit-marked', 'marked', ['q-commit', 'k-commit'], (g) => pairRow(g, 'q-commit', 'k-commit', 0.7), 'commit of a top with bitmaps + snapshots'),
     mk('commit-d-marked', 'marked', ['q-drop', 'k-drop'], (g) => pairRow(g, 'q-drop', 'k-drop', 0.7), 'commit -d of it'),
@@ -269,6 +274,10 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
             ? // The disk's direct-write floor: as many bytes as the top holds, from the page cache (the
               // fresh copy of the top), written by one stream of 8 MiB O_DIRECT writes, then fdatasync.
               ['dd', ['if=top.qcow2', 'of=copy.bin', 'bs=8M', `count=${fx.topData}`, 'iflag=count_bytes', 'oflag=direct', 'conv=fdatasync', 'status=none']]
+          : spec.tool === 'punch'
+            ? // The free-space floor of any emptying: one hole punched over the whole fresh top (what
+              // qemu-img's truncation and qcowkit's punch both make the filesystem do).
+              ['fallocate', ['--punch-hole', '--offset', '0', '--length', String(statSync(join(cwd, 'top.qcow2')).size), 'top.qcow2']]
           : spec.tool === 'qcowkit'
             ? [process.execPath, [h.bin(), ...spec.args]]
             : ['qemu-img', spec.args];
@@ -289,7 +298,7 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
       }
       r.cwd = cwd;
       if (r.error || r.code !== 0) {
-        const who = spec.tool === 'loop' ? 'durable-copy loop' : spec.tool === 'floor' ? 'dd' : spec.tool;
+        const who = spec.tool === 'loop' ? 'durable-copy loop' : spec.tool === 'floor' ? 'dd' : spec.tool === 'punch' ? 'fallocate' : spec.tool;
         throw new Error(`${v} (${who} ${spec.args.join(' ')}) failed (${r.error ?? `exit ${r.code}`}): ${(r.stderr || r.stdout).trim().split('\n').slice(0, 6).join(' | ')}`);
       }
       if (spec.tool === 'qcowkit' || spec.tool === 'loop') {
@@ -353,7 +362,7 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
     const orig = (f) => join(fx.dir, f);
     const checks = [];
     for (const v of g.order) {
-      if (v === 'loop' || v === 'floor') continue;
+      if (baseline(v)) continue;
       for (const f of fx.files) checks.push(p(v, f));
     }
     for (const f of checks) {
@@ -390,8 +399,9 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
       if (len !== fx.topData) return `${v === 'loop' ? 'durable-copy loop' : 'dd'} wrote ${len} bytes, expected ${fx.topData}`;
     }
     // What each tool leaves: file lengths and du, and the marks of the top.
+    if (first.punch && space(p('punch', 'top.qcow2')).du > 1024 * 1024) return `fallocate --punch-hole left ${fmtSpace(space(p('punch', 'top.qcow2')))}`;
     for (const v of g.order) {
-      if (v === 'loop' || v === 'floor') continue;
+      if (baseline(v)) continue;
       g.after[v] = { top: space(p(v, 'top.qcow2')), base: space(p(v, 'base.qcow2')), marks: marks(h.qemuInfo(p(v, 'top.qcow2'), fx.dir)) };
       const k = first[v].json;
       if (k?.emptied) g.after[v].emptiedS = k.emptied.seconds;
@@ -442,6 +452,14 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
     const noise = noiseOf(g, ['q-commit', 'q-drop']);
     if (q !== null && q <= noise) notes.push(`qemu-img's difference (${q.toFixed(0)} ms) is within the noise of its runs (spread ${noise.toFixed(0)} ms): no ratio`);
     if (e !== null) notes.push(`qcowkit's own emptying time (emptyOpenImage, in-process): ${(e * 1000).toFixed(0)} ms = ${q ? (e * 1000 / q).toFixed(2) : '-'}x qemu-img's difference`);
+    const punch = med((g.samples.punch ?? []).map((s) => s.ms));
+    if (punch !== null) {
+      const discard = mountHasDiscard(g.fx.dir);
+      notes.push(
+        `free-space floor: fallocate --punch-hole over the whole fresh top ${punch.toFixed(0)} ms${q !== null && q > noise ? ` = ${(punch / q).toFixed(2)}x qemu-img's emptying (0.3x of it = ${(0.3 * q).toFixed(0)} ms)` : ''}` +
+          `${discard ? '; the filesystem is mounted with discard, so freeing blocks waits for the device to discard them' : ''}`,
+      );
+    }
     return {
       runs: g.runs,
       qemu: [{ ms: q !== null && q > noise ? q : null, rssKb: med(g.samples['q-commit'].map((s) => s.rssKb)) }],
@@ -529,6 +547,18 @@ process.stdout.write(JSON.stringify({ copyMs: t1 - t0, syncMs: t2 - t1 }));
 }
 
 const fmt = (ms) => (ms === null || ms === undefined ? '-' : `${ms.toFixed(0)} ms`);
+
+/** Whether the filesystem holding `dir` is mounted with the discard option (frees wait for the device). */
+function mountHasDiscard(dir) {
+  try {
+    const mounts = readFileSync('/proc/mounts', 'utf8').split('\n').map((l) => l.split(' ')).filter((f) => f.length > 3);
+    const real = realpathSync(dir);
+    const m = mounts.filter((f) => real === f[1] || real.startsWith(f[1].endsWith('/') ? f[1] : `${f[1]}/`)).sort((a, b) => b[1].length - a[1].length)[0];
+    return m ? m[3].split(',').includes('discard') : false;
+  } catch {
+    return false;
+  }
+}
 
 function space(path) {
   const st = statSync(path);
