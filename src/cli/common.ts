@@ -165,12 +165,12 @@ export function outputSettled(): boolean {
 }
 
 /** Writes to stdout (see useDirectStdout); a closed pipe ends the process quietly. */
-export function out(text: string): void {
+export function out(text: string | Uint8Array): void {
   if (!direct) {
     process.stdout.write(text);
     return;
   }
-  const buf = Buffer.from(text);
+  const buf = typeof text === 'string' ? Buffer.from(text) : text;
   let done = 0;
   try {
     while (done < buf.length) done += writeSync(1, buf, done);

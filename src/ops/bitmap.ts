@@ -13,7 +13,8 @@ import { kernels } from '../kernels/index.js';
 import type { BitmapDirectoryEntry } from '../format/bitmap.js';
 import {
   BitmapStore,
-  bitmapExtents,
+  forEachBitmapExtent,
+  bitmapExtentBatches,
   findBitmap,
   inconsistent,
   isEnabled,
@@ -23,7 +24,7 @@ import {
   loadMerged,
   type ByteExtent,
 } from '../qcow2/bitmaps.js';
-import type { OperationOptions } from './options.js';
+import type { ExtentStreamOptions, OperationOptions } from './options.js';
 import { validateForWrite } from './validate.js';
 
 export type BitmapAction =
@@ -179,22 +180,36 @@ export interface BitmapDump {
   bitmap: string;
   granularity: number;
   enabled: boolean;
-  /** Dirty guest ranges, ascending and coalesced (clipped to the disk). */
+  /** Dirty guest ranges, ascending and coalesced (clipped to the disk); empty when streamed (onExtents). */
   extents: ByteExtent[];
+  extentCount: number;
   dirtyBytes: number;
   bitsSet: number;
 }
 
+export type BitmapDumpOptions = BitmapOptions & ExtentStreamOptions<BitmapDump>;
+
 /** The dirty extents of one bitmap (what `qemu-nbd -B NAME` serves as qemu:dirty-bitmap:NAME). */
-export async function bitmapDump(file: string, name: string, opts: BitmapOptions = {}): Promise<BitmapDump> {
+export async function bitmapDump(file: string, name: string, opts: BitmapDumpOptions = {}): Promise<BitmapDump> {
   const img = await openQcow2(file, false, opts.format, opts);
   try {
     const e = findBitmap(img, name);
     const bm = await loadBitmap(img, e, opts);
     try {
-      const extents = bitmapExtents(bm, img.virtualSize);
       const bitsSet = kernels().popcount(bm.ptr, Math.ceil(bm.bits / 8));
-      return { file, bitmap: name, granularity: bm.granularity, enabled: isEnabled(e), extents, dirtyBytes: extents.reduce((n, x) => n + x.length, 0), bitsSet };
+      const extents: ByteExtent[] = [];
+      const collect = (pairs: Float64Array, n: number) => {
+        for (let i = 0; i < n; i++) extents.push({ start: pairs[i * 2]!, length: pairs[i * 2 + 1]! });
+      };
+      // Streamed: one pass for the totals, one for the extents (the kernel walks are cheap; a list
+      // of every extent of a fragmented terabyte bitmap is not).
+      const totals = forEachBitmapExtent(bm, img.virtualSize, opts.onExtents ? undefined : collect);
+      const r: BitmapDump = { file, bitmap: name, granularity: bm.granularity, enabled: isEnabled(e), extents, extentCount: totals.extents, dirtyBytes: totals.bytes, bitsSet };
+      if (opts.onExtents) {
+        opts.onSummary?.(r);
+        for (const b of bitmapExtentBatches(bm, img.virtualSize)) await opts.onExtents(b.pairs, b.count);
+      }
+      return r;
     } finally {
       bm.free();
     }
@@ -259,7 +274,7 @@ export async function bitmapCheck(file: string, opts: BitmapOptions & { repair?:
         if (!inUse) {
           const bm = await loadBitmap(layer, e, opts);
           try {
-            dirtyBytes = bitmapExtents(bm, layer.virtualSize).reduce((n, x) => n + x.length, 0);
+            dirtyBytes = forEachBitmapExtent(bm, layer.virtualSize).bytes;
           } finally {
             bm.free();
           }

@@ -9,10 +9,10 @@ import { BackingChain, resolveBackingPath } from '../chain/chain.js';
 import type { LayerFormat } from '../chain/layer.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { kernels } from '../kernels/index.js';
-import { bitmapExtents, findBitmap, loadBitmap, mergeInto, bitmapBits, type ByteExtent, type LoadedBitmap } from '../qcow2/bitmaps.js';
-import type { OperationOptions } from './options.js';
+import { bitmapExtentBatches, forEachBitmapExtent, findBitmap, loadBitmap, mergeInto, bitmapBits, type ByteExtent, type LoadedBitmap } from '../qcow2/bitmaps.js';
+import type { ExtentStreamOptions, OperationOptions } from './options.js';
 
-export interface ChangesOptions extends OperationOptions {
+export interface ChangesOptions extends OperationOptions, ExtentStreamOptions<ChangesResult> {
   format?: LayerFormat | undefined;
   /** Union of these bitmaps of FILENAME. */
   bitmaps?: string[] | undefined;
@@ -23,8 +23,9 @@ export interface ChangesOptions extends OperationOptions {
 export interface ChangesResult {
   file: string;
   source: { bitmaps: string[] } | { since: string; depth: number };
-  /** Changed guest ranges, ascending, coalesced. */
+  /** Changed guest ranges, ascending, coalesced; empty when streamed (onExtents). */
   extents: ByteExtent[];
+  extentCount: number;
   bytes: number;
   /** Granularity of the answer (the finest of the bitmaps; 0 for --since: exact ranges). */
   granularity: number;
@@ -52,8 +53,14 @@ async function fromBitmaps(file: string, names: string[], opts: ChangesOptions):
       throwIfAborted(opts.signal, file);
       mergeInto(acc as LoadedBitmap, bm);
     }
-    const extents = bitmapExtents(acc, img.virtualSize);
-    return { file, source: { bitmaps: entries.map((e) => e.name) }, extents, bytes: extents.reduce((n, e) => n + e.length, 0), granularity: acc.granularity };
+    const list = new ExtentList();
+    const totals = forEachBitmapExtent(acc, img.virtualSize, opts.onExtents ? undefined : (pairs, n) => list.addPairs(pairs, n));
+    const r: ChangesResult = { file, source: { bitmaps: entries.map((e) => e.name) }, extents: list.toArray(), extentCount: totals.extents, bytes: totals.bytes, granularity: acc.granularity };
+    if (opts.onExtents) {
+      opts.onSummary?.(r);
+      for (const b of bitmapExtentBatches(acc, img.virtualSize)) await opts.onExtents(b.pairs, b.count);
+    }
+    return r;
   } finally {
     if (acc) k.free(acc.ptr);
     for (const bm of loaded) bm.free();
@@ -65,18 +72,58 @@ async function fromChain(file: string, since: string, opts: ChangesOptions): Pro
   const chain = await BackingChain.open(file, { format: opts.format, forceShare: opts.forceShare, signal: opts.signal, onWarning: opts.onWarning });
   try {
     const depth = await findLayer(chain, since);
-    const extents: ByteExtent[] = [];
+    const list = new ExtentList();
     const size = chain.virtualSize;
     await chain.statusAboveDepth(depth, 0, size, (e) => {
-      if (!e.allocated) return;
-      const last = extents[extents.length - 1];
-      if (last && last.start + last.length === e.start) last.length += e.length;
-      else extents.push({ start: e.start, length: e.length });
+      if (e.allocated) list.add(e.start, e.length);
     });
     opts.onProgress?.(size, size);
-    return { file, source: { since, depth }, extents, bytes: extents.reduce((n, e) => n + e.length, 0), granularity: 0 };
+    const r: ChangesResult = { file, source: { since, depth }, extents: opts.onExtents ? [] : list.toArray(), extentCount: list.count, bytes: list.bytes, granularity: 0 };
+    if (opts.onExtents) {
+      opts.onSummary?.(r);
+      await list.stream(opts.onExtents);
+    }
+    return r;
   } finally {
     await chain.close();
+  }
+}
+
+/** Coalesced extents as [start, length] pairs in one growing Float64Array: 16 bytes each, no object per extent. */
+class ExtentList {
+  #pairs = new Float64Array(2048);
+  count = 0;
+  bytes = 0;
+
+  add(start: number, length: number): void {
+    const n = this.count;
+    if (n && this.#pairs[n * 2 - 2]! + this.#pairs[n * 2 - 1]! === start) this.#pairs[n * 2 - 1]! += length;
+    else {
+      if (n * 2 === this.#pairs.length) {
+        const grown = new Float64Array(this.#pairs.length * 2);
+        grown.set(this.#pairs);
+        this.#pairs = grown;
+      }
+      this.#pairs[n * 2] = start;
+      this.#pairs[n * 2 + 1] = length;
+      this.count++;
+    }
+    this.bytes += length;
+  }
+
+  addPairs(pairs: Float64Array, n: number): void {
+    for (let i = 0; i < n; i++) this.add(pairs[i * 2]!, pairs[i * 2 + 1]!);
+  }
+
+  toArray(): ByteExtent[] {
+    const out: ByteExtent[] = [];
+    for (let i = 0; i < this.count; i++) out.push({ start: this.#pairs[i * 2]!, length: this.#pairs[i * 2 + 1]! });
+    return out;
+  }
+
+  async stream(onExtents: (pairs: Float64Array, count: number) => void | Promise<void>): Promise<void> {
+    const BATCH = 65536;
+    for (let i = 0; i < this.count; i += BATCH) await onExtents(this.#pairs.subarray(i * 2, Math.min(this.count, i + BATCH) * 2), Math.min(BATCH, this.count - i));
   }
 }
 

@@ -8,3 +8,15 @@ export interface OperationOptions {
   /** Open images even when another process holds a write lock (qemu-img -U; read-only use). */
   forceShare?: boolean | undefined;
 }
+
+/**
+ * Extents streamed instead of returned (for results that can hold millions of them): the totals
+ * reach `onSummary` first, then `onExtents` gets batches of [start, length] pairs in guest bytes,
+ * ascending and coalesced, in a buffer it may only read during the call. The result's `extents`
+ * is then empty.
+ */
+export interface ExtentStreamOptions<Summary> {
+  onSummary?: ((summary: Summary) => void) | undefined;
+  /** May return a promise (output with back-pressure): the next batch waits for it. */
+  onExtents?: ((pairs: Float64Array, count: number) => void | Promise<void>) | undefined;
+}

@@ -207,30 +207,89 @@ export async function loadBitmap(img: Qcow2Image, e: BitmapDirectoryEntry, opts:
 
 /** Dirty extents of a loaded bitmap in guest bytes (ascending, coalesced, clipped to the disk). */
 export function bitmapExtents(bm: { ptr: number; bits: number; granularity: number }, diskSize: number): ByteExtent[] {
-  const k = kernels();
-  const MAX = 65536;
-  const out = k.alloc(16 * MAX);
   const result: ByteExtent[] = [];
+  forEachBitmapExtent(bm, diskSize, (pairs, n) => {
+    for (let i = 0; i < n; i++) result.push({ start: pairs[i * 2]!, length: pairs[i * 2 + 1]! });
+  });
+  return result;
+}
+
+/** Extents per batch of forEachBitmapExtent (and per call of the extents kernel). */
+const EXTENT_BATCH = 65536;
+
+/**
+ * A bitmap's dirty extents in guest bytes, streamed: `onBatch` gets [start, length] pairs
+ * (ascending, coalesced across batches, clipped to the disk) in a buffer it may only read during
+ * the call. Memory stays flat however fragmented the bitmap is. Returns the totals.
+ */
+export function forEachBitmapExtent(
+  bm: { ptr: number; bits: number; granularity: number },
+  diskSize: number,
+  onBatch?: (pairs: Float64Array, count: number) => void,
+): { extents: number; bytes: number } {
+  const totals = { extents: 0, bytes: 0 };
+  for (const b of bitmapExtentBatches(bm, diskSize, totals)) onBatch?.(b.pairs, b.count);
+  return totals;
+}
+
+/**
+ * forEachBitmapExtent as a generator, for consumers that wait between batches (output with
+ * back-pressure): `totals` is complete once the generator is done. The bitmap must stay loaded
+ * until then; wasm memory may grow between batches.
+ */
+export function* bitmapExtentBatches(
+  bm: { ptr: number; bits: number; granularity: number },
+  diskSize: number,
+  totals: { extents: number; bytes: number } = { extents: 0, bytes: 0 },
+): Generator<{ pairs: Float64Array; count: number }, void, undefined> {
+  const k = kernels();
+  const out = k.alloc(16 * EXTENT_BATCH);
+  const batch = new Float64Array(2 * EXTENT_BATCH);
+  let n = 0;
+  let pendingStart = -1;
+  let pendingLength = 0;
   try {
     let from = 0;
     for (;;) {
-      const n = k.extents(bm.ptr, from, bm.bits, out, MAX);
-      const f = new Float64Array(k.memory.buffer, out, n * 2);
-      for (let i = 0; i < n; i++) {
+      const got = k.extents(bm.ptr, from, bm.bits, out, EXTENT_BATCH);
+      // Copied out of wasm memory at once: it may grow while a batch is being consumed.
+      const f = new Float64Array(k.memory.buffer, out, got * 2).slice();
+      const next = got < EXTENT_BATCH ? bm.bits : k.extentsNext();
+      for (let i = 0; i < got; i++) {
         const start = f[i * 2]! * bm.granularity;
         const length = Math.min(diskSize, (f[i * 2]! + f[i * 2 + 1]!) * bm.granularity) - start;
-        const last = result[result.length - 1];
-        if (last && last.start + last.length === start) last.length += length;
-        else result.push({ start, length });
+        if (length <= 0) continue;
+        if (pendingStart >= 0 && pendingStart + pendingLength === start) {
+          pendingLength += length;
+          continue;
+        }
+        if (pendingStart >= 0) {
+          batch[n * 2] = pendingStart;
+          batch[n * 2 + 1] = pendingLength;
+          totals.extents++;
+          totals.bytes += pendingLength;
+          if (++n === EXTENT_BATCH) {
+            yield { pairs: batch, count: n };
+            n = 0;
+          }
+        }
+        pendingStart = start;
+        pendingLength = length;
       }
-      if (n < MAX) break;
-      from = k.extentsNext();
-      if (from >= bm.bits) break;
+      if (got < EXTENT_BATCH || next >= bm.bits) break;
+      from = next;
     }
+    if (pendingStart >= 0) {
+      batch[n * 2] = pendingStart;
+      batch[n * 2 + 1] = pendingLength;
+      totals.extents++;
+      totals.bytes += pendingLength;
+      n++;
+    }
+    if (n) yield { pairs: batch, count: n };
   } finally {
     k.free(out);
   }
-  return result;
 }
 
 /** Marks guest byte ranges dirty in a loaded bitmap (every granule they touch). */

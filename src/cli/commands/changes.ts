@@ -1,7 +1,9 @@
+import { once } from 'node:events';
 import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
 import { changes, type ChangesResult } from '../../ops/changes.js';
-import { fail, formatOption, imageFilename, newCommand, outputOption, printPlainJson, warn } from '../util.js';
+import { fail, formatOption, imageFilename, newCommand, outputOption, warn } from '../util.js';
+import { HUMAN_EXTENT_HEADER, humanExtentRows, jsonExtentList, type ExtentText } from '../extent-text.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 
 export function command() {
@@ -24,19 +26,38 @@ export function command() {
     .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; bitmap?: string[]; since?: string; forceShare?: boolean; output: string }) => {
       try {
         if ((o.bitmap?.length ?? 0) > 0 === (o.since !== undefined)) throw new QcowError('INVALID_ARGUMENT', 'give either --bitmap NAME... or --since IMAGE');
-        const r = await changes(imageFilename(filename), { format: o.format, bitmaps: o.bitmap, since: o.since, forceShare: o.forceShare === true, onWarning: warn });
-        if (o.output === 'json') printPlainJson(r.extents);
-        else process.stdout.write(human(r));
+        // Streamed: the totals first, then the extents batch by batch.
+        // A pipe that fills up: the next batch waits for it to drain (memory stays bounded).
+        let drained: Promise<void> | undefined;
+        const write = (text: string | Uint8Array) => {
+          if (!process.stdout.write(text)) drained ??= once(process.stdout, 'drain').then(() => void (drained = undefined));
+        };
+        const json = o.output === 'json';
+        let list: ExtentText | undefined;
+        await changes(imageFilename(filename), {
+          format: o.format,
+          bitmaps: o.bitmap,
+          since: o.since,
+          forceShare: o.forceShare === true,
+          onWarning: warn,
+          onSummary: (r) => {
+            if (!json) write(humanHeader(r));
+            list = json ? jsonExtentList(write, 0) : humanExtentRows(write);
+          },
+          onExtents: (pairs, n) => {
+            list!.push(pairs, n);
+            return drained;
+          },
+        });
+        list!.end();
+        if (json) write('\n');
       } catch (e) {
         fail(e);
       }
     });
 }
 
-function human(r: ChangesResult): string {
+function humanHeader(r: ChangesResult): string {
   const from = 'bitmaps' in r.source ? `bitmap(s) ${r.source.bitmaps.join(', ')}` : `the layers above ${r.source.since} (depth ${r.source.depth})`;
-  const lines = [`Changed: ${r.bytes} bytes (${humanSize(r.bytes)}) in ${r.extents.length} extent(s), from ${from}`];
-  if (r.extents.length) lines.push(`${'start'.padEnd(20)}length`);
-  for (const e of r.extents) lines.push(`${String(e.start).padEnd(20)}${e.length}`);
-  return lines.join('\n') + '\n';
+  return `Changed: ${r.bytes} bytes (${humanSize(r.bytes)}) in ${r.extentCount} extent(s), from ${from}\n${r.extentCount ? HUMAN_EXTENT_HEADER : ''}`;
 }

@@ -9,6 +9,7 @@ import { imageFilename, out, outputSettled, parseSize, plainJson, useDirectStdou
 import { sizeToStr as humanSize } from '../qemu-output.js';
 import type { OrderedOption, QuickSpec } from '../quick.js';
 import { imageOptsTarget } from '../image-opts.js';
+import { HUMAN_EXTENT_HEADER, humanExtentRows, jsonExtentList, type ExtentText } from '../extent-text.js';
 
 type Fmt = 'qcow2' | 'raw';
 
@@ -79,8 +80,26 @@ export async function runBitmap(filename: string | undefined, name: string | und
       return;
     }
     if (filename === undefined || name === undefined) throw new QcowError('INVALID_ARGUMENT', 'Expecting filename and bitmap name');
-    const r = await bitmapDump(imagePath(filename, o), name, { format: o.format, forceShare: o.forceShare === true, openFile });
-    out(o.output === 'json' ? plainJson({ name: r.bitmap, granularity: r.granularity, 'dirty-bytes': r.dirtyBytes, 'bits-set': r.bitsSet, extents: r.extents }) : dumpHuman(r));
+    // Streamed: the header once the totals are known, then the extents batch by batch.
+    const json = o.output === 'json';
+    let list: ExtentText | undefined;
+    await bitmapDump(imagePath(filename, o), name, {
+      format: o.format,
+      forceShare: o.forceShare === true,
+      openFile,
+      onSummary: (r) => {
+        if (json) {
+          out(`{\n    "name": ${JSON.stringify(r.bitmap)},\n    "granularity": ${r.granularity},\n    "dirty-bytes": ${r.dirtyBytes},\n    "bits-set": ${r.bitsSet},\n    "extents": `);
+          list = jsonExtentList(out, 1);
+        } else {
+          out(dumpHumanHeader(r));
+          list = humanExtentRows(out);
+        }
+      },
+      onExtents: (pairs, n) => list!.push(pairs, n),
+    });
+    list!.end();
+    if (json) out('\n}\n');
     return;
   }
   if (o.repair) throw new QcowError('INVALID_ARGUMENT', '--repair only goes with --check');
@@ -116,18 +135,14 @@ function imagePath(filename: string, o: BitmapFlags): string {
   return t.path;
 }
 
-function dumpHuman(r: BitmapDump): string {
+function dumpHumanHeader(r: BitmapDump): string {
   const lines = [
     `bitmap: ${r.bitmap}`,
     `granularity: ${r.granularity}`,
     `recording: ${r.enabled ? 'yes' : 'no'}`,
-    `dirty: ${r.dirtyBytes} bytes (${humanSize(r.dirtyBytes)}) in ${r.extents.length} extent(s), ${r.bitsSet} bits set`,
+    `dirty: ${r.dirtyBytes} bytes (${humanSize(r.dirtyBytes)}) in ${r.extentCount} extent(s), ${r.bitsSet} bits set`,
   ];
-  if (r.extents.length) {
-    lines.push(`${'start'.padEnd(20)}length`);
-    for (const e of r.extents) lines.push(`${String(e.start).padEnd(20)}${e.length}`);
-  }
-  return lines.join('\n') + '\n';
+  return lines.join('\n') + '\n' + (r.extentCount ? HUMAN_EXTENT_HEADER : '');
 }
 
 function checkHuman(r: BitmapCheckResult): string {
