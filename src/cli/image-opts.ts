@@ -79,3 +79,12 @@ function nbdTarget(o: Map<string, string>, text: string): NbdTarget {
   }
   throw new QcowError('UNSUPPORTED', `server.type '${type}' is not supported (unix or inet)`, text);
 }
+
+/** FILENAME of a command that takes --image-opts for plain files: the path, and the format the options name. */
+export function imageOptsFile(filename: string, o: { imageOpts?: boolean | undefined; format?: 'qcow2' | 'raw' | undefined }): { path: string; format: 'qcow2' | 'raw' | undefined } {
+  if (!o.imageOpts) return { path: imageFilename(filename), format: o.format };
+  if (o.format !== undefined) throw new QcowError('INVALID_ARGUMENT', '--image-opts and --format are mutually exclusive');
+  const t = imageOptsTarget(filename);
+  if (t.kind !== 'file') throw new QcowError('UNSUPPORTED', 'an NBD export is taken by map only', filename);
+  return { path: t.path, format: t.format };
+}

@@ -197,7 +197,7 @@ describeQemu('qemu-iotests parity (issue 8)', () => {
     expect(k.stdout.replace('k.qcow2', 'q.qcow2')).toBe(q.stdout);
   });
 
-  it('file: prefixes are stripped as QEMU does; json:, protocol names and --image-opts are refused in one line (126, 074, 089, 110, 204)', () => {
+  it('file: prefixes are stripped as QEMU does; json:, protocol names and --image-opts outside info/map/bitmap are refused in one line (126, 074, 089, 110, 204, 279)', () => {
     must(theirs(['create', '-q', '-f', 'qcow2', 'file:image:top.qcow2', '64M']));
     must(theirs(['create', '-q', '-f', 'qcow2', 'plain.qcow2', '64M']));
     expect(ours(['info', 'file:image:top.qcow2']).stdout).toBe(theirs(['info', 'file:image:top.qcow2']).stdout);
@@ -215,9 +215,17 @@ describeQemu('qemu-iotests parity (issue 8)', () => {
     expect(ours(['compare', json, 'plain.qcow2']).status).toBe(2);
     const proto = ours(['info', 'blkdebug::plain.qcow2']);
     expect(proto.stderr).toBe('qcowkit: blkdebug::plain.qcow2: blkdebug: protocol filenames are not supported; qcowkit opens plain image files only\n');
-    const io = ours(['info', '--image-opts', 'driver=qcow2,file.filename=plain.qcow2']);
+    const io = ours(['check', '--image-opts', 'driver=qcow2,file.filename=plain.qcow2']);
     expect(io.status).toBe(1);
     expect(io.stderr).toBe('qcowkit: --image-opts is not supported; pass the image file name (and -f) instead\n');
+    // info takes the plain-file form (279), as map and bitmap do; other drivers are refused by name.
+    for (const output of ['human', 'json']) {
+      const opts = ['info', '--output', output, '--backing-chain', '--image-opts', 'driver=qcow2,file.driver=file,file.filename=plain.qcow2'];
+      expect(ours(opts).stdout).toBe(theirs(opts).stdout);
+    }
+    const blk = ours(['info', '--image-opts', 'driver=blkdebug,image.driver=qcow2,image.file.filename=plain.qcow2']);
+    expect(blk.stderr).toBe("qcowkit: driver=blkdebug,image.driver=qcow2,image.file.filename=plain.qcow2: driver 'blkdebug' is not supported (qcow2, raw and file)\n");
+    expect(ours(['info', '-f', 'qcow2', '--image-opts', 'driver=qcow2,file.filename=plain.qcow2']).stderr).toBe('qcowkit: --image-opts and --format are mutually exclusive\n');
   });
 
   it('create without -f makes a qcow2 image (qemu-img would make a raw one)', () => {

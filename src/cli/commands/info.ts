@@ -9,7 +9,8 @@ export function command() {
   return newCommand('info', 'Show information about FILENAME (fields and JSON names as qemu-img info).', [
     'qcowkit info disk.qcow2',
     'qcowkit info --output json --backing-chain overlay.qcow2',
-  ])
+    'qcowkit info --image-opts driver=qcow2,file.driver=file,file.filename=disk.qcow2',
+  ], { imageOpts: true })
     .addOption(formatOption())
     .addOption(outputOption())
     .option('--backing-chain', 'show every image of the backing chain, top first')

@@ -8,7 +8,7 @@ import { bitmap, bitmapCheck, bitmapDump, type BitmapAction, type BitmapCheckRes
 import { imageFilename, out, outputSettled, parseSize, plainJson, useDirectStdout, warn } from '../common.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 import type { OrderedOption, QuickSpec } from '../quick.js';
-import { imageOptsTarget } from '../image-opts.js';
+import { imageOptsFile } from '../image-opts.js';
 import { HUMAN_EXTENT_HEADER, humanExtentRows, jsonExtentList, type ExtentText } from '../extent-text.js';
 
 type Fmt = 'qcow2' | 'raw';
@@ -126,13 +126,11 @@ export async function runBitmap(filename: string | undefined, name: string | und
   if (o.output === 'json') out(plainJson(r));
 }
 
-/** --image-opts: the file named by `driver=qcow2,file.driver=file,file.filename=PATH`. */
+/** FILENAME, or the file an --image-opts string names (its format then taken from it). */
 function imagePath(filename: string, o: BitmapFlags): string {
-  if (!o.imageOpts) return imageFilename(filename);
-  const t = imageOptsTarget(filename);
-  if (t.kind !== 'file') throw new QcowError('UNSUPPORTED', 'bitmap takes an image file', filename);
-  o.format ??= t.format;
-  return t.path;
+  const f = imageOptsFile(filename, o);
+  o.format = f.format;
+  return f.path;
 }
 
 function dumpHumanHeader(r: BitmapDump): string {

@@ -4,7 +4,8 @@
  */
 import { info, type ImageInfo } from '../../ops/info.js';
 import { qdictKeys, qemuJson, sizeToStr } from '../qemu-output.js';
-import { imageFilename, out, useDirectStdout, warn } from '../common.js';
+import { out, useDirectStdout, warn } from '../common.js';
+import { imageOptsFile } from '../image-opts.js';
 import type { QuickSpec } from '../quick.js';
 
 export interface InfoFlags {
@@ -12,6 +13,7 @@ export interface InfoFlags {
   output: string;
   backingChain?: boolean;
   forceShare?: boolean;
+  imageOpts?: boolean;
 }
 
 /** The options of commands/info.ts, for main.ts's quick parser (kept in step with it). */
@@ -21,6 +23,7 @@ export const spec: QuickSpec = {
     { long: 'output', value: true, choices: ['human', 'json'], default: 'human' },
     { long: 'backing-chain' },
     { short: 'U', long: 'force-share' },
+    { long: 'image-opts' },
   ],
   minArgs: 1,
   maxArgs: 1,
@@ -33,7 +36,8 @@ export async function run(args: string[], flags: Record<string, unknown>): Promi
 }
 
 export async function runInfo(filename: string, o: InfoFlags): Promise<void> {
-  const infos = await info(imageFilename(filename), { format: o.format, backingChain: o.backingChain === true, forceShare: o.forceShare === true, onWarning: warn });
+  const file = imageOptsFile(filename, o);
+  const infos = await info(file.path, { format: file.format, backingChain: o.backingChain === true, forceShare: o.forceShare === true, onWarning: warn });
   if (o.output === 'json') out(qemuJson(o.backingChain ? infos : infos[0]) + '\n');
   else out(infos.map(humanInfo).join('\n'));
 }
