@@ -88,3 +88,48 @@ export function imageOptsFile(filename: string, o: { imageOpts?: boolean | undef
   if (t.kind !== 'file') throw new QcowError('UNSUPPORTED', 'an NBD export is taken by map only', filename);
   return { path: t.path, format: t.format };
 }
+
+/**
+ * An NBD URI or legacy `nbd:` name as QEMU takes it for a file name (`nbd://HOST[:PORT][/EXPORT]`,
+ * `nbd+unix:///EXPORT?socket=PATH`, `nbd:unix:PATH[:exportname=NAME]`, `nbd:HOST:PORT[:exportname=NAME]`);
+ * undefined for any other name.
+ */
+export function nbdNameTarget(name: string): NbdTarget | undefined {
+  const bad = (why: string) => new QcowError('INVALID_ARGUMENT', why, name);
+  const m = /^nbd(\+tcp|\+unix)?:\/\/(.*)$/.exec(name);
+  if (m) {
+    let url: URL;
+    try {
+      url = new URL(`nbd://${m[2]}`);
+    } catch {
+      throw bad('invalid NBD URI');
+    }
+    const exportName = decodeURIComponent(url.pathname.replace(/^\//, '')) || undefined;
+    if (m[1] === '+unix') {
+      const socket = url.searchParams.get('socket');
+      if (url.host || !socket) throw bad('an nbd+unix URI takes no host and needs ?socket=PATH');
+      return { server: { type: 'unix', path: socket }, exportName };
+    }
+    if (!url.hostname) throw bad('NBD server address missing');
+    return { server: { type: 'inet', host: url.hostname.replace(/^\[(.*)\]$/, '$1'), port: url.port ? Number(url.port) : 10809 }, exportName };
+  }
+  if (!name.startsWith('nbd:')) return undefined;
+  // The legacy form: colon-separated, the export name last.
+  let rest = name.slice(4);
+  let exportName: string | undefined;
+  const ex = rest.indexOf(':exportname=');
+  if (ex >= 0) {
+    exportName = rest.slice(ex + ':exportname='.length);
+    if (!exportName) throw bad('the export name is empty');
+    rest = rest.slice(0, ex);
+  }
+  if (rest.startsWith('unix:')) {
+    if (rest.length === 5) throw bad('NBD server address missing');
+    return { server: { type: 'unix', path: rest.slice(5) }, exportName };
+  }
+  const colon = rest.lastIndexOf(':');
+  const host = colon < 0 ? rest : rest.slice(0, colon);
+  const port = colon < 0 ? 10809 : Number(rest.slice(colon + 1));
+  if (!host || !Number.isInteger(port) || port < 1 || port > 65535) throw bad('NBD server address missing');
+  return { server: { type: 'inet', host, port }, exportName };
+}

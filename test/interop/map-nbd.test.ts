@@ -110,6 +110,9 @@ describeQemu('map of an NBD export (--image-opts driver=nbd)', () => {
     await expectSame(['--output', 'json', '--image-opts', `driver=nbd,host=127.0.0.1,port=${port},export=disk0,x-dirty-bitmap=qemu:dirty-bitmap:b0`]);
     await expectSame(['--image-opts', `driver=nbd,path=${chain.sock}`]);
     await expectSame(['--image-opts', unix(chain.sock, ',export=,reconnect-delay=1')]);
+    // The same exports named by URI or by the legacy nbd: syntax instead of --image-opts.
+    for (const name of [`nbd+unix:///?socket=${chain.sock}`, `nbd+unix://?socket=${chain.sock}`, `nbd:unix:${chain.sock}`, `nbd://127.0.0.1:${port}/disk0`, `nbd:127.0.0.1:${port}:exportname=disk0`])
+      for (const out of ['json', 'human']) await expectSame(['--output', out, name]);
   });
 
   it('the library: entries, size and progress', async () => {
@@ -137,6 +140,14 @@ describeQemu('map of an NBD export (--image-opts driver=nbd)', () => {
       expect(q(['map', ...args]).status, args.join(' ')).toBe(1);
       const r = await ours(args);
       expectOneLineError(r, { name: args.join(' '), file: args[1]!, message }, 1);
+    }
+    for (const [name, message] of [
+      [`nbd+unix:///foo?socket=${chain.sock}`, /Requested export not available/],
+      [`nbd:unix:${chain.sock}:exportname=`, /the export name is empty/],
+      ['nbd+unix:///?nosocket=1', /needs \?socket=PATH/],
+    ] as const) {
+      expect(q(['map', name]).status, name).toBe(1);
+      expectOneLineError(await ours([name]), { name, file: name, message }, 1);
     }
     const both = await ours(['-f', 'raw', '--image-opts', unix(chain.sock)]);
     expect(both.status).toBe(1);

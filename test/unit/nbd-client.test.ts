@@ -24,7 +24,7 @@ import {
   NBD_REP_META_CONTEXT,
   NBD_STRUCTURED_REPLY_MAGIC,
 } from '../../src/nbd/protocol.js';
-import { imageOptsTarget, parseImageOpts } from '../../src/cli/image-opts.js';
+import { imageOptsTarget, nbdNameTarget, parseImageOpts } from '../../src/cli/image-opts.js';
 import { tmpDir } from '../helpers/tmp.js';
 
 interface Script {
@@ -250,5 +250,20 @@ describe('--image-opts', () => {
       expect(() => imageOptsTarget(text), text).toThrow(message);
     expect(() => imageOptsTarget('driver=nbd,server.type=inet,server.host=h,server.port=99999', { nbd: true })).toThrow(/invalid port/);
     expect(() => imageOptsTarget('driver=nbd,server.type=vsock,server.cid=3', { nbd: true })).toThrow(/not supported/);
+  });
+
+  it('NBD names: URIs and the legacy nbd: form', () => {
+    const unix = (path: string, exportName?: string) => ({ server: { type: 'unix', path }, exportName });
+    const inet = (host: string, port: number, exportName?: string) => ({ server: { type: 'inet', host, port }, exportName });
+    expect(nbdNameTarget('nbd+unix:///?socket=/run/s')).toEqual(unix('/run/s'));
+    expect(nbdNameTarget('nbd+unix:///disk%201?socket=/run/s')).toEqual(unix('/run/s', 'disk 1'));
+    expect(nbdNameTarget('nbd://h')).toEqual(inet('h', 10809));
+    expect(nbdNameTarget('nbd+tcp://[::1]:1234/e')).toEqual(inet('::1', 1234, 'e'));
+    expect(nbdNameTarget('nbd:unix:/run/s:exportname=e')).toEqual(unix('/run/s', 'e'));
+    expect(nbdNameTarget('nbd:h:99')).toEqual(inet('h', 99));
+    expect(nbdNameTarget('disk.qcow2')).toBeUndefined();
+    expect(nbdNameTarget('nbdx:foo')).toBeUndefined();
+    for (const bad of ['nbd+unix://h/?socket=/s', 'nbd+unix:///', 'nbd:unix:', 'nbd:h:0', 'nbd::99', 'nbd:unix:/s:exportname='])
+      expect(() => nbdNameTarget(bad), bad).toThrow(QcowError);
   });
 });

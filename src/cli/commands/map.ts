@@ -2,7 +2,7 @@ import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
 import { emptyMapJson, mapImage, mapImageJson, type MapEntry } from '../../ops/map.js';
 import { mapNbd } from '../../ops/map-nbd.js';
-import { imageOptsTarget } from '../image-opts.js';
+import { imageOptsTarget, nbdNameTarget } from '../image-opts.js';
 import { formatOption, imageFilename, newCommand, outputOption, parseSize, warn } from '../util.js';
 
 // printf("%#x"): 0 prints as "0".
@@ -14,6 +14,7 @@ export function command() {
     'qcowkit map --output json overlay.qcow2',
     'qcowkit map --start-offset 1G --max-length 64M disk.qcow2',
     "qcowkit map --output json --image-opts 'driver=nbd,server.type=unix,server.path=/run/nbd.sock,x-dirty-bitmap=qemu:dirty-bitmap:backup'",
+    "qcowkit map 'nbd+unix:///?socket=/run/nbd.sock'",
   ], { imageOpts: 'nbd' })
     .addOption(formatOption())
     .addOption(outputOption())
@@ -22,8 +23,8 @@ export function command() {
     .option('-U, --force-share', 'open the image even if another process uses it')
     .argument('<filename>')
     .action(async (name: string, o: { format?: 'qcow2' | 'raw'; output: string; startOffset: string; maxLength?: string; forceShare?: boolean; imageOpts?: boolean }) => {
-      const target = o.imageOpts ? imageOptsTarget(name, { nbd: true }) : undefined;
-      const filename = target?.kind === 'file' ? target.path : imageFilename(name);
+      const nbdName = o.imageOpts ? undefined : nbdNameTarget(name);
+      const target = o.imageOpts ? imageOptsTarget(name, { nbd: true }) : nbdName ? { kind: 'nbd' as const, target: nbdName } : undefined;
       const json = o.output === 'json';
       const start = parseSize(o.startOffset, 'start offset');
       const length = o.maxLength !== undefined ? parseSize(o.maxLength, 'max length') : undefined;
@@ -36,6 +37,7 @@ export function command() {
         else process.stdout.write(MAP_HUMAN_HEADER + entries.map(mapHumanLine).join(''));
         return;
       }
+      const filename = target?.kind === 'file' ? target.path : imageFilename(name);
       if (json) {
         // Text made by the wasm writer in ~0.5 MB chunks (stdout to files and pipes is synchronous).
         await mapImageJson(filename, (chunk) => void process.stdout.write(chunk), common);
