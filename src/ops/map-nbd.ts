@@ -63,13 +63,15 @@ export async function mapNbd(target: NbdTarget, emit: (e: MapEntry) => void, opt
         offset += ask;
       } else {
         const descriptors = await client.blockStatus(offset, ask);
-        if (!descriptors.length) throw new QcowError('IO', `NBD server: no block status for offset ${offset}`, label);
+        const before = offset;
         for (const d of descriptors) {
           const len = Math.min(d.length, end - offset);
           if (len <= 0) break;
           push(entry(offset, len, d.flags, filename));
           offset += len;
         }
+        // Nothing, or only empty descriptors: asking again would loop forever.
+        if (offset === before) throw new QcowError('IO', `NBD server: no block status for offset ${offset}`, label);
       }
       opts.onProgress?.(offset - start, end - start);
     }

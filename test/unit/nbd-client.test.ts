@@ -187,6 +187,7 @@ describe('NBD client', () => {
       [{ size: 1 * K, status: () => ['error'] }, /block status at 0: disk on fire/],
       [{ size: 1 * K, status: () => [[[512, 0]]], dropAt: 1 }, /closed the connection/],
       [{ size: 1 * K, status: () => [[]] }, /block status payload of 4 bytes/],
+      [{ size: 1 * K, status: () => [[[0, 0]]] }, /no block status for offset 0/],
       [{ size: 1 * K, greeting: Buffer.from('SSH-2.0-OpenSSH_9.2\r\n') }, /not an NBD server/],
     ];
     for (const [script, message] of cases) {
