@@ -30,11 +30,28 @@ export function command() {
       const length = o.maxLength !== undefined ? parseSize(o.maxLength, 'max length') : undefined;
       const common = { format: target?.kind === 'file' ? target.format : o.format, forceShare: o.forceShare === true, start, ...(length !== undefined ? { length } : {}), onWarning: warn };
       if (target?.kind === 'nbd') {
-        // An export's map is short (the server's extents): entries as objects, text as qemu-img's.
-        const entries: MapEntry[] = [];
-        await mapNbd(target.target, (e) => entries.push(e), { start, length, label: name });
-        if (json) process.stdout.write(entries.length ? `[${entries.map(mapJsonEntry).join(',\n')}]\n` : emptyMapJson(start));
-        else process.stdout.write(MAP_HUMAN_HEADER + entries.map(mapHumanLine).join(''));
+        // Streamed in ~1 MB chunks: a fragmented bitmap of a big export has millions of extents.
+        const parts: string[] = json ? [] : [MAP_HUMAN_HEADER];
+        let size = 0;
+        let count = 0;
+        const flush = () => {
+          if (parts.length) process.stdout.write(parts.join(''));
+          parts.length = 0;
+          size = 0;
+        };
+        await mapNbd(
+          target.target,
+          (e) => {
+            const text = json ? `${count ? ',\n' : '['}${mapJsonEntry(e)}` : mapHumanLine(e);
+            count++;
+            parts.push(text);
+            size += text.length;
+            if (size >= 1 << 20) flush();
+          },
+          { start, length, label: name },
+        );
+        if (json) parts.push(count ? ']\n' : emptyMapJson(start));
+        flush();
         return;
       }
       const filename = target?.kind === 'file' ? target.path : imageFilename(name);
