@@ -14,7 +14,6 @@ import type { BitmapDirectoryEntry } from '../format/bitmap.js';
 import {
   BitmapStore,
   forEachBitmapExtent,
-  bitmapExtentBatches,
   findBitmap,
   inconsistent,
   isEnabled,
@@ -26,6 +25,7 @@ import {
 } from '../qcow2/bitmaps.js';
 import type { ExtentStreamOptions, OperationOptions } from './options.js';
 import { validateForWrite } from './validate.js';
+import { bitmapExtentResult } from './extents.js';
 
 export type BitmapAction =
   | { action: 'add'; granularity?: number | undefined; disabled?: boolean | undefined }
@@ -197,19 +197,16 @@ export async function bitmapDump(file: string, name: string, opts: BitmapDumpOpt
     const bm = await loadBitmap(img, e, opts);
     try {
       const bitsSet = kernels().popcount(bm.ptr, Math.ceil(bm.bits / 8));
-      const extents: ByteExtent[] = [];
-      const collect = (pairs: Float64Array, n: number) => {
-        for (let i = 0; i < n; i++) extents.push({ start: pairs[i * 2]!, length: pairs[i * 2 + 1]! });
-      };
-      // Streamed: one pass for the totals, one for the extents (the kernel walks are cheap; a list
-      // of every extent of a fragmented terabyte bitmap is not).
-      const totals = forEachBitmapExtent(bm, img.virtualSize, opts.onExtents ? undefined : collect);
-      const r: BitmapDump = { file, bitmap: name, granularity: bm.granularity, enabled: isEnabled(e), extents, extentCount: totals.extents, dirtyBytes: totals.bytes, bitsSet };
-      if (opts.onExtents) {
-        opts.onSummary?.(r);
-        for (const b of bitmapExtentBatches(bm, img.virtualSize)) await opts.onExtents(b.pairs, b.count);
-      }
-      return r;
+      return await bitmapExtentResult(bm, img.virtualSize, opts, (extents, totals): BitmapDump => ({
+        file,
+        bitmap: name,
+        granularity: bm.granularity,
+        enabled: isEnabled(e),
+        extents,
+        extentCount: totals.extents,
+        dirtyBytes: totals.bytes,
+        bitsSet,
+      }));
     } finally {
       bm.free();
     }

@@ -9,8 +9,9 @@ import { BackingChain, resolveBackingPath } from '../chain/chain.js';
 import type { LayerFormat } from '../chain/layer.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { kernels } from '../kernels/index.js';
-import { bitmapExtentBatches, forEachBitmapExtent, findBitmap, loadBitmap, mergeInto, bitmapBits, type ByteExtent, type LoadedBitmap } from '../qcow2/bitmaps.js';
+import { findBitmap, loadBitmap, mergeInto, bitmapBits, type ByteExtent, type LoadedBitmap } from '../qcow2/bitmaps.js';
 import type { ExtentStreamOptions, OperationOptions } from './options.js';
+import { bitmapExtentResult } from './extents.js';
 
 export interface ChangesOptions extends OperationOptions, ExtentStreamOptions<ChangesResult> {
   format?: LayerFormat | undefined;
@@ -53,14 +54,15 @@ async function fromBitmaps(file: string, names: string[], opts: ChangesOptions):
       throwIfAborted(opts.signal, file);
       mergeInto(acc as LoadedBitmap, bm);
     }
-    const list = new ExtentList();
-    const totals = forEachBitmapExtent(acc, img.virtualSize, opts.onExtents ? undefined : (pairs, n) => list.addPairs(pairs, n));
-    const r: ChangesResult = { file, source: { bitmaps: entries.map((e) => e.name) }, extents: list.toArray(), extentCount: totals.extents, bytes: totals.bytes, granularity: acc.granularity };
-    if (opts.onExtents) {
-      opts.onSummary?.(r);
-      for (const b of bitmapExtentBatches(acc, img.virtualSize)) await opts.onExtents(b.pairs, b.count);
-    }
-    return r;
+    const bitmaps = entries.map((e) => e.name);
+    return await bitmapExtentResult(acc, img.virtualSize, opts, (extents, totals): ChangesResult => ({
+      file,
+      source: { bitmaps },
+      extents,
+      extentCount: totals.extents,
+      bytes: totals.bytes,
+      granularity: finest.granularity,
+    }));
   } finally {
     if (acc) k.free(acc.ptr);
     for (const bm of loaded) bm.free();
@@ -109,10 +111,6 @@ class ExtentList {
       this.count++;
     }
     this.bytes += length;
-  }
-
-  addPairs(pairs: Float64Array, n: number): void {
-    for (let i = 0; i < n; i++) this.add(pairs[i * 2]!, pairs[i * 2 + 1]!);
   }
 
   toArray(): ByteExtent[] {

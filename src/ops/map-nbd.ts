@@ -4,11 +4,10 @@
  * qemu:dirty-bitmap:NAME) QEMU reads the bitmap's "dirty" bit as a hole: dirty ranges come out
  * as unallocated, clean ones as data — the form incremental-backup scripts parse.
  */
-import { throwIfAborted } from '../errors.js';
+import { QcowError, throwIfAborted } from '../errors.js';
 import type { MapEntry } from '../chain/chain.js';
 import { NbdClient, type NbdServer } from '../nbd/client.js';
 import { NBD_STATE_HOLE, NBD_STATE_ZERO, BASE_ALLOCATION } from '../nbd/protocol.js';
-import { QcowError } from '../errors.js';
 import type { OperationOptions } from './options.js';
 
 export interface NbdTarget {
