@@ -20,10 +20,15 @@ const K = 1024;
 const M = 1024 * K;
 const INSTALL_TIMEOUT = 80_000;
 
-/** process.env without npm's per-run variables (`npm test` sets npm_config_*, npm_package_* ...). */
+/**
+ * process.env without npm's per-run variables (`npm test` sets npm_config_*, npm_package_* ...),
+ * with the CA certificates the global setup kept aside (npm may need them to reach the registry).
+ */
 function cleanEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
   for (const [k, v] of Object.entries(process.env)) if (!/^npm_/i.test(k)) env[k] = v;
+  const caCerts = process.env.QCOWKIT_TEST_NODE_EXTRA_CA_CERTS;
+  if (caCerts !== undefined && env.NODE_EXTRA_CA_CERTS === undefined) env.NODE_EXTRA_CA_CERTS = caCerts;
   return { ...env, npm_config_update_notifier: 'false', npm_config_fund: 'false', npm_config_audit: 'false', ...extra };
 }
 
