@@ -68,12 +68,13 @@ const hasProtocol = (name: string): boolean => /^[^:/]*:/.test(name);
 /**
  * An image name as given on the command line, turned into the file name qcowkit opens and
  * shows: a `file:` prefix is stripped as QEMU's file driver does (with "./" put in front when
- * the rest would look like a protocol, e.g. `file:a:b` -> `./a:b`); `json:` names and other
- * protocol prefixes are refused with one clear line.
+ * the rest would look like a protocol, e.g. `file:a:b` -> `./a:b`); other protocol prefixes are
+ * refused with one clear line, and so are `json:` names (the commands that take them resolve
+ * them first: image-opts.ts imageOptsFile).
  */
 export function imageFilename(name: string): string {
   if (name.startsWith('json:'))
-    throw new QcowError('UNSUPPORTED', 'json: pseudo-protocol filenames are not supported; pass the image file name (and -f) instead', name);
+    throw new QcowError('UNSUPPORTED', 'json: pseudo-protocol filenames are not supported here; pass the image file name (and -f) instead', name);
   if (name.startsWith('file:')) {
     const rest = name.slice(5);
     return hasProtocol(rest) ? `./${rest}` : rest;

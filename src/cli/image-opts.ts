@@ -3,6 +3,8 @@
  * is a comma inside a value). qcowkit takes two forms of it: a plain image file
  * (`driver=qcow2,file.driver=file,file.filename=PATH`) and, for `map`, an NBD export
  * (`driver=nbd,server.type=unix,server.path=SOCK[,export=NAME][,x-dirty-bitmap=CONTEXT]`).
+ * A `json:{...}` file name carries the same options as a JSON object (nested objects or dotted
+ * keys), and is taken in the same two forms.
  */
 import { QcowError } from '../errors.js';
 import type { NbdTarget } from '../ops/map-nbd.js';
@@ -37,10 +39,83 @@ const FILE_KEYS = new Set(['driver', 'file', 'file.driver', 'file.filename', 'fi
 // reconnect-delay and open-timeout only matter to a client that reconnects: taken and ignored.
 const NBD_KEYS = new Set(['driver', 'server.type', 'server.path', 'server.host', 'server.port', 'path', 'host', 'port', 'export', 'x-dirty-bitmap', 'tls-creds', 'reconnect-delay', 'open-timeout']);
 
+/**
+ * The options of a `json:` file name, flattened to dotted keys as QEMU does (`{"file":
+ * {"filename": P}}` is `file.filename=P`). QEMU's JSON parser also takes single-quoted strings;
+ * so does this one.
+ */
+export function parseJsonFilename(name: string): Map<string, string> {
+  let value: unknown;
+  try {
+    value = JSON.parse(doubleQuoted(name.slice('json:'.length)));
+  } catch {
+    throw new QcowError('INVALID_ARGUMENT', 'Could not parse the JSON options', name);
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new QcowError('INVALID_ARGUMENT', 'Invalid JSON object given', name);
+  const out = new Map<string, string>();
+  const walk = (o: object, prefix: string) => {
+    for (const [k, v] of Object.entries(o)) {
+      if (typeof v === 'object' && v !== null && !Array.isArray(v)) walk(v as object, `${prefix}${k}.`);
+      else if (typeof v === 'string' || typeof v === 'number') out.set(prefix + k, String(v));
+      else if (typeof v === 'boolean') out.set(prefix + k, v ? 'on' : 'off');
+      else throw new QcowError('UNSUPPORTED', `image option '${prefix}${k}' is not supported`, name);
+    }
+  };
+  walk(value, '');
+  return out;
+}
+
+/** JSON text with its single-quoted strings (QEMU's extension) rewritten as double-quoted ones. */
+function doubleQuoted(text: string): string {
+  let out = '';
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i]!;
+    if (c === '"') {
+      // A double-quoted string, copied as it is.
+      let j = i + 1;
+      while (j < text.length && text[j] !== '"') j += text[j] === '\\' ? 2 : 1;
+      out += text.slice(i, j + 1);
+      i = j;
+    } else if (c === "'") {
+      let str = '';
+      let j = i + 1;
+      for (; j < text.length && text[j] !== "'"; j++) {
+        if (text[j] === '\\' && text[j + 1] === "'") str += text[++j];
+        else if (text[j] === '\\') str += text[j]! + (text[++j] ?? '');
+        else if (text[j] === '"') str += '\\"';
+        else str += text[j];
+      }
+      if (j >= text.length) throw new SyntaxError('unterminated string');
+      out += `"${str}"`;
+      i = j;
+    } else out += c;
+  }
+  return out;
+}
+
 /** What an --image-opts string names; `nbd` says whether the command takes NBD exports. */
 export function imageOptsTarget(text: string, { nbd = false } = {}): ImageOptsTarget {
-  const o = parseImageOpts(text);
+  return optionsTarget(parseImageOpts(text), text, nbd);
+}
+
+/** What a `json:` file name names (the same options as --image-opts takes). */
+export function jsonFilenameTarget(name: string, { nbd = false } = {}): ImageOptsTarget {
+  const o = parseJsonFilename(name);
+  // A string there names another block node, which a command line of qemu-img has none of.
+  const ref = o.get('file');
+  if (ref !== undefined) throw new QcowError('INVALID_ARGUMENT', `Cannot find device='${ref}' nor node-name='${ref}'`, name);
+  return optionsTarget(o, name, nbd, true);
+}
+
+/** `probe`: without a driver the format is probed (json: names; --image-opts needs a driver). */
+function optionsTarget(o: Map<string, string>, text: string, nbd: boolean, probe = false): ImageOptsTarget {
   const driver = o.get('driver');
+  if (driver === undefined && probe) {
+    for (const k of o.keys()) if (!FILE_KEYS.has(k)) throw new QcowError('UNSUPPORTED', `image option '${k}' is not supported`, text);
+    const path = o.get('file.filename') ?? o.get('file') ?? o.get('filename');
+    if (path === undefined) throw new QcowError('INVALID_ARGUMENT', 'no file.filename in the image options', text);
+    return { kind: 'file', path: imageFilename(path), format: undefined };
+  }
   if (driver === undefined) throw new QcowError('INVALID_ARGUMENT', "Parameter 'driver' is missing", text);
   if (driver === 'nbd') {
     if (!nbd) throw new QcowError('UNSUPPORTED', "driver 'nbd' is taken by map only", text);
@@ -80,13 +155,24 @@ function nbdTarget(o: Map<string, string>, text: string): NbdTarget {
   throw new QcowError('UNSUPPORTED', `server.type '${type}' is not supported (unix or inet)`, text);
 }
 
-/** FILENAME of a command that takes --image-opts for plain files: the path, and the format the options name. */
+/**
+ * FILENAME of a command that opens plain image files, given as a name (a `json:` one included)
+ * or, with --image-opts, as options: the path, and the format -f or the options name.
+ */
 export function imageOptsFile(filename: string, o: { imageOpts?: boolean | undefined; format?: 'qcow2' | 'raw' | undefined }): { path: string; format: 'qcow2' | 'raw' | undefined } {
-  if (!o.imageOpts) return { path: imageFilename(filename), format: o.format };
-  if (o.format !== undefined) throw new QcowError('INVALID_ARGUMENT', '--image-opts and --format are mutually exclusive');
-  const t = imageOptsTarget(filename);
+  const json = !o.imageOpts && filename.startsWith('json:');
+  if (!o.imageOpts && !json) return { path: imageFilename(filename), format: o.format };
+  if (o.imageOpts && o.format !== undefined) throw new QcowError('INVALID_ARGUMENT', '--image-opts and --format are mutually exclusive');
+  const t = json ? jsonFilenameTarget(filename) : imageOptsTarget(filename);
   if (t.kind !== 'file') throw new QcowError('UNSUPPORTED', 'an NBD export is taken by map only', filename);
-  return { path: t.path, format: t.format };
+  return { path: t.path, format: targetFormat(t, o.format, filename) };
+}
+
+/** The format of a file target: its driver's, else -f's (a json: name may name neither). */
+export function targetFormat(t: { format: 'qcow2' | 'raw' | undefined }, format: 'qcow2' | 'raw' | undefined, name: string): 'qcow2' | 'raw' | undefined {
+  if (format !== undefined && t.format !== undefined && t.format !== format)
+    throw new QcowError('INVALID_ARGUMENT', `the image options name driver '${t.format}', -f names '${format}'`, name);
+  return t.format ?? format;
 }
 
 /**

@@ -24,7 +24,7 @@ import {
   NBD_REP_META_CONTEXT,
   NBD_STRUCTURED_REPLY_MAGIC,
 } from '../../src/nbd/protocol.js';
-import { imageOptsTarget, nbdNameTarget, parseImageOpts } from '../../src/cli/image-opts.js';
+import { imageOptsFile, imageOptsTarget, jsonFilenameTarget, nbdNameTarget, parseImageOpts, parseJsonFilename } from '../../src/cli/image-opts.js';
 import { tmpDir } from '../helpers/tmp.js';
 
 interface Script {
@@ -251,6 +251,40 @@ describe('--image-opts', () => {
       expect(() => imageOptsTarget(text), text).toThrow(message);
     expect(() => imageOptsTarget('driver=nbd,server.type=inet,server.host=h,server.port=99999', { nbd: true })).toThrow(/invalid port/);
     expect(() => imageOptsTarget('driver=nbd,server.type=vsock,server.cid=3', { nbd: true })).toThrow(/not supported/);
+  });
+
+  it('json: file names: nested or dotted keys, single-quoted strings, the format probed without a driver', () => {
+    expect([...parseJsonFilename(`json:{'driver':'qcow2','file':{'driver':'file','filename':'its \\'q\\'.qcow2'}}`)]).toEqual([
+      ['driver', 'qcow2'],
+      ['file.driver', 'file'],
+      ['file.filename', "its 'q'.qcow2"],
+    ]);
+    expect([...parseJsonFilename('json:{"a":{"b":{"c":1}},"d":true,"e":"x\\"y"}')]).toEqual([
+      ['a.b.c', '1'],
+      ['d', 'on'],
+      ['e', 'x"y'],
+    ]);
+    expect(parseJsonFilename(`json:{'s':'say "hi"'}`).get('s')).toBe('say "hi"');
+    expect(jsonFilenameTarget('json:{"driver":"qcow2","file.filename":"x.qcow2"}')).toEqual({ kind: 'file', path: 'x.qcow2', format: 'qcow2' });
+    expect(jsonFilenameTarget('json:{"file":{"filename":"x.img"}}')).toEqual({ kind: 'file', path: 'x.img', format: undefined });
+    expect(jsonFilenameTarget('json:{"driver":"nbd","server":{"type":"unix","path":"/s"}}', { nbd: true })).toEqual({
+      kind: 'nbd',
+      target: { server: { type: 'unix', path: '/s' }, exportName: undefined, metaContext: undefined },
+    });
+    for (const [text, message] of [
+      ['json:{"driver":"qcow2"', /Could not parse the JSON options/],
+      ["json:{'driver':'qcow2}", /Could not parse the JSON options/],
+      ['json:[1]', /Invalid JSON object/],
+      ['json:{"driver":"qcow2","file":"node0"}', /Cannot find device='node0' nor node-name='node0'/],
+      ['json:{"driver":"quorum","children":[{"driver":"file","filename":"a"}]}', /'children' is not supported/],
+      ['json:{"driver":"qcow2","file":{"driver":"blkdebug","image":{"filename":"a"}}}', /'file.image.filename' is not supported/],
+      ['json:{"driver":"qcow2","file.filename":null}', /'file.filename' is not supported/],
+    ] as const)
+      expect(() => jsonFilenameTarget(text), text).toThrow(message);
+    // -f agrees with the options' driver, or fills in for a name without one.
+    expect(imageOptsFile('json:{"file.filename":"x"}', { format: 'raw' })).toEqual({ path: 'x', format: 'raw' });
+    expect(imageOptsFile('json:{"driver":"qcow2","file.filename":"x"}', { format: 'qcow2' })).toEqual({ path: 'x', format: 'qcow2' });
+    expect(() => imageOptsFile('json:{"driver":"qcow2","file.filename":"x"}', { format: 'raw' })).toThrow(/driver 'qcow2', -f names 'raw'/);
   });
 
   it('NBD names: URIs and the legacy nbd: form', () => {

@@ -2,7 +2,8 @@ import { once } from 'node:events';
 import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
 import { changes, type ChangesResult } from '../../ops/changes.js';
-import { fail, formatOption, imageFilename, newCommand, outputOption, warn } from '../util.js';
+import { fail, formatOption, newCommand, outputOption, warn } from '../util.js';
+import { imageOptsFile } from '../image-opts.js';
 import { HUMAN_EXTENT_HEADER, humanExtentRows, jsonExtentList, type ExtentText } from '../extent-text.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 
@@ -34,8 +35,9 @@ export function command() {
         };
         const json = o.output === 'json';
         let list: ExtentText | undefined;
-        await changes(imageFilename(filename), {
-          format: o.format,
+        const file = imageOptsFile(filename, { format: o.format });
+        await changes(file.path, {
+          format: file.format,
           bitmaps: o.bitmap,
           since: o.since,
           forceShare: o.forceShare === true,

@@ -1,7 +1,8 @@
 import { Option } from 'commander';
 import { check, checkExitCode, type CheckResult } from '../../ops/check.js';
 import { isQcowError, QcowError } from '../../errors.js';
-import { fail, formatOption, imageFilename, newCommand, outputOption, printJson } from '../util.js';
+import { fail, formatOption, newCommand, outputOption, printJson } from '../util.js';
+import { imageOptsFile } from '../image-opts.js';
 
 export function command() {
   return newCommand(
@@ -26,9 +27,10 @@ export function command() {
       const json = o.output === 'json';
       let result: CheckResult;
       try {
-        filename = imageFilename(name);
+        const file = imageOptsFile(name, { format: o.format });
+        filename = file.path;
         result = await check(filename, {
-          format: o.format,
+          format: file.format,
           repair: o.repair,
           forceShare: o.forceShare === true,
           onMessage: (line) => process.stderr.write(line + '\n'),
@@ -43,7 +45,8 @@ export function command() {
         return;
       }
       if (json) {
-        if (!o.quiet) printJson(result);
+        // qemu-img names the image as given on its command line (a file: or json: name too).
+        if (!o.quiet) printJson(name === filename ? result : { ...result, filename: name });
       } else out(held + human(result));
       const code = checkExitCode(result);
       if (code === 1) fail(new QcowError('IO', 'Check failed', filename), 1);

@@ -1,6 +1,7 @@
 import { Option } from 'commander';
 import { commit, type CommitResult } from '../../ops/commit.js';
 import { fail, feedback, formatOption, newCommand, outputOption, parseSize, printResult } from '../util.js';
+import { imageOptsFile } from '../image-opts.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 
 export function command() {
@@ -29,9 +30,10 @@ export function command() {
     .argument('<filename>')
     .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; base?: string; drop?: boolean; progress?: boolean; quiet?: boolean; dryRun?: boolean; output: string; rateLimit?: string; bitmaps?: boolean }) => {
       try {
-        const r = await commit(filename, {
+        const file = imageOptsFile(filename, { format: o.format });
+        const r = await commit(file.path, {
           rateLimit: o.rateLimit !== undefined ? parseSize(o.rateLimit, 'rate limit') : undefined,
-          format: o.format,
+          format: file.format,
           base: o.base,
           drop: o.drop === true,
           dryRun: o.dryRun === true,

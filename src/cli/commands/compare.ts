@@ -1,7 +1,8 @@
 import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
 import { compare, comparePhase } from '../../ops/compare.js';
-import { fail, imageFilename, newCommand, outputOption, printPlainJson, progressPrinter, warn } from '../util.js';
+import { fail, newCommand, outputOption, printPlainJson, progressPrinter, warn } from '../util.js';
+import { imageOptsFile } from '../image-opts.js';
 
 /** -f/-F: checked when the images are opened, so an unknown format is an open error (exit 2) as in qemu-img. */
 function imageFormat(fmt: string | undefined, file: string): 'qcow2' | 'raw' | undefined {
@@ -29,9 +30,11 @@ export function command() {
       const json = o.output === 'json';
       const say = (s: string) => o.quiet || json || process.stdout.write(s + '\n');
       try {
-        const r = await compare(imageFilename(file1), imageFilename(file2), {
-          format1: imageFormat(o.format, file1),
-          format2: imageFormat(o.format2, file2),
+        const f1 = imageOptsFile(file1, { format: imageFormat(o.format, file1) });
+        const f2 = imageOptsFile(file2, { format: imageFormat(o.format2, file2) });
+        const r = await compare(f1.path, f2.path, {
+          format1: f1.format,
+          format2: f2.format,
           strict: o.strict === true,
           forceShare: o.forceShare === true,
           onProgress: progressPrinter(o.progress === true && !o.quiet, o.output === 'json'),

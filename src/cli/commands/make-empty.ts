@@ -1,5 +1,6 @@
 import { makeEmpty, type MakeEmptyResult } from '../../ops/make-empty.js';
 import { fail, feedback, newCommand, outputOption, printResult } from '../util.js';
+import { imageOptsFile } from '../image-opts.js';
 import { Option } from 'commander';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 
@@ -19,8 +20,9 @@ export function command() {
     .argument('<filename>')
     .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; progress?: boolean; quiet?: boolean; force?: boolean; dryRun?: boolean; output: string }) => {
       try {
-        const r = await makeEmpty(filename, {
-          format: o.format,
+        const file = imageOptsFile(filename, { format: o.format });
+        const r = await makeEmpty(file.path, {
+          format: file.format,
           force: o.force === true,
           dryRun: o.dryRun === true,
           ...feedback(o),

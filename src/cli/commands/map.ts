@@ -2,7 +2,7 @@ import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
 import { emptyMapJson, mapImage, mapImageJson, type MapEntry } from '../../ops/map.js';
 import { mapNbd } from '../../ops/map-nbd.js';
-import { imageOptsTarget, nbdNameTarget } from '../image-opts.js';
+import { imageOptsTarget, jsonFilenameTarget, nbdNameTarget, targetFormat } from '../image-opts.js';
 import { formatOption, imageFilename, newCommand, outputOption, parseSize, warn } from '../util.js';
 
 // printf("%#x"): 0 prints as "0".
@@ -24,11 +24,17 @@ export function command() {
     .argument('<filename>')
     .action(async (name: string, o: { format?: 'qcow2' | 'raw'; output: string; startOffset: string; maxLength?: string; forceShare?: boolean; imageOpts?: boolean }) => {
       const nbdName = o.imageOpts ? undefined : nbdNameTarget(name);
-      const target = o.imageOpts ? imageOptsTarget(name, { nbd: true }) : nbdName ? { kind: 'nbd' as const, target: nbdName } : undefined;
+      const target = o.imageOpts
+        ? imageOptsTarget(name, { nbd: true })
+        : name.startsWith('json:')
+          ? jsonFilenameTarget(name, { nbd: true })
+          : nbdName
+            ? { kind: 'nbd' as const, target: nbdName }
+            : undefined;
       const json = o.output === 'json';
       const start = parseSize(o.startOffset, 'start offset');
       const length = o.maxLength !== undefined ? parseSize(o.maxLength, 'max length') : undefined;
-      const common = { format: target?.kind === 'file' ? target.format : o.format, forceShare: o.forceShare === true, start, ...(length !== undefined ? { length } : {}), onWarning: warn };
+      const common = { format: target?.kind === 'file' ? targetFormat(target, o.format, name) : o.format, forceShare: o.forceShare === true, start, ...(length !== undefined ? { length } : {}), onWarning: warn };
       if (target?.kind === 'nbd') {
         // Streamed in ~1 MB chunks: a fragmented bitmap of a big export has millions of extents.
         const parts: string[] = json ? [] : [MAP_HUMAN_HEADER];

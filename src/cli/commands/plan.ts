@@ -1,6 +1,7 @@
 import { Option } from 'commander';
 import { plan, type PlanResult, type PlanWay } from '../../ops/plan.js';
 import { fail, formatOption, newCommand, outputOption, printJson, warn } from '../util.js';
+import { imageOptsFile } from '../image-opts.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 
 export function command() {
@@ -17,7 +18,8 @@ export function command() {
     .argument('<filename>')
     .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; drop: string; output: string }) => {
       try {
-        const r = await plan(filename, { format: o.format, drop: o.drop, onWarning: warn });
+        const file = imageOptsFile(filename, { format: o.format });
+        const r = await plan(file.path, { format: file.format, drop: o.drop, onWarning: warn });
         if (o.output === 'json') printJson(r);
         else process.stdout.write(human(r));
       } catch (e) {

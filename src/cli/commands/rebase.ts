@@ -1,6 +1,7 @@
 import { Option } from 'commander';
 import { rebase, type RebaseResult } from '../../ops/rebase.js';
 import { fail, feedback, formatOption, newCommand, outputOption, printResult } from '../util.js';
+import { imageOptsFile } from '../image-opts.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 
 export function command() {
@@ -32,8 +33,9 @@ export function command() {
     .argument('<filename>')
     .action(async (filename: string, o: { format?: 'qcow2' | 'raw'; backing?: string; backingFormat?: string; unsafe?: boolean; compress?: boolean; progress?: boolean; quiet?: boolean; dryRun?: boolean; output: string }) => {
       try {
-        const r = await rebase(filename, {
-          format: o.format,
+        const file = imageOptsFile(filename, { format: o.format });
+        const r = await rebase(file.path, {
+          format: file.format,
           backing: o.backing,
           backingFormat: o.backingFormat,
           unsafe: o.unsafe === true,

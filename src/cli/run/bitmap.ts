@@ -5,7 +5,7 @@
 import { QcowError } from '../../errors.js';
 import { openImageFile, type FileOpener } from '../../io/file.js';
 import { bitmap, bitmapCheck, bitmapDump, type BitmapAction, type BitmapCheckResult, type BitmapDump } from '../../ops/bitmap.js';
-import { imageFilename, out, outputSettled, parseSize, plainJson, useDirectStdout, warn } from '../common.js';
+import { out, outputSettled, parseSize, plainJson, useDirectStdout, warn } from '../common.js';
 import { sizeToStr as humanSize } from '../qemu-output.js';
 import type { OrderedOption, QuickSpec } from '../quick.js';
 import { imageOptsFile } from '../image-opts.js';
@@ -119,11 +119,18 @@ export async function runBitmap(filename: string | undefined, name: string | und
   if (filename === undefined || name === undefined) throw new QcowError('INVALID_ARGUMENT', 'Expecting filename and bitmap name');
   const list = actions.map((a): BitmapAction => {
     if (a.key === 'add') return { action: 'add', granularity, disabled: o.disabled === true };
-    if (a.key === 'merge') return { action: 'merge', source: String(a.value), sourceFile: o.sourceFile === undefined ? undefined : imageFilename(o.sourceFile), sourceFormat: o.sourceFormat };
+    if (a.key === 'merge') return { action: 'merge', source: String(a.value), ...sourceOf(o) };
     return { action: a.key as Exclude<BitmapAction['action'], 'add' | 'merge'> };
   });
   const r = await bitmap(imagePath(filename, o), name, list, { format: o.format, openFile });
   if (o.output === 'json') out(plainJson(r));
+}
+
+/** -b SOURCE_FILE [-F SOURCE_FMT] of a merge: a name (a json: one too) and its format. */
+function sourceOf(o: BitmapFlags): { sourceFile: string | undefined; sourceFormat: BitmapFlags['sourceFormat'] } {
+  if (o.sourceFile === undefined) return { sourceFile: undefined, sourceFormat: o.sourceFormat };
+  const f = imageOptsFile(o.sourceFile, { format: o.sourceFormat });
+  return { sourceFile: f.path, sourceFormat: f.format };
 }
 
 /** FILENAME, or the file an --image-opts string names (its format then taken from it). */
