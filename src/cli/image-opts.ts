@@ -156,23 +156,31 @@ function nbdTarget(o: Map<string, string>, text: string): NbdTarget {
 }
 
 /**
- * FILENAME of a command that opens plain image files, given as a name (a `json:` one included)
- * or, with --image-opts, as options: the path, and the format -f or the options name.
+ * What FILENAME names: a plain file given by name (a `json:` one included) or, with --image-opts,
+ * by options, its format taken from them or from -f; with `nbd` (map), also an NBD export given
+ * by options, a `json:` name or an NBD URI / `nbd:` name.
  */
-export function imageOptsFile(filename: string, o: { imageOpts?: boolean | undefined; format?: 'qcow2' | 'raw' | undefined }): { path: string; format: 'qcow2' | 'raw' | undefined } {
-  const json = !o.imageOpts && filename.startsWith('json:');
-  if (!o.imageOpts && !json) return { path: imageFilename(filename), format: o.format };
+export function imageTarget(name: string, o: { imageOpts?: boolean | undefined; format?: 'qcow2' | 'raw' | undefined; nbd?: boolean }): ImageOptsTarget {
   if (o.imageOpts && o.format !== undefined) throw new QcowError('INVALID_ARGUMENT', '--image-opts and --format are mutually exclusive');
-  const t = json ? jsonFilenameTarget(filename) : imageOptsTarget(filename);
-  if (t.kind !== 'file') throw new QcowError('UNSUPPORTED', 'an NBD export is taken by map only', filename);
-  return { path: t.path, format: targetFormat(t, o.format, filename) };
+  const nbd = o.nbd === true;
+  let t: ImageOptsTarget;
+  if (o.imageOpts) t = imageOptsTarget(name, { nbd });
+  else if (name.startsWith('json:')) t = jsonFilenameTarget(name, { nbd });
+  else {
+    const export_ = nbd ? nbdNameTarget(name) : undefined;
+    t = export_ ? { kind: 'nbd', target: export_ } : { kind: 'file', path: imageFilename(name), format: undefined };
+  }
+  if (t.kind !== 'file') return t;
+  if (o.format !== undefined && t.format !== undefined && t.format !== o.format)
+    throw new QcowError('INVALID_ARGUMENT', `the image options name driver '${t.format}', -f names '${o.format}'`, name);
+  return { kind: 'file', path: t.path, format: t.format ?? o.format };
 }
 
-/** The format of a file target: its driver's, else -f's (a json: name may name neither). */
-export function targetFormat(t: { format: 'qcow2' | 'raw' | undefined }, format: 'qcow2' | 'raw' | undefined, name: string): 'qcow2' | 'raw' | undefined {
-  if (format !== undefined && t.format !== undefined && t.format !== format)
-    throw new QcowError('INVALID_ARGUMENT', `the image options name driver '${t.format}', -f names '${format}'`, name);
-  return t.format ?? format;
+/** FILENAME of a command that opens plain image files only: the path and the format (imageTarget). */
+export function imageOptsFile(filename: string, o: { imageOpts?: boolean | undefined; format?: 'qcow2' | 'raw' | undefined }): { path: string; format: 'qcow2' | 'raw' | undefined } {
+  const t = imageTarget(filename, o);
+  if (t.kind !== 'file') throw new QcowError('UNSUPPORTED', 'an NBD export is taken by map only', filename);
+  return { path: t.path, format: t.format };
 }
 
 /**

@@ -2,8 +2,8 @@ import { Option } from 'commander';
 import { QcowError } from '../../errors.js';
 import { emptyMapJson, mapImage, mapImageJson, type MapEntry } from '../../ops/map.js';
 import { mapNbd } from '../../ops/map-nbd.js';
-import { imageOptsTarget, jsonFilenameTarget, nbdNameTarget, targetFormat } from '../image-opts.js';
-import { formatOption, imageFilename, newCommand, outputOption, parseSize, warn } from '../util.js';
+import { imageTarget } from '../image-opts.js';
+import { formatOption, newCommand, outputOption, parseSize, warn } from '../util.js';
 
 // printf("%#x"): 0 prints as "0".
 const hex = (n: number): string => (n === 0 ? "0" : `0x${n.toString(16)}`);
@@ -23,19 +23,12 @@ export function command() {
     .option('-U, --force-share', 'open the image even if another process uses it')
     .argument('<filename>')
     .action(async (name: string, o: { format?: 'qcow2' | 'raw'; output: string; startOffset: string; maxLength?: string; forceShare?: boolean; imageOpts?: boolean }) => {
-      const nbdName = o.imageOpts ? undefined : nbdNameTarget(name);
-      const target = o.imageOpts
-        ? imageOptsTarget(name, { nbd: true })
-        : name.startsWith('json:')
-          ? jsonFilenameTarget(name, { nbd: true })
-          : nbdName
-            ? { kind: 'nbd' as const, target: nbdName }
-            : undefined;
+      const target = imageTarget(name, { imageOpts: o.imageOpts, format: o.format, nbd: true });
       const json = o.output === 'json';
       const start = parseSize(o.startOffset, 'start offset');
       const length = o.maxLength !== undefined ? parseSize(o.maxLength, 'max length') : undefined;
-      const common = { format: target?.kind === 'file' ? targetFormat(target, o.format, name) : o.format, forceShare: o.forceShare === true, start, ...(length !== undefined ? { length } : {}), onWarning: warn };
-      if (target?.kind === 'nbd') {
+      const common = { format: target.kind === 'file' ? target.format : o.format, forceShare: o.forceShare === true, start, ...(length !== undefined ? { length } : {}), onWarning: warn };
+      if (target.kind === 'nbd') {
         // Streamed in ~1 MB chunks: a fragmented bitmap of a big export has millions of extents.
         const parts: string[] = json ? [] : [MAP_HUMAN_HEADER];
         let size = 0;
@@ -60,7 +53,7 @@ export function command() {
         flush();
         return;
       }
-      const filename = target?.kind === 'file' ? target.path : imageFilename(name);
+      const filename = target.path;
       if (json) {
         // Text made by the wasm writer in ~0.5 MB chunks (stdout to files and pipes is synchronous).
         await mapImageJson(filename, (chunk) => void process.stdout.write(chunk), common);
